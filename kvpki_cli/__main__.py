@@ -1,0 +1,3 @@
+from kvpki_cli.cli import main
+
+main()

@@ -1,0 +1,279 @@
+"""The issuance core: one CA's key store, certificate chain, policy and inventory working together.
+
+Used in-process by both the CLI and the EST server.  It never imports click,
+rich, aiohttp or the Azure SDK; it only talks to the ``KeyStore`` and
+``Inventory`` interfaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from kvpki_cli.config import CaConfig, Settings, check_ca_name
+from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, NotFound, UsageError
+from kvpki_cli.inventory import open_inventory
+from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
+from kvpki_cli.keystores import open_keystore
+from kvpki_cli.keystores.base import KeyStore, KeyType
+from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate
+from kvpki_cli.pki.policy import Template, approve, child_path_length, validity_window
+
+ROOT_DEFAULT_VALIDITY = timedelta(days=3650)
+SUB_CA_DEFAULT_VALIDITY = timedelta(days=5 * 365)
+MAX_SERIAL_ATTEMPTS = 3
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class SigningRequest:
+    """One CSR to sign, with the operator's overrides and the requester identity."""
+
+    csr_der: bytes
+    csr: x509.CertificateSigningRequest
+    profile: str = "device"
+    requester: str = "cli"
+    validity: timedelta | None = None
+    subject: x509.Name | None = None
+    sans: Sequence[x509.GeneralName] | None = None
+    path_length: int | None = None
+
+
+@dataclass(frozen=True)
+class Issued:
+    certificate: x509.Certificate
+    chain: list[x509.Certificate]
+    record: CertificateRecord
+    notes: tuple[str, ...]
+
+
+def parse_serial(text: str) -> str:
+    """Accept hex with optional ``0x`` and ``:`` separators; return canonical lowercase hex."""
+    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    try:
+        value = int(cleaned, 16)
+    except ValueError:
+        raise InvalidInput(f"invalid serial number {text!r} (expected hexadecimal)") from None
+    if value <= 0 or value.bit_length() > 160:
+        raise InvalidInput(f"invalid serial number {text!r} (must be positive, at most 20 octets)")
+    return format(value, "x")
+
+
+class CertificateAuthority:
+    """A named CA ready to issue, revoke and publish."""
+
+    def __init__(self, settings: Settings, config: CaConfig, keystore: KeyStore, inventory: Inventory | None = None):
+        self.settings = settings
+        self.config = config
+        self.keystore = keystore
+        self._inventory = inventory
+        self._chain: list[x509.Certificate] | None = None
+
+    @classmethod
+    def open(cls, settings: Settings, name: str, inventory: Inventory | None = None) -> CertificateAuthority:
+        config = settings.ca(name)
+        keystore = open_keystore(config.store, name, config.store_settings, settings.home)
+        return cls(settings, config, keystore, inventory)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def inventory(self) -> Inventory:
+        if self._inventory is None:
+            self._inventory = open_inventory(self.settings.inventory_url, self.settings.home)
+        return self._inventory
+
+    @property
+    def chain(self) -> list[x509.Certificate]:
+        """The CA certificate first, then its issuers up to the root."""
+        if self._chain is None:
+            self._chain = self.keystore.load_chain()
+            if not self._chain:
+                raise NotFound(f"CA {self.name!r} has no certificate")
+        return self._chain
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self.chain[0]
+
+    def approve(self, request: SigningRequest, now: datetime) -> Template:
+        return approve(
+            request.csr,
+            self.settings.profile(request.profile),
+            self.certificate,
+            now=now,
+            backdate=self.config.backdate,
+            validity=request.validity,
+            subject=request.subject,
+            sans=request.sans,
+            path_length=request.path_length,
+        )
+
+    def issue(self, request: SigningRequest) -> Issued:
+        return self.issue_many([request])[0]
+
+    def issue_many(self, requests: Sequence[SigningRequest]) -> list[Issued]:
+        """Approve every request first (a refusal issues nothing), sign, then commit all rows at once.
+
+        The rows are committed before any certificate is returned, so nothing
+        leaves kvpki without an inventory record.
+        """
+        now = utcnow()
+        templates = [self.approve(request, now) for request in requests]
+        signer = self.keystore.signer()
+        for _attempt in range(MAX_SERIAL_ATTEMPTS):
+            issued = [
+                self._sign(request, template, new_serial_number(), signer)
+                for request, template in zip(requests, templates, strict=True)
+            ]
+            try:
+                self.inventory.record_issued([item.record for item in issued])
+            except SerialCollision:
+                continue
+            return issued
+        raise BackendError("could not allocate a unique serial number")
+
+    def _sign(self, request: SigningRequest, template: Template, serial: int, signer: object) -> Issued:
+        certificate = issue_certificate(template, serial, self.certificate, signer, self.config.urls)  # type: ignore[arg-type]
+        record = CertificateRecord(
+            ca=self.name,
+            serial=format(serial, "x"),
+            subject=template.subject.rfc4514_string(),
+            sans=tuple(str(getattr(n, "value", n)) for n in template.sans),
+            profile=template.profile.name,
+            requester=request.requester,
+            not_before=template.not_before,
+            not_after=template.not_after,
+            csr_sha256=hashlib.sha256(request.csr_der).hexdigest(),
+            der=certificate.public_bytes(Encoding.DER),
+        )
+        return Issued(certificate, self.chain, record, template.notes)
+
+    def revoke(self, serial: str, reason: str, when: datetime | None = None) -> CertificateRecord:
+        return self.inventory.revoke(self.name, parse_serial(serial), when or utcnow(), reason)
+
+    def serial_of(self, certificate: x509.Certificate) -> str:
+        """The serial of a certificate this CA issued (refuses certificates from other issuers)."""
+        if certificate.issuer != self.certificate.subject:
+            raise InvalidInput(f"certificate was not issued by CA {self.name!r}")
+        try:
+            certificate.verify_directly_issued_by(self.certificate)
+        except (ValueError, TypeError, Exception):
+            raise InvalidInput(f"certificate signature does not verify against CA {self.name!r}") from None
+        return format(certificate.serial_number, "x")
+
+    def crl(self, next_update: timedelta) -> x509.CertificateRevocationList:
+        from kvpki_cli.pki.crl import RevokedEntry, build_crl
+
+        now = utcnow()
+        entries = [
+            RevokedEntry(int(r.serial, 16), r.revoked_at or now, r.reason or "unspecified")
+            for r in self.inventory.revoked_unexpired(self.name, now)
+        ]
+        return build_crl(
+            self.certificate,
+            self.keystore.signer(),
+            entries,
+            crl_number=self.inventory.next_crl_number(self.name),
+            this_update=now,
+            next_update=now + next_update,
+        )
+
+
+def init_ca(
+    settings: Settings,
+    name: str,
+    subject: x509.Name,
+    key_type: KeyType,
+    *,
+    validity: timedelta | None = None,
+    parent: str | None = None,
+    path_length: int | None = None,
+    store: str | None = None,
+    store_settings: dict[str, object] | None = None,
+) -> list[x509.Certificate]:
+    """Create a root (or, with ``parent``, a subordinate) CA; never overwrites an existing one."""
+    check_ca_name(name)
+    if (settings.home / "cas" / name / "ca.json").exists():
+        raise AlreadyExists(f"CA {name!r} already exists")
+    if path_length is not None and path_length < 0:
+        raise UsageError("--path-length must not be negative")
+    config = settings.ca(
+        name,
+        must_exist=False,
+        overrides={
+            "store": store,
+            "store_settings": store_settings or {},
+            "key_type": key_type.value,
+            "parent": parent,
+        },
+    )
+    parent_ca = CertificateAuthority.open(settings, parent) if parent else None
+    keystore = open_keystore(config.store, name, config.store_settings, settings.home)
+    if keystore.exists():
+        raise AlreadyExists(f"CA {name!r} already has a key or certificate in its {config.store} key store")
+
+    now = utcnow()
+    sub_ca = settings.profiles["sub-ca"]
+    if parent_ca is not None:
+        chosen_path_length = child_path_length(sub_ca, parent_ca.certificate, path_length)
+        window = validity_window(parent_ca.certificate, now, validity or SUB_CA_DEFAULT_VALIDITY, config.backdate)
+    else:
+        chosen_path_length = path_length
+        window = (now - config.backdate, now + (validity or ROOT_DEFAULT_VALIDITY))
+
+    public_key = keystore.create_key(key_type)
+    try:
+        template = Template(
+            subject=subject,
+            public_key=public_key,
+            sans=(),
+            not_before=window[0].replace(microsecond=0),
+            not_after=window[1].replace(microsecond=0),
+            profile=dataclasses.replace(sub_ca, name="root" if parent_ca is None else "sub-ca"),
+            path_length=chosen_path_length,
+        )
+        serial = new_serial_number()
+        if parent_ca is None:
+            certificate = self_signed_certificate(template, serial, keystore.signer())
+            chain = [certificate]
+        else:
+            certificate = issue_certificate(
+                template, serial, parent_ca.certificate, parent_ca.keystore.signer(), parent_ca.config.urls
+            )
+            chain = [certificate, *parent_ca.chain]
+        keystore.store_chain(chain)
+        settings.save_ca_metadata(config)
+        if parent_ca is not None:
+            parent_ca.inventory.record_issued(
+                [
+                    CertificateRecord(
+                        ca=parent_ca.name,
+                        serial=format(serial, "x"),
+                        subject=subject.rfc4514_string(),
+                        sans=(),
+                        profile="sub-ca",
+                        requester="init-ca",
+                        not_before=template.not_before,
+                        not_after=template.not_after,
+                        csr_sha256="",
+                        der=certificate.public_bytes(Encoding.DER),
+                    )
+                ]
+            )
+    except BaseException:
+        (settings.home / "cas" / name / "ca.json").unlink(missing_ok=True)
+        keystore.discard()
+        raise
+    return chain

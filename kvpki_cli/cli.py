@@ -1,0 +1,378 @@
+"""Thin click commands: parse arguments, call the issuance core, write stdout, map errors to exit codes.
+
+stdout carries only the requested PEM/DER/JSON; every message goes to stderr as
+one line.  Heavy modules (rich, the Azure SDK, the EST server) are imported
+only by the commands that use them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from kvpki_cli.errors import EXIT_INTERNAL, EXIT_USAGE, InvalidInput, KvpkiError, UsageError
+from kvpki_cli.messages import error_line, warn
+
+KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+REVOCATION_REASONS = (
+    "unspecified",
+    "keyCompromise",
+    "cACompromise",
+    "affiliationChanged",
+    "superseded",
+    "cessationOfOperation",
+    "certificateHold",
+    "privilegeWithdrawn",
+)
+OUTPUT_SUFFIX = {"pem": ".pem", "der": ".der", "pkcs7": ".p7b", "json": ".json"}
+
+
+class Context:
+    """Per-invocation state shared by the commands (loaded lazily)."""
+
+    def __init__(self, home: str | None) -> None:
+        self.home = Path(home).expanduser() if home else None
+        self._settings: Any = None
+
+    @property
+    def settings(self) -> Any:
+        if self._settings is None:
+            from kvpki_cli.config import Settings
+
+            self._settings = Settings.load(self.home)
+        return self._settings
+
+    def authority(self, name: str) -> Any:
+        from kvpki_cli.authority import CertificateAuthority
+
+        return CertificateAuthority.open(self.settings, name)
+
+
+def _write_stdout(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _read_input(path: str) -> bytes:
+    """Read a CSR/certificate from a file or ``-`` (stdin), refusing oversized input early."""
+    from kvpki_cli.pki.csr import MAX_CSR_BYTES
+
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_CSR_BYTES + 1)
+        else:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_CSR_BYTES + 1)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_CSR_BYTES:
+        raise InvalidInput(f"input {path} is too large (limit {MAX_CSR_BYTES} bytes)")
+    return data
+
+
+def _default_requester() -> str:
+    explicit = os.environ.get("KVPKI_REQUESTER")
+    if explicit:
+        return explicit
+    try:
+        import pwd
+
+        return "cli:" + pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return "cli"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home", envvar="KVPKI_HOME", help="kvpki data directory (default: $KVPKI_HOME or ~/.local/share/kvpki)."
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="kvpki", message="kvpki %(version)s")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, debug: bool) -> None:
+    """kvpki: a lightweight PKI for IoT with CA keys in Azure Key Vault or a local store."""
+    ctx.obj = Context(home)
+
+
+@cli.command("init-ca")
+@click.option("--name", required=True, help="Name of the new CA.")
+@click.option("--subject", required=True, help='Subject DN, e.g. "CN=Contoso Root CA,O=Contoso".')
+@click.option("--key-type", type=click.Choice(KEY_TYPES), default="ec-p256", show_default=True)
+@click.option("--validity", help="Lifetime, e.g. 10y (root default) or 5y (sub-CA default).")
+@click.option("--parent", help="Create a subordinate CA signed by this CA.")
+@click.option("--path-length", type=int, help="basicConstraints pathLenConstraint.")
+@click.option("--store", type=click.Choice(("local", "azure")), help="Key store for the CA key (default: local).")
+@click.option("--vault-url", help="Azure Key Vault URL (azure store).")
+@click.option("--key-name", help="Key/certificate name in the vault (azure store; default: the CA name).")
+@click.option("--hsm", is_flag=True, default=None, help="Use HSM-backed keys (Premium vaults).")
+@click.pass_obj
+def init_ca_command(
+    obj: Context,
+    name: str,
+    subject: str,
+    key_type: str,
+    validity: str | None,
+    parent: str | None,
+    path_length: int | None,
+    store: str | None,
+    vault_url: str | None,
+    key_name: str | None,
+    hsm: bool | None,
+) -> None:
+    """Create a self-signed root CA, or a subordinate CA under --parent; print its certificate."""
+    from kvpki_cli.authority import init_ca
+    from kvpki_cli.durations import parse_duration
+    from kvpki_cli.keystores.base import KeyType
+    from kvpki_cli.pki.encoding import encode_certificates
+    from kvpki_cli.pki.names import parse_subject
+
+    chain = init_ca(
+        obj.settings,
+        name,
+        parse_subject(subject),
+        KeyType(key_type),
+        validity=parse_duration(validity, what="--validity") if validity else None,
+        parent=parent,
+        path_length=path_length,
+        store=store,
+        store_settings={"vault_url": vault_url, "key_name": key_name, "hsm": hsm},
+    )
+    _write_stdout(encode_certificates(chain[:1], "pem"))
+
+
+@cli.command("sign-csr")
+@click.argument("csr_files", nargs=-1)
+@click.option("--ca", "ca_name", required=True, help="Name of the issuing CA.")
+@click.option(
+    "--profile", default="device", show_default=True, help="device, server, edge-ca, sub-ca or a configured profile."
+)
+@click.option("--validity", help="Requested lifetime, e.g. 90d (capped by the profile and the CA).")
+@click.option("--subject", help="Override the CSR subject (RFC 4514 DN).")
+@click.option("--san", "sans", multiple=True, help="Override the CSR SANs: DNS:name, IP:addr, URI:uri, email:addr.")
+@click.option("--path-length", type=int, help="pathLenConstraint for CA profiles.")
+@click.option("--chain", "with_chain", is_flag=True, help="Append the CA chain to the output.")
+@click.option("--format", "fmt", type=click.Choice(tuple(OUTPUT_SUFFIX)), default="pem", show_default=True)
+@click.option("--requester", help="Identity recorded in the inventory (default: $KVPKI_REQUESTER or cli:<user>).")
+@click.option(
+    "--out-dir", type=click.Path(file_okay=False), help="Write one file per CSR here (required for several CSRs)."
+)
+@click.pass_obj
+def sign_csr_command(
+    obj: Context,
+    csr_files: Sequence[str],
+    ca_name: str,
+    profile: str,
+    validity: str | None,
+    subject: str | None,
+    sans: Sequence[str],
+    path_length: int | None,
+    with_chain: bool,
+    fmt: str,
+    requester: str | None,
+    out_dir: str | None,
+) -> None:
+    """Sign CSRs (PEM, DER or base64; '-' or nothing for stdin) and print the certificate."""
+    from kvpki_cli.authority import SigningRequest
+    from kvpki_cli.durations import parse_duration
+    from kvpki_cli.pki.csr import decode_csr_bytes, parse_csr
+    from kvpki_cli.pki.names import parse_san, parse_subject
+
+    paths = list(csr_files) or ["-"]
+    if len(paths) > 1 and not out_dir:
+        raise UsageError("several CSRs need --out-dir (one output file per CSR)")
+    if paths.count("-") > 1:
+        raise UsageError("stdin ('-') can be given only once")
+    if fmt == "der" and with_chain:
+        raise UsageError("--chain needs --format pem, pkcs7 or json (DER holds one certificate)")
+    targets = _output_targets(paths, out_dir, fmt) if out_dir else []
+    common = {
+        "profile": profile,
+        "requester": requester or _default_requester(),
+        "validity": parse_duration(validity, what="--validity") if validity else None,
+        "subject": parse_subject(subject) if subject else None,
+        "sans": [parse_san(s) for s in sans] or None,
+        "path_length": path_length,
+    }
+    requests = []
+    for path in paths:
+        der = decode_csr_bytes(_read_input(path))
+        try:
+            csr = parse_csr(der)
+        except KvpkiError as exc:
+            if len(paths) > 1:
+                raise type(exc)(f"{path}: {exc}") from None
+            raise
+        requests.append(SigningRequest(csr_der=der, csr=csr, **common))  # type: ignore[arg-type]
+
+    authority = obj.authority(ca_name)
+    issued = authority.issue_many(requests)
+    for note in {n for item in issued for n in item.notes}:
+        warn(note)
+    outputs = [_encode_issued(item, fmt, with_chain) for item in issued]
+    if not out_dir:
+        _write_stdout(outputs[0])
+        return
+    from kvpki_cli.fileutil import write_file_atomic
+
+    for target, data in zip(targets, outputs, strict=True):
+        write_file_atomic(target, data, mode=0o644, overwrite=False, durable=False)
+    sys.stderr.write(f"kvpki: issued {len(outputs)} certificate(s) into {out_dir}\n")
+
+
+def _output_targets(paths: Sequence[str], out_dir: str, fmt: str) -> list[Path]:
+    """One output file per input, checked before anything is issued (no clobbering, no duplicates)."""
+    directory = Path(out_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out-dir {out_dir}: {exc.strerror}") from None
+    targets = []
+    for path in paths:
+        stem = (
+            "stdin" if path == "-" else Path(path).name.removesuffix(".der").removesuffix(".pem").removesuffix(".csr")
+        )
+        targets.append(directory / f"{stem}{OUTPUT_SUFFIX[fmt]}")
+    if len(set(targets)) != len(targets):
+        raise UsageError("two CSRs would write the same output file (their file names collide)")
+    existing = [str(t) for t in targets if t.exists()]
+    if existing:
+        raise UsageError(f"refusing to overwrite {existing[0]}")
+    return targets
+
+
+def _encode_issued(item: Any, fmt: str, with_chain: bool) -> bytes:
+    from kvpki_cli.pki.encoding import encode_certificates
+
+    certs = [item.certificate, *item.chain] if with_chain else [item.certificate]
+    return encode_certificates(certs, fmt, {"profile": item.record.profile})
+
+
+@cli.command("get-ca")
+@click.option("--ca", "ca_name", required=True, help="Name of the CA.")
+@click.option("--chain", "with_chain", is_flag=True, help="The chain up to the root, CA certificate first.")
+@click.option("--format", "fmt", type=click.Choice(("pem", "der", "pkcs7")), default="pem", show_default=True)
+@click.pass_obj
+def get_ca_command(obj: Context, ca_name: str, with_chain: bool, fmt: str) -> None:
+    """Print the CA certificate (or its chain)."""
+    from kvpki_cli.pki.encoding import encode_certificates
+
+    chain = obj.authority(ca_name).chain
+    _write_stdout(encode_certificates(chain if with_chain else chain[:1], fmt))
+
+
+@cli.command("revoke")
+@click.argument("serial", required=False)
+@click.option("--cert", "cert_file", help="Revoke the certificate in this PEM/DER file instead of a serial.")
+@click.option("--ca", "ca_name", required=True, help="Name of the issuing CA.")
+@click.option(
+    "--reason", type=click.Choice(REVOCATION_REASONS, case_sensitive=False), default="unspecified", show_default=True
+)
+@click.pass_obj
+def revoke_command(obj: Context, serial: str | None, cert_file: str | None, ca_name: str, reason: str) -> None:
+    """Revoke a certificate by serial (hex) or by file; prints the updated record as JSON."""
+    import json
+
+    from kvpki_cli.pki.crl import parse_reason
+
+    if (serial is None) == (cert_file is None):
+        raise UsageError("give exactly one of SERIAL or --cert FILE")
+    authority = obj.authority(ca_name)
+    if cert_file is not None:
+        serial = authority.serial_of(_load_certificate(_read_input(cert_file)))
+    assert serial is not None
+    record = authority.revoke(serial, parse_reason(reason))
+    from kvpki_cli.authority import utcnow
+
+    _write_stdout((json.dumps(record.as_json(utcnow()), indent=2) + "\n").encode())
+    sys.stderr.write(f"kvpki: revoked {record.serial} ({record.reason}); publish a new CRL with 'kvpki crl'\n")
+
+
+def _load_certificate(data: bytes) -> Any:
+    from cryptography import x509
+
+    try:
+        if data.lstrip().startswith(b"-----BEGIN CERTIFICATE-----"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise InvalidInput("not a PEM or DER X.509 certificate") from None
+
+
+@cli.command("crl")
+@click.option("--ca", "ca_name", required=True, help="Name of the CA.")
+@click.option("--format", "fmt", type=click.Choice(("pem", "der")), default="pem", show_default=True)
+@click.option("--next-update", default="7d", show_default=True, help="How long the CRL is valid.")
+@click.pass_obj
+def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str) -> None:
+    """Print a CRL signed by the CA key listing every revoked, unexpired certificate."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from kvpki_cli.durations import parse_duration
+
+    crl = obj.authority(ca_name).crl(parse_duration(next_update, what="--next-update"))
+    _write_stdout(crl.public_bytes(Encoding.PEM if fmt == "pem" else Encoding.DER))
+
+
+@cli.command("list")
+@click.option("--ca", "ca_name", required=True, help="Name of the CA.")
+@click.option("--status", type=click.Choice(("valid", "revoked", "expired")), help="Only certificates in this state.")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout instead of a table on stderr.")
+@click.pass_obj
+def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool) -> None:
+    """List the certificates a CA issued (a table on stderr, or JSON on stdout for scripts)."""
+    import json
+
+    from kvpki_cli.authority import utcnow
+
+    authority = obj.authority(ca_name)
+    now = utcnow()
+    rows = [record.as_json(now) for record in authority.inventory.list_certificates(authority.name, status, now)]
+    if as_json:
+        _write_stdout((json.dumps(rows, indent=2) + "\n").encode())
+        return
+    from kvpki_cli.tables import print_certificate_table
+
+    print_certificate_table(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point: run click without its own error printing, so every error is one stderr line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or bool(os.environ.get("KVPKI_DEBUG"))
+    try:
+        cli.main(args=args, prog_name="kvpki", standalone_mode=False)
+    except KvpkiError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(error_line(str(exc)))
+        sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        sys.stderr.write(exc.ctx.get_help() + "\n" if exc.ctx else "")
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        sys.stderr.write(error_line(exc.format_message()))
+        sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code or EXIT_USAGE)
+    except click.exceptions.Abort:
+        sys.stderr.write(error_line("aborted"))
+        sys.exit(EXIT_INTERNAL)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_INTERNAL)
+    except KeyboardInterrupt:
+        sys.stderr.write(error_line("interrupted"))
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so in one line, traceback only with --debug
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(error_line(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)"))
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(0)

@@ -1,0 +1,44 @@
+"""Write files so readers never see a partial one: temp file in the same directory, fsync, rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from kvpki_cli.errors import AlreadyExists, BackendError
+
+
+def write_file_atomic(
+    path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool = True, durable: bool = True
+) -> None:
+    """Create ``path`` with ``data`` atomically; with ``overwrite=False`` an existing file is an error.
+
+    ``durable=False`` skips the fsync for outputs that can be regenerated (issued
+    certificates are also kept in the inventory).
+    """
+    directory = path.parent
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    except OSError as exc:
+        raise BackendError(f"cannot write in {directory}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp_name, path)
+        else:
+            try:
+                os.link(tmp_name, path)
+            except FileExistsError:
+                raise AlreadyExists(f"{path} already exists") from None
+            os.unlink(tmp_name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise

@@ -1,0 +1,95 @@
+"""The inventory interface and its record type, shared by the SQLite and PostgreSQL backends."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+STATUSES = ("valid", "revoked", "expired")
+
+
+def to_text(value: datetime) -> str:
+    """UTC timestamps as sortable ISO 8601 text."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def from_text(value: str) -> datetime:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    """One issued certificate as the inventory keeps it (serial as lowercase hex)."""
+
+    ca: str
+    serial: str
+    subject: str
+    sans: tuple[str, ...]
+    profile: str
+    requester: str
+    not_before: datetime
+    not_after: datetime
+    csr_sha256: str
+    der: bytes
+    status: str = "valid"
+    revoked_at: datetime | None = None
+    reason: str | None = None
+
+    def effective_status(self, now: datetime) -> str:
+        """``revoked`` wins over ``expired``; ``expired`` is derived from notAfter."""
+        if self.status == "revoked":
+            return "revoked"
+        return "expired" if self.not_after <= now else "valid"
+
+    def as_json(self, now: datetime) -> dict[str, object]:
+        return {
+            "ca": self.ca,
+            "serial": self.serial,
+            "subject": self.subject,
+            "sans": list(self.sans),
+            "profile": self.profile,
+            "requester": self.requester,
+            "not_before": to_text(self.not_before),
+            "not_after": to_text(self.not_after),
+            "status": self.effective_status(now),
+            "revoked_at": to_text(self.revoked_at) if self.revoked_at else None,
+            "reason": self.reason,
+            "csr_sha256": self.csr_sha256,
+        }
+
+
+class SerialCollision(Exception):
+    """A serial number already exists for this CA (the caller draws a new one)."""
+
+
+class Inventory(ABC):
+    """Issued and revoked certificates per CA; writes are atomic."""
+
+    @abstractmethod
+    def record_issued(self, records: Sequence[CertificateRecord]) -> None:
+        """Commit all records in one transaction, or none (raises ``SerialCollision`` on a duplicate)."""
+
+    @abstractmethod
+    def get(self, ca: str, serial: str) -> CertificateRecord | None:
+        """The record for one serial, or None."""
+
+    @abstractmethod
+    def revoke(self, ca: str, serial: str, when: datetime, reason: str) -> CertificateRecord:
+        """Mark a certificate revoked; NotFound if unknown, AlreadyExists if already revoked."""
+
+    @abstractmethod
+    def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
+        """Records of one CA, optionally filtered by effective status, oldest first."""
+
+    @abstractmethod
+    def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
+        """What a CRL must list: revoked certificates whose notAfter has not passed."""
+
+    @abstractmethod
+    def next_crl_number(self, ca: str) -> int:
+        """A strictly increasing CRL number per CA."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release connections."""

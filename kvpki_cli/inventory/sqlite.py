@@ -1,0 +1,193 @@
+"""SQLite inventory: the default, one file under KVPKI_HOME.
+
+WAL mode and a busy timeout let many short ``kvpki`` processes (an EST façade
+shelling out under load) write concurrently; ``BEGIN IMMEDIATE`` takes the
+write lock up front so transactions never deadlock on upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+from kvpki_cli.errors import AlreadyExists, BackendError, NotFound
+from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision, from_text, to_text
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS certificates (
+    ca TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    sans TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    not_before TEXT NOT NULL,
+    not_after TEXT NOT NULL,
+    csr_sha256 TEXT NOT NULL,
+    der BLOB NOT NULL,
+    status TEXT NOT NULL DEFAULT 'valid' CHECK (status IN ('valid', 'revoked')),
+    revoked_at TEXT,
+    reason TEXT,
+    issued_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    PRIMARY KEY (ca, serial)
+);
+CREATE INDEX IF NOT EXISTS certificates_status ON certificates (ca, status, not_after);
+CREATE TABLE IF NOT EXISTS crl_numbers (ca TEXT PRIMARY KEY, last INTEGER NOT NULL);
+"""
+COLUMNS = (
+    "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason"
+)
+
+
+def _row_to_record(row: Sequence[object]) -> CertificateRecord:
+    (
+        ca,
+        serial,
+        subject,
+        sans,
+        profile,
+        requester,
+        not_before,
+        not_after,
+        csr_sha256,
+        der,
+        status,
+        revoked_at,
+        reason,
+    ) = row
+    return CertificateRecord(
+        ca=str(ca),
+        serial=str(serial),
+        subject=str(subject),
+        sans=tuple(json.loads(str(sans))),
+        profile=str(profile),
+        requester=str(requester),
+        not_before=from_text(str(not_before)),
+        not_after=from_text(str(not_after)),
+        csr_sha256=str(csr_sha256),
+        der=bytes(der),  # type: ignore[call-overload]
+        status=str(status),
+        revoked_at=from_text(str(revoked_at)) if revoked_at else None,
+        reason=str(reason) if reason else None,
+    )
+
+
+class SqliteInventory(Inventory):
+    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self._create_schema()
+            self._db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            raise BackendError(f"inventory {path} is unusable: {exc}") from None
+
+    def _create_schema(self) -> None:
+        self._db.execute("PRAGMA journal_mode=WAL")
+        with self._transaction():
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise BackendError(f"inventory {self.path} is busy or unwritable: {exc}") from None
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._db.execute("ROLLBACK")
+            raise BackendError(f"inventory commit failed: {exc}") from None
+
+    def record_issued(self, records: Sequence[CertificateRecord]) -> None:
+        rows = [
+            (
+                r.ca,
+                r.serial,
+                r.subject,
+                json.dumps(list(r.sans)),
+                r.profile,
+                r.requester,
+                to_text(r.not_before),
+                to_text(r.not_after),
+                r.csr_sha256,
+                r.der,
+            )
+            for r in records
+        ]
+        with self._transaction() as db:
+            try:
+                db.executemany(
+                    "INSERT INTO certificates (ca, serial, subject, sans, profile, requester, not_before,"
+                    " not_after, csr_sha256, der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            except sqlite3.IntegrityError:
+                raise SerialCollision() from None
+            except sqlite3.Error as exc:
+                raise BackendError(f"inventory write failed: {exc}") from None
+
+    def get(self, ca: str, serial: str) -> CertificateRecord | None:
+        row = self._db.execute(f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND serial=?", (ca, serial)).fetchone()
+        return _row_to_record(row) if row else None
+
+    def revoke(self, ca: str, serial: str, when: datetime, reason: str) -> CertificateRecord:
+        with self._transaction() as db:
+            row = db.execute("SELECT status FROM certificates WHERE ca=? AND serial=?", (ca, serial)).fetchone()
+            if row is None:
+                raise NotFound(f"no certificate with serial {serial} issued by CA {ca!r}")
+            if row[0] == "revoked":
+                raise AlreadyExists(f"certificate {serial} is already revoked")
+            db.execute(
+                "UPDATE certificates SET status='revoked', revoked_at=?, reason=? WHERE ca=? AND serial=?",
+                (to_text(when), reason, ca, serial),
+            )
+        record = self.get(ca, serial)
+        assert record is not None
+        return record
+
+    def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
+        query = f"SELECT {COLUMNS} FROM certificates WHERE ca=?"
+        params: list[object] = [ca]
+        if status == "revoked":
+            query += " AND status='revoked'"
+        elif status == "valid":
+            query += " AND status='valid' AND not_after>?"
+            params.append(to_text(now))
+        elif status == "expired":
+            query += " AND status='valid' AND not_after<=?"
+            params.append(to_text(now))
+        query += " ORDER BY issued_at, serial"
+        return [_row_to_record(row) for row in self._db.execute(query, params)]
+
+    def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
+        rows = self._db.execute(
+            f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial",
+            (ca, to_text(now)),
+        )
+        return [_row_to_record(row) for row in rows]
+
+    def next_crl_number(self, ca: str) -> int:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO crl_numbers (ca, last) VALUES (?, 1) ON CONFLICT(ca) DO UPDATE SET last = last + 1", (ca,)
+            )
+            return int(db.execute("SELECT last FROM crl_numbers WHERE ca=?", (ca,)).fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,70 @@
+"""The key-store interface every CA key backend implements.
+
+Modelled on the small key-manager interfaces of mature CAs: create a key, hand
+out a signer, keep the CA certificate chain next to the key.  The signer is a
+``cryptography`` private key object, so certificate, CRL and OCSP builders work
+unchanged whether the key is a local file or a non-exportable vault key.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+CAPrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+CAPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+class KeyType(enum.StrEnum):
+    """CA key algorithms kvpki can create (the names are the CLI contract)."""
+
+    EC_P256 = "ec-p256"
+    EC_P384 = "ec-p384"
+    RSA_2048 = "rsa-2048"
+    RSA_3072 = "rsa-3072"
+    RSA_4096 = "rsa-4096"
+
+    @property
+    def is_ec(self) -> bool:
+        return self.value.startswith("ec-")
+
+    @property
+    def rsa_bits(self) -> int:
+        return int(self.value.split("-")[1])
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return ec.SECP384R1() if self is KeyType.EC_P384 else ec.SECP256R1()
+
+
+class KeyStore(ABC):
+    """One CA's private key and certificate chain, wherever they live."""
+
+    ca_name: str
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """True when this CA already has a key or a certificate in the store."""
+
+    @abstractmethod
+    def create_key(self, key_type: KeyType) -> CAPublicKey:
+        """Create the CA key (never overwriting one) and return its public key."""
+
+    @abstractmethod
+    def signer(self) -> CAPrivateKey:
+        """A private-key object whose ``sign()`` uses the CA key (locally or in the vault)."""
+
+    @abstractmethod
+    def store_chain(self, chain: Sequence[x509.Certificate]) -> None:
+        """Save the CA certificate (first) and its issuers up to the root."""
+
+    @abstractmethod
+    def load_chain(self) -> list[x509.Certificate]:
+        """The CA certificate first, then its issuers up to the root."""
+
+    def discard(self) -> None:  # noqa: B027 - optional capability, default is a no-op
+        """Remove a half-created CA after a failed ``init-ca`` (best effort)."""

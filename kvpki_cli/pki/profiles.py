@@ -1,0 +1,140 @@
+"""Certificate profiles: what each kind of certificate may contain and for how long.
+
+The built-in profiles match how IoT deployments use certificates (Azure IoT Hub
+device identities, TLS servers, the Azure IoT Edge "Edge CA", subordinate CAs);
+the config file can tighten them or add named variants of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+
+from kvpki_cli.durations import parse_duration
+from kvpki_cli.errors import UsageError
+
+# Characters Azure IoT Hub accepts in a device id (which is the device certificate's CN).
+IOT_HUB_DEVICE_ID = r"[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}"
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything policy needs to turn a CSR into a certificate of one kind."""
+
+    name: str
+    is_ca: bool
+    key_usage: frozenset[str]
+    extended_key_usage: tuple[ObjectIdentifier, ...]
+    max_validity: timedelta
+    default_validity: timedelta
+    path_length: int | None = None
+    require_cn: bool = False
+    require_san: bool = False
+    allow_wildcard: bool = False
+    cn_pattern: str | None = None
+    dns_suffixes: tuple[str, ...] = ()
+    ip_ranges: tuple[IpNetwork, ...] = field(default=())
+
+    def matches_cn(self, common_name: str) -> bool:
+        return self.cn_pattern is None or re.fullmatch(self.cn_pattern, common_name) is not None
+
+
+_DAY = timedelta(days=1)
+
+BUILTIN_PROFILES: dict[str, Profile] = {
+    "device": Profile(
+        name="device",
+        is_ca=False,
+        key_usage=frozenset({"digital_signature"}),
+        extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+        max_validity=365 * _DAY,
+        default_validity=365 * _DAY,
+        require_cn=True,
+        cn_pattern=IOT_HUB_DEVICE_ID,
+    ),
+    "server": Profile(
+        name="server",
+        is_ca=False,
+        key_usage=frozenset({"digital_signature"}),
+        extended_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,),
+        max_validity=397 * _DAY,
+        default_validity=90 * _DAY,
+        require_san=True,
+        allow_wildcard=True,
+    ),
+    "edge-ca": Profile(
+        name="edge-ca",
+        is_ca=True,
+        path_length=0,
+        key_usage=frozenset({"digital_signature", "key_cert_sign", "crl_sign"}),
+        extended_key_usage=(),
+        max_validity=365 * _DAY,
+        default_validity=90 * _DAY,
+        require_cn=True,
+    ),
+    "sub-ca": Profile(
+        name="sub-ca",
+        is_ca=True,
+        path_length=None,
+        key_usage=frozenset({"digital_signature", "key_cert_sign", "crl_sign"}),
+        extended_key_usage=(),
+        max_validity=5 * 365 * _DAY,
+        default_validity=5 * 365 * _DAY,
+        require_cn=True,
+    ),
+}
+
+
+def load_profiles(config: Mapping[str, Any]) -> dict[str, Profile]:
+    """Built-in profiles overlaid with ``[profiles.NAME]`` tables (``base = "device"`` for new names)."""
+    profiles = dict(BUILTIN_PROFILES)
+    for name, table in config.items():
+        if not isinstance(table, Mapping):
+            raise UsageError(f"config: [profiles.{name}] must be a table")
+        base_name = str(table.get("base", name))
+        base = profiles.get(base_name)
+        if base is None:
+            raise UsageError(f"config: profile {name!r} needs 'base' = one of {', '.join(BUILTIN_PROFILES)}")
+        profiles[name] = _apply_overrides(dataclasses.replace(base, name=name), table)
+    return profiles
+
+
+def _apply_overrides(profile: Profile, table: Mapping[str, Any]) -> Profile:
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "base":
+            continue
+        if key in ("max_validity", "default_validity"):
+            changes[key] = parse_duration(str(value), what=f"profile {profile.name} {key}")
+        elif key == "cn_pattern":
+            try:
+                re.compile(str(value))
+            except re.error as exc:
+                raise UsageError(f"config: profile {profile.name} cn_pattern is not a valid regex: {exc}") from None
+            changes[key] = str(value)
+        elif key == "dns_suffixes":
+            changes[key] = tuple(str(s).lower().lstrip(".") for s in value)
+        elif key == "ip_ranges":
+            try:
+                changes[key] = tuple(ipaddress.ip_network(str(r), strict=False) for r in value)
+            except ValueError as exc:
+                raise UsageError(f"config: profile {profile.name} ip_ranges: {exc}") from None
+        elif key in ("require_cn", "require_san", "allow_wildcard"):
+            changes[key] = bool(value)
+        elif key == "path_length" and profile.is_ca:
+            changes[key] = None if value is None else int(value)
+        else:
+            raise UsageError(f"config: profile {profile.name} has unknown setting {key!r}")
+    updated = dataclasses.replace(profile, **changes)
+    if updated.default_validity > updated.max_validity:
+        updated = dataclasses.replace(updated, default_validity=updated.max_validity)
+    return updated
