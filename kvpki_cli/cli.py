@@ -200,8 +200,8 @@ def sign_csr_command(
     }
     requests = []
     for path in paths:
-        der = decode_csr_bytes(_read_input(path))
         try:
+            der = decode_csr_bytes(_read_input(path))
             csr = parse_csr(der)
         except KvpkiError as exc:
             if len(paths) > 1:
