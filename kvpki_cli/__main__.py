@@ -1,3 +1,3 @@
-from kvpki_cli.cli import main
+from kvpki_cli.entry import main
 
 main()

@@ -7,11 +7,10 @@ rich, aiohttp or the Azure SDK; it only talks to the ``KeyStore`` and
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -34,8 +33,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True)
-class SigningRequest:
+class SigningRequest(NamedTuple):
     """One CSR to sign, with the operator's overrides and the requester identity."""
 
     csr_der: bytes
@@ -48,8 +46,7 @@ class SigningRequest:
     path_length: int | None = None
 
 
-@dataclass(frozen=True)
-class Issued:
+class Issued(NamedTuple):
     certificate: x509.Certificate
     chain: list[x509.Certificate]
     record: CertificateRecord
@@ -241,7 +238,7 @@ def init_ca(
             sans=(),
             not_before=window[0].replace(microsecond=0),
             not_after=window[1].replace(microsecond=0),
-            profile=dataclasses.replace(sub_ca, name="root" if parent_ca is None else "sub-ca"),
+            profile=sub_ca._replace(name="root" if parent_ca is None else "sub-ca"),
             path_length=chosen_path_length,
         )
         serial = new_serial_number()

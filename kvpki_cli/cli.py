@@ -7,7 +7,6 @@ only by the commands that use them.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from kvpki_cli.errors import EXIT_INTERNAL, EXIT_USAGE, InvalidInput, KvpkiError, UsageError
-from kvpki_cli.messages import error_line, warn
+from kvpki_cli.errors import EXIT_USAGE, InvalidInput, KvpkiError, UsageError
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 REVOCATION_REASONS = (
@@ -29,7 +27,6 @@ REVOCATION_REASONS = (
     "certificateHold",
     "privilegeWithdrawn",
 )
-OUTPUT_SUFFIX = {"pem": ".pem", "der": ".der", "pkcs7": ".p7b", "json": ".json"}
 
 
 class Context:
@@ -54,37 +51,9 @@ class Context:
 
 
 def _write_stdout(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+    from kvpki_cli.signing import write_stdout
 
-
-def _read_input(path: str) -> bytes:
-    """Read a CSR/certificate from a file or ``-`` (stdin), refusing oversized input early."""
-    from kvpki_cli.pki.csr import MAX_CSR_BYTES
-
-    try:
-        if path == "-":
-            data = sys.stdin.buffer.read(MAX_CSR_BYTES + 1)
-        else:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_CSR_BYTES + 1)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_CSR_BYTES:
-        raise InvalidInput(f"input {path} is too large (limit {MAX_CSR_BYTES} bytes)")
-    return data
-
-
-def _default_requester() -> str:
-    explicit = os.environ.get("KVPKI_REQUESTER")
-    if explicit:
-        return explicit
-    try:
-        import pwd
-
-        return "cli:" + pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
-        return "cli"
+    write_stdout(data)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -156,7 +125,7 @@ def init_ca_command(
 @click.option("--san", "sans", multiple=True, help="Override the CSR SANs: DNS:name, IP:addr, URI:uri, email:addr.")
 @click.option("--path-length", type=int, help="pathLenConstraint for CA profiles.")
 @click.option("--chain", "with_chain", is_flag=True, help="Append the CA chain to the output.")
-@click.option("--format", "fmt", type=click.Choice(tuple(OUTPUT_SUFFIX)), default="pem", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(("pem", "der", "pkcs7", "json")), default="pem", show_default=True)
 @click.option("--requester", help="Identity recorded in the inventory (default: $KVPKI_REQUESTER or cli:<user>).")
 @click.option(
     "--out-dir", type=click.Path(file_okay=False), help="Write one file per CSR here (required for several CSRs)."
@@ -177,79 +146,24 @@ def sign_csr_command(
     out_dir: str | None,
 ) -> None:
     """Sign CSRs (PEM, DER or base64; '-' or nothing for stdin) and print the certificate."""
-    from kvpki_cli.authority import SigningRequest
-    from kvpki_cli.durations import parse_duration
-    from kvpki_cli.pki.csr import decode_csr_bytes, parse_csr
-    from kvpki_cli.pki.names import parse_san, parse_subject
+    from kvpki_cli.signing import SignOptions, sign_csrs
 
-    paths = list(csr_files) or ["-"]
-    if len(paths) > 1 and not out_dir:
-        raise UsageError("several CSRs need --out-dir (one output file per CSR)")
-    if paths.count("-") > 1:
-        raise UsageError("stdin ('-') can be given only once")
-    if fmt == "der" and with_chain:
-        raise UsageError("--chain needs --format pem, pkcs7 or json (DER holds one certificate)")
-    targets = _output_targets(paths, out_dir, fmt) if out_dir else []
-    common = {
-        "profile": profile,
-        "requester": requester or _default_requester(),
-        "validity": parse_duration(validity, what="--validity") if validity else None,
-        "subject": parse_subject(subject) if subject else None,
-        "sans": [parse_san(s) for s in sans] or None,
-        "path_length": path_length,
-    }
-    requests = []
-    for path in paths:
-        try:
-            der = decode_csr_bytes(_read_input(path))
-            csr = parse_csr(der)
-        except KvpkiError as exc:
-            if len(paths) > 1:
-                raise type(exc)(f"{path}: {exc}") from None
-            raise
-        requests.append(SigningRequest(csr_der=der, csr=csr, **common))  # type: ignore[arg-type]
-
-    authority = obj.authority(ca_name)
-    issued = authority.issue_many(requests)
-    for note in {n for item in issued for n in item.notes}:
-        warn(note)
-    outputs = [_encode_issued(item, fmt, with_chain) for item in issued]
-    if not out_dir:
-        _write_stdout(outputs[0])
-        return
-    from kvpki_cli.fileutil import write_file_atomic
-
-    for target, data in zip(targets, outputs, strict=True):
-        write_file_atomic(target, data, mode=0o644, overwrite=False, durable=False)
-    sys.stderr.write(f"kvpki: issued {len(outputs)} certificate(s) into {out_dir}\n")
-
-
-def _output_targets(paths: Sequence[str], out_dir: str, fmt: str) -> list[Path]:
-    """One output file per input, checked before anything is issued (no clobbering, no duplicates)."""
-    directory = Path(out_dir)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create --out-dir {out_dir}: {exc.strerror}") from None
-    targets = []
-    for path in paths:
-        stem = (
-            "stdin" if path == "-" else Path(path).name.removesuffix(".der").removesuffix(".pem").removesuffix(".csr")
+    sign_csrs(
+        SignOptions(
+            ca_name=ca_name,
+            csr_files=csr_files,
+            profile=profile,
+            validity=validity,
+            subject=subject,
+            sans=sans,
+            path_length=path_length,
+            with_chain=with_chain,
+            fmt=fmt,
+            requester=requester,
+            out_dir=out_dir,
+            home=str(obj.home) if obj.home else None,
         )
-        targets.append(directory / f"{stem}{OUTPUT_SUFFIX[fmt]}")
-    if len(set(targets)) != len(targets):
-        raise UsageError("two CSRs would write the same output file (their file names collide)")
-    existing = [str(t) for t in targets if t.exists()]
-    if existing:
-        raise UsageError(f"refusing to overwrite {existing[0]}")
-    return targets
-
-
-def _encode_issued(item: Any, fmt: str, with_chain: bool) -> bytes:
-    from kvpki_cli.pki.encoding import encode_certificates
-
-    certs = [item.certificate, *item.chain] if with_chain else [item.certificate]
-    return encode_certificates(certs, fmt, {"profile": item.record.profile})
+    )
 
 
 @cli.command("get-ca")
@@ -283,7 +197,9 @@ def revoke_command(obj: Context, serial: str | None, cert_file: str | None, ca_n
         raise UsageError("give exactly one of SERIAL or --cert FILE")
     authority = obj.authority(ca_name)
     if cert_file is not None:
-        serial = authority.serial_of(_load_certificate(_read_input(cert_file)))
+        from kvpki_cli.signing import read_input
+
+        serial = authority.serial_of(_load_certificate(read_input(cert_file)))
     assert serial is not None
     record = authority.revoke(serial, parse_reason(reason))
     from kvpki_cli.authority import utcnow
@@ -340,39 +256,21 @@ def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool) 
     print_certificate_table(rows)
 
 
-def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Entry point: run click without its own error printing, so every error is one stderr line."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or bool(os.environ.get("KVPKI_DEBUG"))
+def run_click(args: Sequence[str]) -> int:
+    """Run click without its own error printing; click's errors become usage errors (exit 2)."""
     try:
-        cli.main(args=args, prog_name="kvpki", standalone_mode=False)
-    except KvpkiError as exc:
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        sys.stderr.write(error_line(str(exc)))
-        sys.exit(exc.exit_code)
+        result = cli.main(args=list(args), prog_name="kvpki", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:
         sys.stderr.write(exc.ctx.get_help() + "\n" if exc.ctx else "")
-        sys.exit(EXIT_USAGE)
+        return EXIT_USAGE
     except click.ClickException as exc:
-        sys.stderr.write(error_line(exc.format_message()))
-        sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code or EXIT_USAGE)
+        raise UsageError(exc.format_message()) from None
     except click.exceptions.Abort:
-        sys.stderr.write(error_line("aborted"))
-        sys.exit(EXIT_INTERNAL)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(EXIT_INTERNAL)
-    except KeyboardInterrupt:
-        sys.stderr.write(error_line("interrupted"))
-        sys.exit(130)
-    except Exception as exc:  # a bug: say so in one line, traceback only with --debug
-        if debug:
-            import traceback
+        raise KvpkiError("aborted") from None
+    return result if isinstance(result, int) else 0
 
-            traceback.print_exc()
-        sys.stderr.write(error_line(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)"))
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(0)
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    from kvpki_cli.entry import main as entry_main
+
+    entry_main(argv)

@@ -10,10 +10,9 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvpki_cli.durations import parse_duration
 from kvpki_cli.errors import NotFound, UsageError
@@ -39,8 +38,7 @@ def check_ca_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class CaConfig:
+class CaConfig(NamedTuple):
     """Everything about one named CA except its key and certificates."""
 
     name: str
@@ -52,13 +50,13 @@ class CaConfig:
     backdate: timedelta
 
 
-@dataclass
 class Settings:
     """The loaded configuration for one kvpki invocation."""
 
-    home: Path
-    file_config: Mapping[str, Any] = field(default_factory=dict)
-    _profiles: dict[str, Profile] | None = None
+    def __init__(self, home: Path, file_config: Mapping[str, Any] | None = None) -> None:
+        self.home = home
+        self.file_config: Mapping[str, Any] = file_config or {}
+        self._profiles: dict[str, Profile] | None = None
 
     @classmethod
     def load(cls, home: Path | None = None) -> Settings:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 from kvpki_cli.errors import AlreadyExists, BackendError
@@ -18,6 +17,8 @@ def write_file_atomic(
     ``durable=False`` skips the fsync for outputs that can be regenerated (issued
     certificates are also kept in the inventory).
     """
+    import tempfile  # not on the start-up path of commands that write nothing
+
     directory = path.parent
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 STATUSES = ("valid", "revoked", "expired")
 
@@ -19,8 +19,7 @@ def from_text(value: str) -> datetime:
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
-@dataclass(frozen=True)
-class CertificateRecord:
+class CertificateRecord(NamedTuple):
     """One issued certificate as the inventory keeps it (serial as lowercase hex)."""
 
     ca: str

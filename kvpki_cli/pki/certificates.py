@@ -6,8 +6,8 @@ The signer is any ``cryptography`` private key: a local key or a vault-backed on
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -20,8 +20,7 @@ from kvpki_cli.pki.policy import Template
 from kvpki_cli.pki.profiles import Profile
 
 
-@dataclass(frozen=True)
-class PublicationUrls:
+class PublicationUrls(NamedTuple):
     """Where relying parties find revocation data and the issuer certificate (all optional)."""
 
     crl: str | None = None
@@ -117,11 +116,11 @@ def issue_certificate(
     serial: int,
     issuer: x509.Certificate,
     signer: CAPrivateKey,
-    urls: PublicationUrls = PublicationUrls(),
+    urls: PublicationUrls | None = None,
 ) -> x509.Certificate:
     """Sign ``template`` with the issuing CA's key."""
     builder = _base_builder(template, serial, issuer.subject, authority_key_identifier(issuer))
-    builder = _publication_extensions(builder, urls)
+    builder = _publication_extensions(builder, urls or PublicationUrls())
     return builder.sign(signer, signing_hash(signer))
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from cryptography import x509
 
@@ -32,8 +32,7 @@ def parse_reason(name: str) -> str:
     raise UsageError(f"unknown revocation reason {name!r} (one of: {', '.join(REASONS)})")
 
 
-@dataclass(frozen=True)
-class RevokedEntry:
+class RevokedEntry(NamedTuple):
     serial: int
     revoked_at: datetime
     reason: str

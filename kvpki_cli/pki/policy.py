@@ -7,8 +7,8 @@ refusal changes nothing.  Pure logic; the clock is passed in.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -19,8 +19,7 @@ from kvpki_cli.pki.names import check_sans, check_subject
 from kvpki_cli.pki.profiles import Profile
 
 
-@dataclass(frozen=True)
-class Template:
+class Template(NamedTuple):
     """An approved certificate, minus serial and signature."""
 
     subject: x509.Name
@@ -30,7 +29,7 @@ class Template:
     not_after: datetime
     profile: Profile
     path_length: int | None
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
 
 
 def requested_sans(csr: x509.CertificateSigningRequest) -> tuple[x509.GeneralName, ...]:

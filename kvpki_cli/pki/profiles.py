@@ -7,13 +7,11 @@ the config file can tighten them or add named variants of them.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
@@ -26,8 +24,7 @@ IOT_HUB_DEVICE_ID = r"[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}"
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(frozen=True)
-class Profile:
+class Profile(NamedTuple):
     """Everything policy needs to turn a CSR into a certificate of one kind."""
 
     name: str
@@ -42,7 +39,7 @@ class Profile:
     allow_wildcard: bool = False
     cn_pattern: str | None = None
     dns_suffixes: tuple[str, ...] = ()
-    ip_ranges: tuple[IpNetwork, ...] = field(default=())
+    ip_ranges: tuple[IpNetwork, ...] = ()
 
     def matches_cn(self, common_name: str) -> bool:
         return self.cn_pattern is None or re.fullmatch(self.cn_pattern, common_name) is not None
@@ -104,7 +101,7 @@ def load_profiles(config: Mapping[str, Any]) -> dict[str, Profile]:
         base = profiles.get(base_name)
         if base is None:
             raise UsageError(f"config: profile {name!r} needs 'base' = one of {', '.join(BUILTIN_PROFILES)}")
-        profiles[name] = _apply_overrides(dataclasses.replace(base, name=name), table)
+        profiles[name] = _apply_overrides(base._replace(name=name), table)
     return profiles
 
 
@@ -134,7 +131,7 @@ def _apply_overrides(profile: Profile, table: Mapping[str, Any]) -> Profile:
             changes[key] = None if value is None else int(value)
         else:
             raise UsageError(f"config: profile {profile.name} has unknown setting {key!r}")
-    updated = dataclasses.replace(profile, **changes)
+    updated = profile._replace(**changes)
     if updated.default_validity > updated.max_validity:
-        updated = dataclasses.replace(updated, default_validity=updated.max_validity)
+        updated = updated._replace(default_validity=updated.max_validity)
     return updated

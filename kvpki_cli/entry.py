@@ -1,0 +1,59 @@
+"""Console entry point: one place that turns every failure into one stderr line and an exit code.
+
+It stays free of click so `sign-csr` can take the fast path; all other
+commands (and anything the fast path does not recognise) go through click.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from kvpki_cli.errors import EXIT_INTERNAL, KvpkiError
+from kvpki_cli.messages import error_line
+
+
+def _run(args: list[str]) -> int:
+    if not os.environ.get("KVPKI_NO_FASTPATH"):
+        from kvpki_cli.fastpath import parse_fast_sign
+
+        options = parse_fast_sign(args)
+        if options is not None:
+            from kvpki_cli.signing import sign_csrs
+
+            sign_csrs(options)
+            return 0
+    from kvpki_cli.cli import run_click
+
+    return run_click(args)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or bool(os.environ.get("KVPKI_DEBUG"))
+    try:
+        code = _run(args)
+    except KvpkiError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(error_line(str(exc)))
+        code = exc.exit_code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_INTERNAL
+    except KeyboardInterrupt:
+        sys.stderr.write(error_line("interrupted"))
+        code = 130
+    except Exception as exc:  # a bug: say so in one line, traceback only with --debug
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(error_line(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)"))
+        code = EXIT_INTERNAL
+    sys.stdout.flush()
+    sys.exit(code)
