@@ -51,4 +51,4 @@ def parse_fast_sign(argv: Sequence[str]) -> SignOptions | None:
             return None
     if "ca_name" not in values or len(inputs) > 1 or values.get("fmt", "pem") not in OUTPUT_SUFFIX:
         return None
-    return SignOptions(csr_files=inputs, **values)  # type: ignore[arg-type]
+    return SignOptions(csr_files=tuple(inputs), **values)  # type: ignore[arg-type]
