@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
-.venv/bin/pip install --quiet -e .
+.venv/bin/pip install --quiet .
 export PATH="$PWD/.venv/bin:$PATH"
 
 demo=$(mktemp -d "${TMPDIR:-/tmp}/kvpki-demo.XXXXXX")
