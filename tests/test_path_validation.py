@@ -27,7 +27,7 @@ def test_pyhanko_validates_chain_and_sees_revocation(kvpki: Kvpki, make_csr) -> 
     issuing = kvpki.init_ca("issuing", "--parent", "root", "--subject", "CN=PV Issuing")
     good = kvpki.ok("sign-csr", "--ca", "issuing", input=make_csr("/CN=pv-good").csr_pem)
     bad = kvpki.ok("sign-csr", "--ca", "issuing", input=make_csr("/CN=pv-bad").csr_pem)
-    serial = kvpki.inventory("issuing")[1]["serial"]
+    [serial] = [row["serial"] for row in kvpki.inventory("issuing") if row["subject"] == "CN=pv-bad"]
     kvpki.ok("revoke", str(serial), "--ca", "issuing", "--reason", "keyCompromise")
     crls = [kvpki.ok("crl", "--ca", "root", "--format", "der"), kvpki.ok("crl", "--ca", "issuing", "--format", "der")]
 

@@ -172,7 +172,7 @@ class SqliteInventory(Inventory):
         elif status == "expired":
             query += " AND status='valid' AND not_after<=?"
             params.append(to_text(now))
-        query += " ORDER BY issued_at, serial"
+        query += " ORDER BY issued_at, rowid"
         return [_row_to_record(row) for row in self._db.execute(query, params)]
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
@@ -181,6 +181,10 @@ class SqliteInventory(Inventory):
             (ca, to_text(now)),
         )
         return [_row_to_record(row) for row in rows]
+
+    def revocation_count(self, ca: str) -> int:
+        row = self._db.execute("SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'", (ca,)).fetchone()
+        return int(row[0])
 
     def next_crl_number(self, ca: str) -> int:
         with self._transaction() as db:
