@@ -64,24 +64,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvpki-bench-") as tmp_name:
         tmp = Path(tmp_name)
         env = dict(os.environ, KVPKI_HOME=str(tmp / "home"), KVPKI_REQUESTER="bench")
-        subprocess.run([*kvpki, "init-ca", "--name", "bench", "--subject", "CN=Bench CA"], env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [*kvpki, "init-ca", "--name", "bench", "--subject", "CN=Bench CA"], env=env, check=True, capture_output=True
+        )
         ca_dir = tmp / "home" / "cas" / "bench"
         csr = make_csr("bench-device")
         csr_path = tmp / "device.csr"
         csr_path.write_bytes(csr)
         ext = tmp / "ext.cnf"
-        ext.write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                       "extendedKeyUsage=clientAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+        ext.write_text(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+            "extendedKeyUsage=clientAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+        )
         commands = {
             "kvpki sign-csr (local store)": ([*kvpki, "sign-csr", "--ca", "bench"], csr),
-            "openssl x509 -req": (["openssl", "x509", "-req", "-in", str(csr_path), "-CA", str(ca_dir / "chain.pem"),
-                                   "-CAkey", str(ca_dir / "key.pem"), "-set_serial", "0x" + os.urandom(19).hex(),
-                                   "-days", "365", "-extfile", str(ext), "-sha256"], None),
+            "openssl x509 -req": (
+                [
+                    "openssl",
+                    "x509",
+                    "-req",
+                    "-in",
+                    str(csr_path),
+                    "-CA",
+                    str(ca_dir / "chain.pem"),
+                    "-CAkey",
+                    str(ca_dir / "key.pem"),
+                    "-set_serial",
+                    "0x" + os.urandom(19).hex(),
+                    "-days",
+                    "365",
+                    "-extfile",
+                    str(ext),
+                    "-sha256",
+                ],
+                None,
+            ),
             "python -c 'import cryptography.x509'": ([sys.executable, "-c", "import cryptography.x509"], None),
         }
         samples: dict[str, list[float]] = {name: [] for name in commands}
-        for name, (cmd, stdin) in commands.items():  # warm-up (page cache, .pyc)
+        for cmd, stdin in commands.values():  # warm-up (page cache, .pyc)
             timed(cmd, stdin, env)
         for _ in range(args.runs):  # interleaved, so machine noise hits all alike
             for name, (cmd, stdin) in commands.items():
@@ -100,12 +121,18 @@ def main() -> None:
             path.write_bytes(make_csr(f"batch-{i:05d}"))
             files.append(str(path))
         start = time.perf_counter()
-        subprocess.run([*kvpki, "sign-csr", *files, "--ca", "bench", "--out-dir", str(tmp / "out")], env=env,
-                       check=True, capture_output=True)
+        subprocess.run(
+            [*kvpki, "sign-csr", *files, "--ca", "bench", "--out-dir", str(tmp / "out")],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         elapsed = time.perf_counter() - start
         issued = len(list((tmp / "out").iterdir()))
-        print(f"batch: {issued} certificates in one call: {elapsed:.2f} s = {issued / elapsed:,.0f} certificates/s"
-              " (EC P-256 CA, including process start and inventory commit)")
+        print(
+            f"batch: {issued} certificates in one call: {elapsed:.2f} s = {issued / elapsed:,.0f} certificates/s"
+            " (EC P-256 CA, including process start and inventory commit)"
+        )
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ class Server:
 
     def _admin(self, method: str, path: str) -> Any:
         request = urllib.request.Request(self.info["url"] + path, method=method)
-        with urllib.request.urlopen(request, context=self.context, timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(request, context=self.context, timeout=10) as response:
             return json.loads(response.read())
 
     def clear(self) -> None:

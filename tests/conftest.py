@@ -53,7 +53,9 @@ class Kvpki:
     env: dict[str, str]
     store: StoreSetup
 
-    def run(self, *args: str, input: bytes | None = None, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    def run(
+        self, *args: str, input: bytes | None = None, check: bool = False, timeout: float = 120
+    ) -> subprocess.CompletedProcess[bytes]:
         result = subprocess.run(
             [*KVPKI, *args], input=input, capture_output=True, env=self.env, timeout=timeout, cwd=self.home
         )
@@ -119,7 +121,11 @@ def make_csr(tmp_path: Path) -> Iterator[Callable[..., DeviceKey]]:
     """Make a key and CSR with openssl (a CSR generator nobody here wrote)."""
     counter = iter(range(10**6))
 
-    def factory(subject: str = "/CN=device-001", newkey: Sequence[str] = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"), extra: Sequence[str] = ()) -> DeviceKey:
+    def factory(
+        subject: str = "/CN=device-001",
+        newkey: Sequence[str] = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
+        extra: Sequence[str] = (),
+    ) -> DeviceKey:
         key = tmp_path / f"key{next(counter)}.pem"
         out = openssl("req", "-new", *newkey, "-nodes", "-keyout", str(key), "-subj", subject, *extra)
         return DeviceKey(key, out.stdout)

@@ -33,7 +33,9 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
-def openssl_verify(tmp: Path, root: bytes, leaf: bytes, untrusted: bytes = b"", *extra: str) -> subprocess.CompletedProcess[str]:
+def openssl_verify(
+    tmp: Path, root: bytes, leaf: bytes, untrusted: bytes = b"", *extra: str
+) -> subprocess.CompletedProcess[str]:
     args = ["openssl", "verify", "-x509_strict", "-CAfile", str(write(tmp / "v-root.pem", root))]
     if untrusted:
         args += ["-untrusted", str(write(tmp / "v-untrusted.pem", untrusted))]

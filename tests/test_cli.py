@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,9 @@ def hierarchy(kvpki: Kvpki) -> tuple[bytes, bytes]:
     return root, issuing
 
 
-def test_root_sub_leaf_chain_verifies_with_openssl(kvpki: Kvpki, hierarchy: tuple[bytes, bytes], make_csr, tmp_path: Path) -> None:
+def test_root_sub_leaf_chain_verifies_with_openssl(
+    kvpki: Kvpki, hierarchy: tuple[bytes, bytes], make_csr, tmp_path: Path
+) -> None:
     root, issuing = hierarchy
     device = make_csr("/CN=device-001")
     leaf = kvpki.ok("sign-csr", "--ca", "issuing", input=device.csr_pem)
@@ -44,7 +46,11 @@ def test_chain_flag_and_get_ca(kvpki: Kvpki, hierarchy: tuple[bytes, bytes], mak
     root, issuing = hierarchy
     with_chain = kvpki.ok("sign-csr", "--ca", "issuing", "--chain", input=make_csr().csr_pem)
     certs = x509.load_pem_x509_certificates(with_chain)
-    assert [c.subject.rfc4514_string() for c in certs] == ["CN=device-001", "CN=Test Issuing CA,O=kvpki tests", "CN=Test Root CA,O=kvpki tests"]
+    assert [c.subject.rfc4514_string() for c in certs] == [
+        "CN=device-001",
+        "CN=Test Issuing CA,O=kvpki tests",
+        "CN=Test Root CA,O=kvpki tests",
+    ]
     assert kvpki.ok("get-ca", "--ca", "issuing") == issuing
     assert kvpki.ok("get-ca", "--ca", "issuing", "--chain") == issuing + root
     der = kvpki.ok("get-ca", "--ca", "root", "--format", "der")
@@ -58,13 +64,25 @@ def test_chain_flag_and_get_ca(kvpki: Kvpki, hierarchy: tuple[bytes, bytes], mak
     ("profile", "subject", "extra", "purpose"),
     [
         ("device", "/CN=device-42", [], "sslclient"),
-        ("server", "/CN=gateway.example.com", ["--san", "DNS:gateway.example.com", "--san", "IP:10.0.0.5"], "sslserver"),
+        (
+            "server",
+            "/CN=gateway.example.com",
+            ["--san", "DNS:gateway.example.com", "--san", "IP:10.0.0.5"],
+            "sslserver",
+        ),
         ("edge-ca", "/CN=edge-gateway-ca", [], "any"),
         ("sub-ca", "/CN=Line Sub CA", [], "any"),
     ],
 )
 def test_every_profile_verifies_and_lints_clean(
-    kvpki: Kvpki, hierarchy: tuple[bytes, bytes], make_csr, tmp_path: Path, profile: str, subject: str, extra: list[str], purpose: str
+    kvpki: Kvpki,
+    hierarchy: tuple[bytes, bytes],
+    make_csr,
+    tmp_path: Path,
+    profile: str,
+    subject: str,
+    extra: list[str],
+    purpose: str,
 ) -> None:
     root, issuing = hierarchy
     csr = make_csr(subject, newkey=("-newkey", "rsa:2048"))
@@ -85,9 +103,25 @@ def test_every_profile_verifies_and_lints_clean(
         leaf_csr = make_csr("/CN=edge-module")
         leaf_path = tmp_path / "module.pem"
         openssl(
-            "x509", "-req", "-in", str(write(tmp_path / "m.csr", leaf_csr.csr_pem)), "-CA", str(write(tmp_path / "ca.pem", pem)),
-            "-CAkey", str(csr.key), "-days", "5", "-out", str(leaf_path),
-            "-extfile", str(write(tmp_path / "ext.cnf", b"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")),
+            "x509",
+            "-req",
+            "-in",
+            str(write(tmp_path / "m.csr", leaf_csr.csr_pem)),
+            "-CA",
+            str(write(tmp_path / "ca.pem", pem)),
+            "-CAkey",
+            str(csr.key),
+            "-days",
+            "5",
+            "-out",
+            str(leaf_path),
+            "-extfile",
+            str(
+                write(
+                    tmp_path / "ext.cnf",
+                    b"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+                )
+            ),
         )
         assert openssl_verify(tmp_path, root, leaf_path.read_bytes(), issuing + pem).returncode == 0
     else:
@@ -106,7 +140,9 @@ def test_root_and_sub_ca_lint_clean(kvpki: Kvpki, hierarchy: tuple[bytes, bytes]
     assert load_cert(issuing).extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
-def test_revoke_and_crl_verified_by_openssl_and_pkilint(kvpki: Kvpki, hierarchy: tuple[bytes, bytes], make_csr, tmp_path: Path) -> None:
+def test_revoke_and_crl_verified_by_openssl_and_pkilint(
+    kvpki: Kvpki, hierarchy: tuple[bytes, bytes], make_csr, tmp_path: Path
+) -> None:
     root, issuing = hierarchy
     keep = kvpki.ok("sign-csr", "--ca", "issuing", input=make_csr("/CN=keep").csr_pem)
     gone = kvpki.ok("sign-csr", "--ca", "issuing", input=make_csr("/CN=gone").csr_pem)
@@ -115,7 +151,12 @@ def test_revoke_and_crl_verified_by_openssl_and_pkilint(kvpki: Kvpki, hierarchy:
     assert record["status"] == "revoked" and record["reason"] == "keyCompromise"
     crl_pem = kvpki.ok("crl", "--ca", "issuing")
     crl_path = write(tmp_path / "crl.pem", crl_pem)
-    assert openssl("crl", "-in", str(crl_path), "-noout", "-CAfile", str(write(tmp_path / "issuing.pem", issuing)), "-verify").returncode == 0
+    assert (
+        openssl(
+            "crl", "-in", str(crl_path), "-noout", "-CAfile", str(write(tmp_path / "issuing.pem", issuing)), "-verify"
+        ).returncode
+        == 0
+    )
     assert pkilint_findings(crl_path, "crl") == ""
     text = openssl("crl", "-in", str(crl_path), "-noout", "-text").stdout.decode()
     crl = x509.load_pem_x509_crl(crl_pem)
@@ -137,7 +178,9 @@ def test_revoke_and_crl_verified_by_openssl_and_pkilint(kvpki: Kvpki, hierarchy:
     assert again.returncode == 7 and again.stdout == b""
     statuses = {row["subject"]: row["status"] for row in kvpki.inventory("issuing")}
     assert statuses == {"CN=keep": "valid", "CN=gone": "revoked"}
-    assert [r["subject"] for r in json.loads(kvpki.ok("list", "--ca", "issuing", "--status", "revoked", "--json"))] == ["CN=gone"]
+    assert [r["subject"] for r in json.loads(kvpki.ok("list", "--ca", "issuing", "--status", "revoked", "--json"))] == [
+        "CN=gone"
+    ]
 
 
 def test_input_encodings_pem_der_base64(kvpki: Kvpki, hierarchy: tuple[bytes, bytes], make_csr, tmp_path: Path) -> None:
@@ -154,7 +197,9 @@ def test_input_encodings_pem_der_base64(kvpki: Kvpki, hierarchy: tuple[bytes, by
 
 def test_output_formats(kvpki: Kvpki, hierarchy: tuple[bytes, bytes], make_csr) -> None:
     root, issuing = hierarchy
-    document = json.loads(kvpki.ok("sign-csr", "--ca", "issuing", "--format", "json", "--chain", input=make_csr("/CN=js").csr_pem))
+    document = json.loads(
+        kvpki.ok("sign-csr", "--ca", "issuing", "--format", "json", "--chain", input=make_csr("/CN=js").csr_pem)
+    )
     cert = load_cert(document["certificate"].encode())
     assert document["serial"] == format(cert.serial_number, "x")
     assert document["subject"] == "CN=js" and document["profile"] == "device"
@@ -164,8 +209,10 @@ def test_output_formats(kvpki: Kvpki, hierarchy: tuple[bytes, bytes], make_csr) 
 
 
 def test_serial_validity_and_extensions(kvpki: Kvpki, hierarchy: tuple[bytes, bytes], make_csr) -> None:
-    before = datetime.now(timezone.utc)
-    result = kvpki.run("sign-csr", "--ca", "issuing", "--validity", "10y", input=make_csr("/CN=cap").csr_pem, check=True)
+    before = datetime.now(UTC)
+    result = kvpki.run(
+        "sign-csr", "--ca", "issuing", "--validity", "10y", input=make_csr("/CN=cap").csr_pem, check=True
+    )
     cert = load_cert(result.stdout)
     assert b"capped" in result.stderr
     serial_octets = cert.serial_number.to_bytes(20, "big")
@@ -215,7 +262,18 @@ def test_batch_signing_into_out_dir(kvpki: Kvpki, hierarchy: tuple[bytes, bytes]
 
 def test_inventory_records_every_field(kvpki: Kvpki, hierarchy: tuple[bytes, bytes], make_csr) -> None:
     csr = make_csr("/CN=gw.example.com")
-    pem = kvpki.ok("sign-csr", "--ca", "issuing", "--profile", "server", "--san", "DNS:gw.example.com", "--requester", "provisioner-7", input=csr.csr_pem)
+    pem = kvpki.ok(
+        "sign-csr",
+        "--ca",
+        "issuing",
+        "--profile",
+        "server",
+        "--san",
+        "DNS:gw.example.com",
+        "--requester",
+        "provisioner-7",
+        input=csr.csr_pem,
+    )
     cert = load_cert(pem)
     [row] = kvpki.inventory("issuing")
     digest = hashes.Hash(hashes.SHA256())

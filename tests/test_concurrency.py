@@ -19,7 +19,12 @@ SIGNATURES_PER_WORKER = 50
 def _csr(name: str) -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
-    return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256()).public_bytes(Encoding.PEM)
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .sign(key, hashes.SHA256())
+        .public_bytes(Encoding.PEM)
+    )
 
 
 def test_parallel_processes_get_one_row_each_and_distinct_serials(local_kvpki: Kvpki) -> None:

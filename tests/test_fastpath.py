@@ -20,7 +20,10 @@ from tests.conftest import Kvpki
             ["sign-csr", "d.csr", "--ca", "x", "--profile", "server", "--format", "json", "--requester", "est:alice"],
             SignOptions(ca_name="x", csr_files=("d.csr",), profile="server", fmt="json", requester="est:alice"),
         ),
-        (["sign-csr", "--ca", "x", "--validity", "30d", "--subject", "CN=a"], SignOptions(ca_name="x", validity="30d", subject="CN=a")),
+        (
+            ["sign-csr", "--ca", "x", "--validity", "30d", "--subject", "CN=a"],
+            SignOptions(ca_name="x", validity="30d", subject="CN=a"),
+        ),
     ],
 )
 def test_plain_forms_take_the_fast_path(argv: list[str], expected: SignOptions) -> None:

@@ -20,17 +20,26 @@ from tests.conftest import Kvpki, openssl
 INVALID, POLICY, USAGE, NOT_FOUND, EXISTS = 3, 4, 2, 5, 7
 
 
-def _csr(key, subject: str = "device-1", extensions: list[tuple[x509.ExtensionType, bool]] | None = None, algorithm=None) -> bytes:
+def _csr(
+    key, subject: str = "device-1", extensions: list[tuple[x509.ExtensionType, bool]] | None = None, algorithm=None
+) -> bytes:
     builder = x509.CertificateSigningRequestBuilder().subject_name(
         x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, subject)]) if subject else x509.Name([])
     )
     for ext, critical in extensions or []:
         builder = builder.add_extension(ext, critical=critical)
-    return builder.sign(key, algorithm if algorithm is not None else (None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())).public_bytes(Encoding.PEM)
+    return builder.sign(
+        key,
+        algorithm
+        if algorithm is not None
+        else (None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()),
+    ).public_bytes(Encoding.PEM)
 
 
 def _openssl_csr(tmp: Path, *newkey: str, subject: str = "/CN=device-1") -> bytes:
-    return openssl("req", "-new", *newkey, "-nodes", "-keyout", str(tmp / f"k{os.urandom(4).hex()}.pem"), "-subj", subject).stdout
+    return openssl(
+        "req", "-new", *newkey, "-nodes", "-keyout", str(tmp / f"k{os.urandom(4).hex()}.pem"), "-subj", subject
+    ).stdout
 
 
 def _bad_signature(pem: bytes) -> bytes:
@@ -64,7 +73,9 @@ CASES: dict[str, Case] = {
     "DER plus trailing junk": Case([], GOOD_DER + b"\x00junk", INVALID),
     "wrong PEM label": Case([], GOOD.replace(b"CERTIFICATE REQUEST", b"CERTIFICATE"), INVALID),
     "private key instead of CSR": Case([], b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", INVALID),
-    "PEM with corrupt base64": Case([], GOOD.replace(GOOD.splitlines()[2], b"@@@@" + GOOD.splitlines()[2][4:]), INVALID),
+    "PEM with corrupt base64": Case(
+        [], GOOD.replace(GOOD.splitlines()[2], b"@@@@" + GOOD.splitlines()[2][4:]), INVALID
+    ),
     "base64 of garbage": Case([], base64.b64encode(b"\x30\x03abc"), INVALID),
     "bad CSR signature": Case([], _bad_signature(GOOD), INVALID),
     "subject altered after signing": Case([], _tampered_subject(GOOD), INVALID),
@@ -75,7 +86,9 @@ CASES: dict[str, Case] = {
     "EC secp256k1": Case([], _csr(ec.generate_private_key(ec.SECP256K1())), POLICY),
     "EC P-521": Case([], _csr(ec.generate_private_key(ec.SECP521R1())), POLICY),
     "Ed25519 key": Case([], _csr(ed25519.Ed25519PrivateKey.generate()), POLICY),
-    "CA:TRUE under device profile": Case([], _csr(P256, extensions=[(x509.BasicConstraints(ca=True, path_length=None), True)]), POLICY),
+    "CA:TRUE under device profile": Case(
+        [], _csr(P256, extensions=[(x509.BasicConstraints(ca=True, path_length=None), True)]), POLICY
+    ),
     "server profile without SAN": Case(["--profile", "server"], GOOD, POLICY),
     "device CN with forbidden characters": Case([], _csr(P256, subject="device one/#"), POLICY),
     "device without CN": Case([], _csr(P256, subject=""), POLICY),

@@ -31,7 +31,9 @@ def test_group_readable_key_is_refused(local_kvpki: Kvpki, make_csr) -> None:
 def test_passphrase_encrypts_key(local_kvpki: Kvpki, make_csr, tmp_path) -> None:
     env = dict(local_kvpki.env, KVPKI_LOCAL_PASSPHRASE="correct horse battery staple")
     local_kvpki.env = env
-    result = local_kvpki.run("init-ca", "--name", "sealed", "--subject", "CN=Sealed", "--key-type", "rsa-2048", check=True)
+    result = local_kvpki.run(
+        "init-ca", "--name", "sealed", "--subject", "CN=Sealed", "--key-type", "rsa-2048", check=True
+    )
     assert b"unencrypted" not in result.stderr
     pem = (local_kvpki.home / "cas" / "sealed" / "key.pem").read_bytes()
     assert b"BEGIN ENCRYPTED PRIVATE KEY" in pem

@@ -31,7 +31,9 @@ def test_pyhanko_validates_chain_and_sees_revocation(kvpki: Kvpki, make_csr) -> 
     kvpki.ok("revoke", str(serial), "--ca", "issuing", "--reason", "keyCompromise")
     crls = [kvpki.ok("crl", "--ca", "root", "--format", "der"), kvpki.ok("crl", "--ca", "issuing", "--format", "der")]
 
-    path = asyncio.run(_validator(good, issuing, root, crls).async_validate_usage({"digital_signature"}, {"client_auth"}))
+    path = asyncio.run(
+        _validator(good, issuing, root, crls).async_validate_usage({"digital_signature"}, {"client_auth"})
+    )
     assert len(path) == 3
     with pytest.raises(RevokedError):
         asyncio.run(_validator(bad, issuing, root, crls).async_validate_usage({"digital_signature"}))

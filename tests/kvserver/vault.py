@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 Reply = tuple[int, dict[str, Any] | None, dict[str, str]]
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -37,8 +36,15 @@ _SIGN_ALGS: dict[str, tuple[str, hashes.HashAlgorithm, str | None]] = {
     "ES512": ("EC", hashes.SHA512(), "P-521"),
 }
 _KEY_USAGE_NAMES = (
-    "digitalSignature", "nonRepudiation", "keyEncipherment", "dataEncipherment",
-    "keyAgreement", "keyCertSign", "cRLSign", "encipherOnly", "decipherOnly",
+    "digitalSignature",
+    "nonRepudiation",
+    "keyEncipherment",
+    "dataEncipherment",
+    "keyAgreement",
+    "keyCertSign",
+    "cRLSign",
+    "encipherOnly",
+    "decipherOnly",
 )
 
 
@@ -134,7 +140,8 @@ class Vault:
     def _key_not_found(self, name: str, version: str | None) -> Reply:
         ident = f"{name}/{version}" if version else name
         return error(
-            404, "KeyNotFound",
+            404,
+            "KeyNotFound",
             f"A key with (name/id) {ident} was not found in this key vault. If you recently deleted this key you "
             "may be able to recover it using the correct recovery command. For help resolving this issue, "
             "please see https://go.microsoft.com/fwlink/?linkid=2125182",
@@ -156,14 +163,20 @@ class Vault:
         return out
 
     def key_bundle(self, name: str, kv: KeyVersion) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "key": self.jwk(name, kv),
-            "attributes": {
-                "enabled": kv.enabled, "created": kv.created, "updated": kv.updated,
-                "recoveryLevel": "CustomizedRecoverable+Purgeable", "recoverableDays": 7,
-                "exportable": kv.exportable, "hsmPlatform": "0",
-            },
-        }
+        attributes: dict[str, Any] = {"enabled": kv.enabled}
+        if isinstance(kv.private_key, rsa.RSAPrivateKey):
+            attributes["key_size"] = kv.private_key.key_size
+        attributes.update(
+            {
+                "created": kv.created,
+                "updated": kv.updated,
+                "recoveryLevel": "CustomizedRecoverable+Purgeable",
+                "recoverableDays": 7,
+                "exportable": kv.exportable,
+                "hsmPlatform": "0",
+            }
+        )
+        body: dict[str, Any] = {"key": self.jwk(name, kv), "attributes": attributes}
         if kv.tags:
             body["tags"] = kv.tags
         return body
@@ -195,12 +208,17 @@ class Vault:
                 return error(400, "BadParameter", generated)
             attrs = body.get("attributes") or {}
             ops = body.get("key_ops") or (
-                ["sign", "verify"] if kty.startswith("EC")
+                ["sign", "verify"]
+                if kty.startswith("EC")
                 else ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"]
             )
             kv = KeyVersion(
-                _new_version(), generated, kty, list(ops),
-                exportable=bool(attrs.get("exportable", False)), enabled=bool(attrs.get("enabled", True)),
+                _new_version(),
+                generated,
+                kty,
+                list(ops),
+                exportable=bool(attrs.get("exportable", False)),
+                enabled=bool(attrs.get("enabled", True)),
                 tags=dict(body.get("tags") or {}),
             )
             self.keys.setdefault(name, []).append(kv)
@@ -239,7 +257,8 @@ class Vault:
         prehashed = utils.Prehashed(hash_alg)
         if family == "RSA" and isinstance(key, rsa.RSAPrivateKey):
             pad: padding.AsymmetricPadding = (
-                padding.PKCS1v15() if detail == "pkcs1"
+                padding.PKCS1v15()
+                if detail == "pkcs1"
                 else padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
             )
             signature = key.sign(digest, pad, prehashed)
@@ -257,7 +276,8 @@ class Vault:
     # ---------------------------------------------------------- certificates
     def _cert_not_found(self, ident: str) -> Reply:
         return error(
-            404, "CertificateNotFound",
+            404,
+            "CertificateNotFound",
             f"A certificate with (name/id) {ident} was not found in this key vault. If you recently deleted this "
             "certificate you may be able to recover it using the correct recovery command. For help resolving "
             "this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182",
@@ -272,19 +292,23 @@ class Vault:
             key_props.pop("key_size", None)
             key_props.setdefault("crv", "P-256")
         x509_props: dict[str, Any] = {
-            "subject": "CN=DefaultPolicy", "sans": {},
+            "subject": "CN=DefaultPolicy",
+            "sans": {},
             "ekus": ["1.3.6.1.5.5.7.3.1", "1.3.6.1.5.5.7.3.2"],
             "key_usage": ["digitalSignature", "keyEncipherment"],
-            "validity_months": 12, "basic_constraints": {"ca": False},
+            "validity_months": 12,
+            "basic_constraints": {"ca": False},
         }
         x509_props.update(requested.get("x509_props") or {})
+        issuer = requested.get("issuer") or {"name": "Unknown"}
+        action = "EmailContacts" if issuer.get("name") == "Unknown" else "AutoRenew"
         return {
             "key_props": key_props,
             "secret_props": requested.get("secret_props") or {"contentType": "application/x-pkcs12"},
             "x509_props": x509_props,
             "lifetime_actions": requested.get("lifetime_actions")
-            or [{"trigger": {"lifetime_percentage": 80}, "action": {"action_type": "AutoRenew"}}],
-            "issuer": requested.get("issuer") or {"name": "Unknown"},
+            or [{"trigger": {"lifetime_percentage": 80}, "action": {"action_type": action}}],
+            "issuer": issuer,
         }
 
     def _policy_json(self, cert: Certificate) -> dict[str, Any]:
@@ -301,14 +325,16 @@ class Vault:
             "id": f"{self.base}/certificates/{cert.name}/{cv.version}",
             "kid": f"{self.base}/keys/{cert.name}/{cv.key_version}",
             "sid": f"{self.base}/secrets/{cert.name}/{cv.version}",
-            "x5t": b64url(hashlib.sha1(cv.der).digest()),  # noqa: S324 - x5t is defined as SHA-1
+            "x5t": b64url(hashlib.sha1(cv.der).digest()),
             "cer": base64.b64encode(cv.der).decode(),
             "attributes": {
                 "enabled": cv.enabled,
                 "nbf": int(parsed.not_valid_before_utc.timestamp()),
                 "exp": int(parsed.not_valid_after_utc.timestamp()),
-                "created": cv.created, "updated": cv.updated,
-                "recoveryLevel": "Recoverable+Purgeable", "recoverableDays": 90,
+                "created": cv.created,
+                "updated": cv.updated,
+                "recoveryLevel": "Recoverable+Purgeable",
+                "recoverableDays": 90,
             },
         }
         if cv.tags:
@@ -317,7 +343,7 @@ class Vault:
         body["pending"] = {"id": f"{self.base}/certificates/{cert.name}/pending"}
         return body
 
-    def _operation(self, cert: Certificate) -> dict[str, Any]:
+    def _operation(self, cert: Certificate, just_created: bool = False) -> dict[str, Any]:
         op = cert.pending
         assert op is not None
         body: dict[str, Any] = {
@@ -326,7 +352,7 @@ class Vault:
             "csr": base64.b64encode(op.csr_der).decode(),
             "cancellation_requested": False,
         }
-        if op.complete_at is not None and time.time() >= op.complete_at:
+        if not just_created and op.complete_at is not None and time.time() >= op.complete_at:
             body["status"] = "completed"
             body["target"] = f"{self.base}/certificates/{cert.name}"
         else:
@@ -373,13 +399,16 @@ class Vault:
             cert = self.certs.get(name)
             if cert is not None and cert.deleted_at is not None:
                 return error(
-                    409, "Conflict",
+                    409,
+                    "Conflict",
                     f"Certificate {name} is currently in a deleted but recoverable state, and its name cannot be "
                     "reused; in this state, the certificate can only be recovered or purged.",
                     "ObjectIsDeletedButRecoverable",
                 )
             if cert is not None and cert.pending is not None and self._operation(cert)["status"] == "inProgress":
-                return error(409, "Conflict", f"There is a pending operation on certificate {name}", "PendingOperationExists")
+                return error(
+                    409, "Conflict", f"There is a pending operation on certificate {name}", "PendingOperationExists"
+                )
             if name in self.keys and cert is None:
                 return error(409, "Conflict", f"A key named {name} already exists and is not managed by a certificate")
             kp = policy["key_props"]
@@ -398,17 +427,27 @@ class Vault:
                 cert.policy = policy
             version = _new_version()
             kty = str(kp["kty"])
-            ops = ["sign", "verify"] if kty.startswith("EC") else ["sign", "verify", "wrapKey", "unwrapKey", "encrypt", "decrypt"]
+            ops = (
+                ["sign", "verify"]
+                if kty.startswith("EC")
+                else ["sign", "verify", "wrapKey", "unwrapKey", "encrypt", "decrypt"]
+            )
             self.keys.setdefault(name, []).append(
                 KeyVersion(version, private_key, kty, ops, exportable=bool(kp.get("exportable")), pending=True)
             )
             cert.versions.append(CertVersion(version, version, tags=dict(body.get("tags") or {})))
             cert.pending = PendingOp(
-                version, issuer, _csr(private_key, policy).public_bytes(serialization.Encoding.DER),
-                uuid.uuid4().hex, time.time() + self.self_issue_delay if issuer == "Self" else None,
+                version,
+                issuer,
+                _csr(private_key, policy).public_bytes(serialization.Encoding.DER),
+                uuid.uuid4().hex,
+                time.time() + self.self_issue_delay if issuer == "Self" else None,
             )
-            headers = {"Location": f"{self.base}/certificates/{name}/pending?api-version=2026-04-01", "Retry-After": "10"}
-            return 202, self._operation(cert), headers
+            headers = {
+                "Location": f"{self.base}/certificates/{name}/pending?api-version=2026-04-01",
+                "Retry-After": "10",
+            }
+            return 202, self._operation(cert, just_created=True), headers
 
     def get_pending(self, name: str) -> Reply:
         with self._lock:
@@ -436,16 +475,22 @@ class Vault:
             kv = self._key_by(name, op.version)
             assert kv is not None
             spki = serialization.PublicFormat.SubjectPublicKeyInfo
-            if chain[0].public_key().public_bytes(serialization.Encoding.DER, spki) != kv.private_key.public_key().public_bytes(
+            if chain[0].public_key().public_bytes(
                 serialization.Encoding.DER, spki
-            ):
-                return error(400, "BadParameter", "Public key from x509 certificate and key of this instance doesn't match")
+            ) != kv.private_key.public_key().public_bytes(serialization.Encoding.DER, spki):
+                return error(
+                    400, "BadParameter", "Public key from x509 certificate and key of this instance doesn't match"
+                )
             cv = next(cv for cv in cert.versions if cv.version == op.version)
             cv.der = chain[0].public_bytes(serialization.Encoding.DER)
             cv.created = cv.updated = _now()
             kv.pending = False
             cert.pending = None
-            return 201, self._bundle(cert, cv), {"Location": f"{self.base}/certificates/{name}/pending?api-version=2026-04-01"}
+            return (
+                201,
+                self._bundle(cert, cv),
+                {"Location": f"{self.base}/certificates/{name}/pending?api-version=2026-04-01"},
+            )
 
     def get_certificate(self, name: str, version: str | None) -> Reply:
         with self._lock:
@@ -487,7 +532,8 @@ class Vault:
                 return self._cert_not_found(name)
             cv = (
                 next((c for c in cert.versions if c.version == version and c.der is not None), None)
-                if version else self._latest(cert)
+                if version
+                else self._latest(cert)
             )
             if cv is None:
                 return self._cert_not_found(f"{name}/versions/{version}")
@@ -579,7 +625,7 @@ def _csr(key: PrivateKey, policy: dict[str, Any]) -> x509.CertificateSigningRequ
 def _self_signed(key: PrivateKey, policy: dict[str, Any]) -> x509.Certificate:
     """What the vault's Self issuer produces: a certificate from the policy's x509_props."""
     props = policy["x509_props"]
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     months = int(props.get("validity_months") or 12)
     name = _subject(policy)
     builder = (
@@ -596,9 +642,15 @@ def _self_signed(key: PrivateKey, policy: dict[str, Any]) -> x509.Certificate:
         flags = {n: n in usages for n in _KEY_USAGE_NAMES}
         builder = builder.add_extension(
             x509.KeyUsage(
-                flags["digitalSignature"], flags["nonRepudiation"], flags["keyEncipherment"],
-                flags["dataEncipherment"], flags["keyAgreement"], flags["keyCertSign"], flags["cRLSign"],
-                flags["encipherOnly"] and flags["keyAgreement"], flags["decipherOnly"] and flags["keyAgreement"],
+                flags["digitalSignature"],
+                flags["nonRepudiation"],
+                flags["keyEncipherment"],
+                flags["dataEncipherment"],
+                flags["keyAgreement"],
+                flags["keyCertSign"],
+                flags["cRLSign"],
+                flags["encipherOnly"] and flags["keyAgreement"],
+                flags["decipherOnly"] and flags["keyAgreement"],
             ),
             critical=True,
         )
@@ -609,18 +661,3 @@ def _self_signed(key: PrivateKey, policy: dict[str, Any]) -> x509.Certificate:
     if basic.get("ca"):
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
     return builder.sign(key, _hash_for(key))
-
-
-def verify_with(public_key: Any, signature: bytes, data: bytes, hash_alg: hashes.HashAlgorithm) -> bool:
-    """Helper for tests: verify a DER/PKCS#1 signature over ``data``."""
-    try:
-        if isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(signature, data, padding.PKCS1v15(), hash_alg)
-        else:
-            public_key.verify(signature, data, ec.ECDSA(hash_alg))
-    except InvalidSignature:
-        return False
-    return True
-
-
-__all__ = ["ExtendedKeyUsageOID", "Vault", "b64url", "b64url_decode", "error", "verify_with"]
