@@ -62,8 +62,14 @@ def identity_key() -> str:
     """Who the tokens belong to, from the environment that configures the credential (no secrets)."""
     parts = [
         os.environ.get(name, "")
-        for name in ("AZURE_AUTHORITY_HOST", "AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_TOKEN_CREDENTIALS",
-                     "AZURE_USERNAME", "AZURE_FEDERATED_TOKEN_FILE")
+        for name in (
+            "AZURE_AUTHORITY_HOST",
+            "AZURE_TENANT_ID",
+            "AZURE_CLIENT_ID",
+            "AZURE_TOKEN_CREDENTIALS",
+            "AZURE_USERNAME",
+            "AZURE_FEDERATED_TOKEN_FILE",
+        )
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
@@ -146,7 +152,4 @@ class ChainCache:
         _write_private_json(self.path, asdict(cached))
 
     def clear(self) -> None:
-        try:
-            self.path.unlink()
-        except OSError:
-            pass
+        self.path.unlink(missing_ok=True)

@@ -44,7 +44,7 @@ class RetryPolicy:
             try:
                 return attempt(max(0.5, remaining))
             except Retryable as exc:
-                backoff = min(self.cap, self.base * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)  # noqa: S311
+                backoff = min(self.cap, self.base * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
                 delay = exc.retry_after if exc.retry_after is not None else backoff
                 remaining = end - time.monotonic()
                 if delay >= remaining:

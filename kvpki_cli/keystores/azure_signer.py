@@ -25,7 +25,7 @@ _HASH_SUFFIX = {"sha256": "256", "sha384": "384", "sha512": "512"}
 def _digest(data: bytes, algorithm: hashes.HashAlgorithm | utils.Prehashed) -> tuple[bytes, hashes.HashAlgorithm]:
     """Hash locally (the vault signs digests); pass pre-hashed input through."""
     if isinstance(algorithm, utils.Prehashed):
-        hash_alg = algorithm._algorithm  # noqa: SLF001 - the only accessor cryptography offers
+        hash_alg = algorithm._algorithm
         if len(data) != hash_alg.digest_size:
             raise ValueError("prehashed data does not match the digest size")
         return data, hash_alg
@@ -63,7 +63,9 @@ class VaultECPrivateKey(ec.EllipticCurvePrivateKey):
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
 
-    def sign(self, data: utils.Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(
+        self, data: bytes | bytearray | memoryview, signature_algorithm: ec.EllipticCurveSignatureAlgorithm
+    ) -> bytes:
         if not isinstance(signature_algorithm, ec.ECDSA):
             raise BackendError("Azure Key Vault EC keys sign with ECDSA only")
         digest, hash_alg = _digest(bytes(data), signature_algorithm.algorithm)
@@ -82,7 +84,7 @@ class VaultECPrivateKey(ec.EllipticCurvePrivateKey):
     def private_bytes(
         self,
         encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,  # noqa: A002 - cryptography's signature
+        format: serialization.PrivateFormat,
         encryption_algorithm: serialization.KeySerializationEncryption,
     ) -> bytes:
         _not_exportable("serialize the private key")
@@ -109,15 +111,20 @@ class VaultRSAPrivateKey(rsa.RSAPrivateKey):
         return self._public
 
     def sign(
-        self, data: utils.Buffer, padding_: AsymmetricPadding, algorithm: hashes.HashAlgorithm | utils.Prehashed
+        self,
+        data: bytes,
+        padding_: AsymmetricPadding,
+        algorithm: utils.Prehashed | hashes.HashAlgorithm | utils.NoDigestInfo,
     ) -> bytes:
+        if isinstance(algorithm, utils.NoDigestInfo):
+            raise BackendError("Azure Key Vault signs digests only (NoDigestInfo is not supported)")
         digest, hash_alg = _digest(bytes(data), algorithm)
         suffix = _suffix(hash_alg)
         if isinstance(padding_, padding.PKCS1v15):
             return self._sign_digest(f"RS{suffix}", digest)
         if isinstance(padding_, padding.PSS):
-            salt = padding_._salt_length  # noqa: SLF001 - no public accessor
-            mgf_hash = getattr(padding_._mgf, "_algorithm", None)  # noqa: SLF001
+            salt = padding_._salt_length
+            mgf_hash = getattr(padding_._mgf, "_algorithm", None)
             if not (salt is padding.PSS.DIGEST_LENGTH or salt == hash_alg.digest_size):
                 raise BackendError("Azure Key Vault PSS signatures use salt length = digest length")
             if mgf_hash is not None and mgf_hash.name != hash_alg.name:
@@ -134,7 +141,7 @@ class VaultRSAPrivateKey(rsa.RSAPrivateKey):
     def private_bytes(
         self,
         encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,  # noqa: A002 - cryptography's signature
+        format: serialization.PrivateFormat,
         encryption_algorithm: serialization.KeySerializationEncryption,
     ) -> bytes:
         _not_exportable("serialize the private key")

@@ -1,0 +1,315 @@
+"""The Azure Key Vault key store: a non-exportable CA key next to a Key Vault certificate.
+
+init-ca (``create_key`` + ``store_chain``): a Self-issued certificate version gives a
+completed, signing-capable key; a second version with issuer Unknown and
+``reuse_key`` keeps that key pending; kvpki's core builds the real CA certificate
+(self-signed with the completed version's key, or by a parent CA), we merge it
+with its chain and disable the temporary version.
+
+Signing processes read the chain, key id and token from disk caches and make a
+single ``sign`` request; the Azure SDK is imported only on cold caches and init.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
+from kvpki_cli.fileutil import write_file_atomic
+from kvpki_cli.keystores.azure_auth import DEFAULT_SCOPE, CachingCredential
+from kvpki_cli.keystores.azure_cache import CachedCA, ChainCache, TokenCache
+from kvpki_cli.keystores.azure_fastsign import VaultSignClient
+from kvpki_cli.keystores.azure_http import VaultHTTP
+from kvpki_cli.keystores.azure_retry import RetryPolicy
+from kvpki_cli.keystores.azure_signer import vault_private_key
+from kvpki_cli.keystores.base import CAPrivateKey, CAPublicKey, KeyStore, KeyType
+from kvpki_cli.messages import warn
+
+if TYPE_CHECKING:
+    from azure.keyvault.certificates import KeyVaultCertificate
+
+    from kvpki_cli.keystores.azure_sdk import VaultCertificates
+
+CA_BUNDLE_ENV = "KVPKI_AZURE_CA_BUNDLE"
+DEADLINE_ENV = "KVPKI_AZURE_DEADLINE"
+SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
+DER = serialization.Encoding.DER
+
+
+def key_name_for(ca_name: str) -> str:
+    """Key Vault object names allow only [0-9a-zA-Z-], 1-127 characters."""
+    name = re.sub(r"[^0-9a-zA-Z-]+", "-", ca_name).strip("-")[:127]
+    return name or "kvpki-ca"
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _as_seconds(value: Any, what: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"azure store setting {what} must be a number of seconds, got {value!r}") from None
+    if seconds <= 0:
+        raise UsageError(f"azure store setting {what} must be positive, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class AzureSettings:
+    vault_url: str
+    key_name: str
+    hsm: bool
+    ca_bundle: str | None
+    deadline: float  # overall retry deadline per vault operation
+    cache_ttl: float  # how long a cached chain/key id is trusted without asking the vault
+    create_timeout: float  # how long init-ca waits for the vault to issue the temporary certificate
+
+    @classmethod
+    def from_mapping(cls, ca_name: str, settings: Mapping[str, Any]) -> AzureSettings:
+        vault_url = str(settings.get("vault_url") or "").strip().rstrip("/")
+        if not vault_url:
+            raise UsageError(
+                f"CA {ca_name!r} uses the azure store but has no vault_url "
+                "(kvpki init-ca --store azure --vault-url https://NAME.vault.azure.net)"
+            )
+        if not vault_url.lower().startswith("https://"):
+            raise UsageError(f"vault_url must start with https:// (got {vault_url})")
+        key_name = str(settings.get("key_name") or key_name_for(ca_name))
+        if not re.fullmatch(r"[0-9a-zA-Z-]{1,127}", key_name):
+            raise UsageError(f"key_name {key_name!r} is not a valid Key Vault name ([0-9a-zA-Z-], 1-127 chars)")
+        ca_bundle = os.environ.get(CA_BUNDLE_ENV) or settings.get("ca_bundle") or None
+        if ca_bundle and not Path(str(ca_bundle)).expanduser().is_file():
+            raise UsageError(f"CA bundle {ca_bundle} does not exist")
+        return cls(
+            vault_url=vault_url,
+            key_name=key_name,
+            hsm=_as_bool(settings.get("hsm", False)),
+            ca_bundle=str(Path(str(ca_bundle)).expanduser()) if ca_bundle else None,
+            deadline=_as_seconds(os.environ.get(DEADLINE_ENV) or settings.get("deadline", 30), "deadline"),
+            cache_ttl=_as_seconds(settings.get("cache_ttl", 3600), "cache_ttl"),
+            create_timeout=_as_seconds(settings.get("create_timeout", 120), "create_timeout"),
+        )
+
+
+def _version(cert: KeyVaultCertificate) -> str | None:
+    return cert.properties.version if cert.properties is not None else None
+
+
+@dataclass
+class _PendingCA:
+    """State between create_key and store_chain (one init-ca process)."""
+
+    temp_version: str
+    kid: str  # the completed Self-issued version's key: it signs a root
+    public_key: CAPublicKey
+
+
+class AzureKeyStore(KeyStore):
+    """One CA in one vault: certificate object ``key_name`` and its key."""
+
+    def __init__(self, ca_name: str, settings: Mapping[str, Any], home: Path) -> None:
+        self.ca_name = ca_name
+        self.settings = AzureSettings.from_mapping(ca_name, settings)
+        self.home = home
+        directory = settings.get("directory")
+        self.directory = Path(directory).expanduser() if directory else home / "cas" / ca_name
+        self.chain_path = self.directory / "chain.pem"
+        self.retry = RetryPolicy(deadline=self.settings.deadline)
+        self.credential = CachingCredential(TokenCache(home), self.settings.ca_bundle)
+        self.chain_cache = ChainCache(home, self.settings.vault_url, self.settings.key_name)
+        self._http: VaultHTTP | None = None
+        self._sdk: VaultCertificates | None = None
+        self._pending: _PendingCA | None = None
+        self._active: CachedCA | None = None
+        self._created = False
+        self._known_absent = False  # exists() just said no: create_key need not ask again
+        self._sign_clients: dict[str, VaultSignClient] = {}
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def name(self) -> str:
+        return self.settings.key_name
+
+    def _certs(self) -> VaultCertificates:
+        if self._sdk is None:
+            from kvpki_cli.keystores.azure_sdk import VaultCertificates
+
+            self._sdk = VaultCertificates(self.settings.vault_url, self.credential, self.settings.ca_bundle, self.retry)
+        return self._sdk
+
+    def _vault_http(self) -> VaultHTTP:
+        if self._http is None:
+            self._http = VaultHTTP(self.settings.vault_url, self.settings.ca_bundle)
+        return self._http
+
+    def _cached_ca(self) -> CachedCA:
+        """The CA's chain and key id: memory, then disk cache, then the vault (SDK)."""
+        if self._active is None:
+            self._active = self.chain_cache.load(self.settings.cache_ttl) or self._reload()
+        return self._active
+
+    def _reload(self) -> CachedCA:
+        cert = self._certs().get(self.name)
+        version = _version(cert) if cert is not None else None
+        if cert is None or not cert.cer or not cert.key_id or not version:
+            raise NotFound(
+                f"CA {self.ca_name!r} has no certificate {self.name!r} in {self.settings.vault_url} "
+                f"(run 'kvpki init-ca --name {self.ca_name} --store azure')"
+            )
+        leaf = x509.load_der_x509_certificate(bytes(cert.cer))
+        chain = self._with_issuers(leaf)
+        cached = CachedCA(
+            vault_url=self.settings.vault_url,
+            cert_name=self.name,
+            cert_version=version,
+            kid=cert.key_id,
+            chain_pem=[c.public_bytes(serialization.Encoding.PEM).decode() for c in chain],
+            scope=self.credential.last_scope or DEFAULT_SCOPE,
+            tenant=self.credential.last_tenant,
+            fetched_at=time.time(),
+        )
+        self.chain_cache.save(cached)
+        return cached
+
+    def _with_issuers(self, leaf: x509.Certificate) -> list[x509.Certificate]:
+        """The vault returns only the CA certificate; its issuers come from the chain saved at init-ca."""
+        try:
+            saved = x509.load_pem_x509_certificates(self.chain_path.read_bytes())
+        except (OSError, ValueError):
+            saved = []
+        if saved and saved[0] == leaf:
+            return saved
+        if leaf.issuer == leaf.subject:
+            return [leaf]
+        if len(saved) > 1 and saved[1].subject == leaf.issuer:
+            return [leaf, *saved[1:]]
+        warn(f"issuer chain of CA {self.ca_name!r} is unknown ({self.chain_path} missing or stale)")
+        return [leaf]
+
+    def _stale_key(self) -> None:
+        self.chain_cache.clear()
+
+    # ----------------------------------------------------------- interface
+    def exists(self) -> bool:
+        if self.chain_cache.load(self.settings.cache_ttl) is not None:
+            return True
+        certs = self._certs()
+        found = certs.get(self.name) is not None or certs.operation(self.name) is not None
+        self._known_absent = not found
+        return found
+
+    def create_key(self, key_type: KeyType) -> CAPublicKey:
+        if not self._known_absent and self.exists():
+            raise AlreadyExists(f"certificate {self.name!r} already exists in {self.settings.vault_url}")
+        certs = self._certs()
+        subject = f"CN={self.name}"
+        self._created = True
+        temp = certs.create_self_issued(
+            self.name, certs.policy("Self", subject, key_type, self.settings.hsm), self.settings.create_timeout
+        )
+        temp_version = _version(temp)
+        if not temp.cer or not temp.key_id or not temp_version:
+            raise BackendError(f"Key Vault returned an incomplete certificate for {self.name}")
+        public = x509.load_der_x509_certificate(bytes(temp.cer)).public_key()
+        op = certs.create_pending(self.name, certs.policy("Unknown", subject, key_type, self.settings.hsm))
+        if op.csr:
+            csr_key = x509.load_der_x509_csr(bytes(op.csr)).public_key()
+            if csr_key.public_bytes(DER, SPKI) != public.public_bytes(DER, SPKI):
+                raise BackendError(f"Key Vault did not reuse the key of {self.name} for the pending version")
+        if not isinstance(public, CAPublicKey):
+            raise BackendError(f"Key Vault created an unexpected key type for {self.name}")
+        self._pending = _PendingCA(temp_version, temp.key_id, public)
+        return public
+
+    def signer(self) -> CAPrivateKey:
+        if self._pending is not None:
+            public: CAPublicKey = self._pending.public_key
+        else:
+            found = x509.load_pem_x509_certificate(self._cached_ca().chain_pem[0].encode()).public_key()
+            if not isinstance(found, CAPublicKey):
+                raise BackendError(f"CA {self.ca_name!r} has an unsupported key type")
+            public = found
+        return vault_private_key(public, self._sign)
+
+    def _sign(self, alg: str, digest: bytes) -> bytes:
+        """Sign with the key version that is current now (it changes when init-ca merges)."""
+        if self._pending is not None:
+            kid, scope, tenant = self._pending.kid, self.credential.last_scope, self.credential.last_tenant
+        else:
+            active = self._cached_ca()
+            kid, scope, tenant = active.kid, active.scope, active.tenant
+        client = self._sign_clients.get(kid)
+        if client is None:
+            client = VaultSignClient(
+                self.settings.vault_url,
+                kid,
+                self.credential,
+                self._vault_http(),
+                self.retry,
+                scope,
+                tenant,
+                on_stale_key=self._stale_key,
+            )
+            self._sign_clients[kid] = client
+        return client.sign(alg, digest)
+
+    def store_chain(self, chain: Sequence[x509.Certificate]) -> None:
+        pending = self._pending
+        if pending is None:
+            raise BackendError(
+                f"no pending vault certificate for CA {self.ca_name!r}: the azure store merges "
+                "a chain only during init-ca"
+            )
+        if not chain or chain[0].public_key().public_bytes(DER, SPKI) != pending.public_key.public_bytes(DER, SPKI):
+            raise BackendError(f"CA certificate does not match the vault key of {self.name}")
+        certs = self._certs()
+        merged = certs.merge(self.name, [cert.public_bytes(DER) for cert in chain])
+        certs.disable(self.name, pending.temp_version)
+        merged_version = _version(merged)
+        if not merged.key_id or not merged_version:
+            raise BackendError(f"Key Vault returned an incomplete merged certificate for {self.name}")
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pem = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in chain)
+        write_file_atomic(self.chain_path, pem, mode=0o644, overwrite=True)
+        self._active = CachedCA(
+            vault_url=self.settings.vault_url,
+            cert_name=self.name,
+            cert_version=merged_version,
+            kid=merged.key_id,
+            chain_pem=[c.public_bytes(serialization.Encoding.PEM).decode() for c in chain],
+            scope=self.credential.last_scope or DEFAULT_SCOPE,
+            tenant=self.credential.last_tenant,
+            fetched_at=time.time(),
+        )
+        self.chain_cache.save(self._active)
+        self._pending = None
+
+    def load_chain(self) -> list[x509.Certificate]:
+        if self._pending is not None:
+            raise NotFound(f"CA {self.ca_name!r} has no certificate yet (init-ca in progress)")
+        return [x509.load_pem_x509_certificate(pem.encode()) for pem in self._cached_ca().chain_pem]
+
+    def discard(self) -> None:
+        self.chain_cache.clear()
+        self.chain_path.unlink(missing_ok=True)
+        if self._created:
+            try:
+                self._certs().remove(self.name)
+            except BackendError as exc:
+                warn(f"could not remove half-created certificate {self.name!r} from the vault: {exc}")
+            self._created = False
+        self._pending = None
+        self._active = None

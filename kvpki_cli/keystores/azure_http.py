@@ -1,0 +1,153 @@
+"""A small HTTPS JSON client for Key Vault calls on the fast path (stdlib only).
+
+Importing azure-core and the Key Vault SDK costs far more than one signature, and
+the SDK pays a challenge round trip per fresh process; with a cached token and
+key id one ``POST .../sign`` is all a signing process needs.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from kvpki_cli.keystores.azure_retry import Retryable, parse_retry_after
+
+KEYS_API_VERSION = "2025-07-01"
+RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+    @property
+    def error_code(self) -> str:
+        err = self.body.get("error")
+        if isinstance(err, dict):
+            inner = err.get("innererror")
+            if isinstance(inner, dict) and inner.get("code"):
+                return str(inner["code"])
+            return str(err.get("code") or "")
+        return ""
+
+    @property
+    def error_message(self) -> str:
+        err = self.body.get("error")
+        message = err.get("message") if isinstance(err, dict) else None
+        return " ".join(str(message or f"HTTP {self.status}").split())
+
+
+def ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """TLS verification against ``ca_bundle``, else the environment's bundle or the system store."""
+    cafile = ca_bundle or os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE") or None
+    return ssl.create_default_context(cafile=cafile)
+
+
+class VaultHTTP:
+    """Keeps one connection per process; every call is a single attempt (retries are the caller's)."""
+
+    def __init__(self, vault_url: str, ca_bundle: str | None) -> None:
+        parts = urlsplit(vault_url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"vault URL must be https://...: {vault_url}")
+        self.host = parts.hostname
+        self.port = parts.port or 443
+        self._ca_bundle = ca_bundle
+        self._context: ssl.SSLContext | None = None
+        self._conn: http.client.HTTPSConnection | None = None
+
+    def _connection(self, timeout: float) -> http.client.HTTPSConnection:
+        if self._conn is None:
+            if self._context is None:
+                self._context = ssl_context(self._ca_bundle)
+            proxy = _proxy_for(self.host)
+            if proxy is not None:
+                conn = http.client.HTTPSConnection(proxy[0], proxy[1], timeout=timeout, context=self._context)
+                conn.set_tunnel(self.host, self.port)
+            else:
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._context)
+            self._conn = conn
+        self._conn.timeout = timeout
+        if self._conn.sock is not None:
+            self._conn.sock.settimeout(timeout)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def request(
+        self, method: str, path: str, token: str | None, body: dict[str, Any] | None, timeout: float
+    ) -> Response:
+        """One attempt; transient failures raise ``Retryable``, others return the response."""
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+            "Content-Length": str(len(data)),
+            "User-Agent": "kvpki",
+        }
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            conn = self._connection(timeout)
+            conn.request(method, path, body=data, headers=headers)
+            raw = conn.getresponse()
+            payload = raw.read()
+            resp_headers = {k.lower(): v for k, v in raw.getheaders()}
+            if raw.will_close:
+                self.close()
+        except TimeoutError as exc:
+            self.close()
+            raise Retryable(f"timed out talking to {self.host}") from exc
+        except ssl.SSLCertVerificationError:
+            self.close()
+            raise  # not transient: the caller reports it
+        except (ConnectionError, http.client.HTTPException, ssl.SSLError, OSError) as exc:
+            self.close()
+            raise Retryable(f"connection to {self.host}:{self.port} failed ({type(exc).__name__})") from exc
+        try:
+            parsed = json.loads(payload) if payload else {}
+        except ValueError:
+            parsed = {}
+        response = Response(raw.status, resp_headers, parsed if isinstance(parsed, dict) else {})
+        if response.status in RETRY_STATUSES:
+            code = response.error_code or http.client.responses.get(response.status, "")
+            retry_after = parse_retry_after(resp_headers.get("retry-after"))
+            raise Retryable(f"HTTP {response.status} {code}".strip(), retry_after)
+        return response
+
+
+def _proxy_for(host: str) -> tuple[str, int] | None:
+    """HTTPS_PROXY/https_proxy unless NO_PROXY covers ``host`` (kept minimal and dependency-free)."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if not proxy:
+        return None
+    no_proxy = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
+    for entry in (item.strip().lstrip(".") for item in no_proxy.split(",")):
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return None
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return (parts.hostname or "", parts.port or 8080)
+
+
+def parse_challenge(header: str | None) -> tuple[str | None, str | None]:
+    """(scope, tenant) from a Key Vault ``WWW-Authenticate: Bearer authorization=..., resource=...``."""
+    if not header or not header.lower().startswith("bearer"):
+        return None, None
+    params: dict[str, str] = {}
+    for item in header[len("bearer") :].split(","):
+        key, _, value = item.strip().partition("=")
+        params[key.strip().lower()] = value.strip().strip('"')
+    scope = params.get("scope") or (params["resource"].rstrip("/") + "/.default" if params.get("resource") else None)
+    authorization = params.get("authorization") or params.get("authorization_uri")
+    tenant = urlsplit(authorization).path.strip("/").split("/")[0] or None if authorization else None
+    return scope, tenant
