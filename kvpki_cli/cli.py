@@ -270,6 +270,42 @@ def run_click(args: Sequence[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+@cli.command("serve")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Serve config (TOML).")
+@click.option("--host", help="Listen address (overrides [server] host).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Listen port, 0 for any free port (overrides config).")
+@click.pass_obj
+def serve_command(obj: Context, config_path: str, host: str | None, port: int | None) -> None:
+    """Run the EST (RFC 7030) server with CRL and OCSP publishing over HTTPS (see docs/serve.md)."""
+    import dataclasses
+
+    from kvpki_cli.serve.app import run
+    from kvpki_cli.serve.config import load_serve_config
+
+    config = load_serve_config(Path(config_path))
+    config = dataclasses.replace(config, host=host or config.host, port=config.port if port is None else port)
+    run(obj.settings, config)
+
+
+@cli.command("serve-passwd")
+@click.argument("users_file", type=click.Path(dir_okay=False))
+@click.argument("user")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@click.option("--delete", is_flag=True, help="Remove the user instead.")
+def serve_passwd_command(users_file: str, user: str, password_stdin: bool, delete: bool) -> None:
+    """Add, update or remove an EST user (scrypt-hashed password) in USERS_FILE."""
+    from kvpki_cli.serve.passwd import set_user
+
+    password: str | None = None
+    if not delete:
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
+    set_user(Path(users_file), user, password)
+    sys.stderr.write(f"kvpki: {'removed' if delete else 'set password for'} {user} in {users_file}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     from kvpki_cli.entry import main as entry_main
 

@@ -90,5 +90,13 @@ class Inventory(ABC):
     def next_crl_number(self, ca: str) -> int:
         """A strictly increasing CRL number per CA."""
 
+    def revocation_count(self, ca: str) -> int:
+        """How many certificates of ``ca`` were ever revoked: a cheap change marker for cached CRLs.
+
+        Revocations are never undone, so the count only grows.  Backends should
+        override this default with a COUNT query.
+        """
+        return len(self.list_certificates(ca, "revoked", datetime.now(UTC)))
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""

@@ -8,7 +8,9 @@ write lock up front so transactions never deadlock on upgrade.
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -84,18 +86,31 @@ class SqliteInventory(Inventory):
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
             if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                self._create_schema()
+                self._create_schema(busy_timeout_s)
             self._db.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             raise BackendError(f"inventory {path} is unusable: {exc}") from None
 
-    def _create_schema(self) -> None:
-        self._db.execute("PRAGMA journal_mode=WAL")
+    def _create_schema(self, busy_timeout_s: float) -> None:
+        self._enable_wal(busy_timeout_s)
         with self._transaction():
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _enable_wal(self, busy_timeout_s: float) -> None:
+        """Switch to WAL, retrying: SQLite fails this pragma at once instead of calling the busy
+        handler, so processes opening a new inventory together would get "database is locked"."""
+        deadline = time.monotonic() + busy_timeout_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -1,0 +1,153 @@
+"""Assembling and running `kvpki serve`: load everything once, then serve EST, CRL and OCSP over TLS.
+
+Everything a request needs (config, users, CA chains, precomputed /cacerts
+bodies, TLS context) is loaded here at start-up; requests never re-read files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from kvpki_cli.authority import CertificateAuthority
+from kvpki_cli.config import Settings
+from kvpki_cli.errors import UsageError
+from kvpki_cli.serve.auth import Authenticator
+from kvpki_cli.serve.config import ServeConfig
+from kvpki_cli.serve.crl import CrlCache, Publisher
+from kvpki_cli.serve.est import EstLabel, EstService
+from kvpki_cli.serve.ocsp import Delegate, OcspResponder, load_delegate
+from kvpki_cli.serve.passwd import UserDirectory
+from kvpki_cli.serve.wire import certs_only_body
+from kvpki_cli.serve.workers import CaWorkers
+
+log = logging.getLogger("kvpki.serve")
+
+
+def _load_certificates(path: Path) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load certificates from {path}: {exc}") from None
+    return certs
+
+
+def tls_context(config: ServeConfig, trusted: list[x509.Certificate]) -> ssl.SSLContext:
+    """TLS 1.2+, our server certificate, and client certificates requested but optional."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load TLS certificate {config.tls_cert} / key {config.tls_key}: {exc}") from None
+    context.verify_mode = ssl.CERT_OPTIONAL
+    pem = "".join(cert.public_bytes(Encoding.PEM).decode() for cert in trusted)
+    context.load_verify_locations(cadata=pem)
+    return context
+
+
+@dataclass
+class Apps:
+    """The HTTPS application (EST + publishing), the optional plain-HTTP one (publishing only)."""
+
+    https: web.Application
+    http: web.Application | None
+    context: ssl.SSLContext
+    workers: CaWorkers
+
+
+def build_app(settings: Settings, config: ServeConfig) -> Apps:
+    """Validate the configuration against the CAs and profiles, and wire the handlers.
+
+    CRL and OCSP are also offered over plain HTTP (``http_port``) because relying
+    parties fetch them before they can trust any TLS server (RFC 5280 4.2.1.13).
+    """
+    if not config.labels:
+        raise UsageError('serve config: define at least one EST label, e.g. [est.default] ca = "issuing"')
+    chains: dict[str, list[x509.Certificate]] = {}
+    for label in config.labels.values():
+        settings.profile(label.profile)
+        if label.ca not in chains:
+            chains[label.ca] = CertificateAuthority.open(settings, label.ca).chain
+    labels = {
+        name: EstLabel(label, certs_only_body(chains[label.ca], config.base64_line_length))
+        for name, label in config.labels.items()
+    }
+    client_cas = {
+        name: [cert for path in label.client_cas for cert in _load_certificates(path)]
+        for name, label in config.labels.items()
+    }
+    delegates: dict[str, Delegate] = {
+        name: load_delegate(signer, CertificateAuthority.open(settings, name).certificate)
+        for name, signer in config.ocsp_signers.items()
+    }
+    trusted = [cert for chain in chains.values() for cert in chain]
+    trusted += [cert for certs in client_cas.values() for cert in certs]
+    context = tls_context(config, trusted)
+
+    workers = CaWorkers(settings, config.signing_concurrency)
+    auth = Authenticator(
+        UserDirectory(config.users_file),
+        config.realm,
+        {name: chains[label.ca][0] for name, label in config.labels.items()},
+        client_cas,
+    )
+    ca_names = set(settings.ca_names())
+    publish = [
+        *Publisher(ca_names, workers, CrlCache(config.crl_validity), config.retry_after).routes(),
+        *OcspResponder(ca_names, workers, delegates, config.ocsp_validity, config.retry_after).routes(),
+    ]
+    https = web.Application(client_max_size=config.max_body_bytes)
+    https.add_routes(EstService(config, labels, auth, workers).routes())
+    https.add_routes(publish)
+    http = None
+    if config.http_port is not None:
+        http = web.Application(client_max_size=config.max_body_bytes)
+        http.add_routes(publish)
+    return Apps(https, http, context, workers)
+
+
+async def _start(app: web.Application, host: str, port: int, context: ssl.SSLContext | None) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, ssl_context=context, backlog=1024).start()
+    bound = runner.addresses[0]
+    log.info("listening on %s://%s:%d", "https" if context else "http", bound[0], bound[1])
+    return runner
+
+
+async def _serve(apps: Apps, config: ServeConfig) -> None:
+    runners = []
+    if apps.http is not None and config.http_port is not None:
+        runners.append(await _start(apps.http, config.host, config.http_port, None))
+    runners.append(await _start(apps.https, config.host, config.port, apps.context))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        for runner in runners:
+            await runner.cleanup()
+
+
+def run(settings: Settings, config: ServeConfig) -> None:
+    """Run the server until SIGINT/SIGTERM."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="kvpki serve: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    apps = build_app(settings, config)
+    try:
+        asyncio.run(_serve(apps, config))
+    finally:
+        apps.workers.shutdown()

@@ -1,0 +1,143 @@
+"""The `kvpki serve` configuration file: listener, TLS, EST labels, OCSP signers.
+
+Loaded once at start-up so no request reads configuration from disk.  Relative
+paths are resolved against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from kvpki_cli.durations import parse_duration
+from kvpki_cli.errors import UsageError
+
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+DEFAULT_LABEL = "default"
+EST_OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll", "csrattrs")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """One EST label: which CA issues, with which profile, and who may ask."""
+
+    name: str
+    ca: str
+    profile: str
+    users: frozenset[str] = frozenset()
+    client_cas: tuple[Path, ...] = ()
+    renewal: bool = True
+
+    def allows_user(self, user: str) -> bool:
+        return user in self.users or "*" in self.users
+
+
+@dataclass(frozen=True)
+class OcspSignerConfig:
+    """A delegated OCSP signing certificate (EKU id-kp-OCSPSigning) and its key file."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str
+    port: int
+    tls_cert: Path
+    tls_key: Path
+    users_file: Path | None
+    http_port: int | None = None
+    realm: str = "kvpki EST"
+    base64_line_length: int = 0
+    signing_concurrency: int = 4
+    max_body_bytes: int = 64 * 1024
+    crl_validity: timedelta = timedelta(days=1)
+    ocsp_validity: timedelta = timedelta(hours=1)
+    retry_after: int = 10
+    labels: dict[str, LabelConfig] = field(default_factory=dict)
+    ocsp_signers: dict[str, OcspSignerConfig] = field(default_factory=dict)
+
+
+def _path(base: Path, value: object, what: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"serve config: {what} must be a file path")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _int(table: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise UsageError(f"serve config: [server] {key} must be an integer between {low} and {high}")
+    return value
+
+
+def _label(base: Path, name: str, table: Any) -> LabelConfig:
+    if not isinstance(table, Mapping):
+        raise UsageError(f"serve config: [est.{name}] must be a table")
+    if not LABEL.match(name) or name in EST_OPERATIONS:
+        raise UsageError(f"serve config: invalid EST label {name!r}")
+    unknown = set(table) - {"ca", "profile", "users", "client_cas", "renewal"}
+    if unknown:
+        raise UsageError(f"serve config: [est.{name}] has unknown setting(s) {', '.join(sorted(unknown))}")
+    if not isinstance(table.get("ca"), str):
+        raise UsageError(f'serve config: [est.{name}] needs ca = "<CA name>"')
+    users = table.get("users", [])
+    cas = table.get("client_cas", [])
+    if not isinstance(users, list) or not isinstance(cas, list):
+        raise UsageError(f"serve config: [est.{name}] users and client_cas must be lists")
+    return LabelConfig(
+        name=name,
+        ca=table["ca"],
+        profile=str(table.get("profile", "device")),
+        users=frozenset(str(u) for u in users),
+        client_cas=tuple(_path(base, p, f"[est.{name}] client_cas") for p in cas),
+        renewal=bool(table.get("renewal", True)),
+    )
+
+
+def load_serve_config(path: Path) -> ServeConfig:
+    """Parse and validate the serve config (CA and profile names are checked by the app)."""
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read serve config {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"serve config {path} is not valid TOML: {exc}") from None
+    base = path.resolve().parent
+    server = document.get("server", {})
+    unknown = set(document) - {"server", "est", "ocsp"}
+    if unknown:
+        raise UsageError(f"serve config: unknown table(s) {', '.join(sorted(unknown))}")
+    line_length = _int(server, "base64_line_length", 0, 0, 76)
+    if line_length % 4:
+        raise UsageError("serve config: base64_line_length must be 0 (no breaks) or a multiple of 4, e.g. 64")
+    labels = {name: _label(base, name, table) for name, table in document.get("est", {}).items()}
+    signers = {
+        name: OcspSignerConfig(_path(base, t.get("cert"), f"[ocsp.{name}] cert"), _path(base, t.get("key"), "key"))
+        for name, t in document.get("ocsp", {}).items()
+    }
+    users_file = server.get("users_file")
+    return ServeConfig(
+        host=str(server.get("host", "127.0.0.1")),
+        port=_int(server, "port", 8443, 0, 65535),
+        tls_cert=_path(base, server.get("tls_cert"), "[server] tls_cert"),
+        tls_key=_path(base, server.get("tls_key"), "[server] tls_key"),
+        users_file=_path(base, users_file, "[server] users_file") if users_file else None,
+        http_port=_int(server, "http_port", 0, 0, 65535) if "http_port" in server else None,
+        realm=str(server.get("realm", "kvpki EST")).replace('"', "'"),
+        base64_line_length=line_length,
+        signing_concurrency=_int(server, "signing_concurrency", 4, 1, 256),
+        max_body_bytes=_int(server, "max_body_bytes", 64 * 1024, 1024, 16 * 1024 * 1024),
+        crl_validity=parse_duration(str(server.get("crl_validity", "1d")), what="crl_validity"),
+        ocsp_validity=parse_duration(str(server.get("ocsp_validity", "1h")), what="ocsp_validity"),
+        retry_after=_int(server, "retry_after", 10, 1, 3600),
+        labels=labels,
+        ocsp_signers=signers,
+    )

@@ -1,0 +1,138 @@
+"""EST (RFC 7030) endpoints: cacerts, simpleenroll, simplereenroll, csrattrs, per label.
+
+Checks run cheapest first (label, size, content type, credentials) so a hostile
+request costs little and never reaches the key; the certificate is returned
+only after the core committed its inventory row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from kvpki_cli.authority import CertificateAuthority, SigningRequest
+from kvpki_cli.errors import KvpkiError
+from kvpki_cli.pki.csr import decode_csr_bytes, parse_csr
+from kvpki_cli.pki.policy import requested_sans
+from kvpki_cli.serve.auth import Authenticator, Identity, describe_subject
+from kvpki_cli.serve.config import DEFAULT_LABEL, LabelConfig, ServeConfig
+from kvpki_cli.serve.wire import PKCS10, HttpRefusal, certs_only_body, media_type, pkcs7_response, text_response
+from kvpki_cli.serve.workers import CaWorkers
+
+log = logging.getLogger("kvpki.serve")
+
+
+@dataclass(frozen=True)
+class EstLabel:
+    config: LabelConfig
+    cacerts_body: bytes  # precomputed: the issuing chain, never a leaf
+
+
+def check_renewal(
+    ca: CertificateAuthority, old: x509.Certificate, csr: x509.CertificateSigningRequest, profile: str
+) -> None:
+    """Renewal keeps subject, SANs and profile, and the old certificate must be ours and unrevoked."""
+    record = ca.inventory.get(ca.name, format(old.serial_number, "x"))
+    if record is None or record.der != old.public_bytes(Encoding.DER):
+        raise HttpRefusal(403, "the client certificate is not in this CA's inventory")
+    if record.status == "revoked":
+        raise HttpRefusal(403, "the client certificate has been revoked")
+    if record.profile != profile:
+        raise HttpRefusal(403, f"a {record.profile} certificate cannot renew into profile {profile!r}")
+    if csr.subject != old.subject:
+        raise HttpRefusal(403, "re-enrollment must keep the subject of the certificate being renewed")
+    try:
+        old_sans = set(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        old_sans = set()
+    if set(requested_sans(csr)) != old_sans:
+        raise HttpRefusal(403, "re-enrollment must keep the subjectAltNames of the certificate being renewed")
+
+
+class EstService:
+    """Holds the per-label state and serves the EST routes."""
+
+    def __init__(
+        self, config: ServeConfig, labels: dict[str, EstLabel], auth: Authenticator, workers: CaWorkers
+    ) -> None:
+        self.config = config
+        self.labels = labels
+        self.auth = auth
+        self.workers = workers
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/.well-known/est/{op}", self.dispatch),
+            web.post("/.well-known/est/{op}", self.dispatch),
+            web.get("/.well-known/est/{label}/{op}", self.dispatch),
+            web.post("/.well-known/est/{label}/{op}", self.dispatch),
+        ]
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        op = request.match_info["op"]
+        label = self.labels.get(request.match_info.get("label", DEFAULT_LABEL))
+        try:
+            if label is None:
+                raise HttpRefusal(404, "unknown EST label")
+            if op == "cacerts" and request.method == "GET":
+                return pkcs7_response(label.cacerts_body)
+            if op == "csrattrs" and request.method == "GET":
+                return web.Response(status=204)
+            if op in ("simpleenroll", "simplereenroll") and request.method == "POST":
+                return await self.enroll(request, label, reenroll=op == "simplereenroll")
+            if op in ("cacerts", "csrattrs", "simpleenroll", "simplereenroll"):
+                raise HttpRefusal(405, f"method {request.method} is not allowed for {op}", {"Allow": "GET, POST"})
+            raise HttpRefusal(404, f"unknown EST operation {op!r}")
+        except HttpRefusal as refusal:
+            name = label.config.name if label else request.match_info.get("label", "?")
+            log.info("refused %s %s label=%s peer=%s: %s", refusal.status, op, name, request.remote, refusal.reason)
+            return text_response(refusal.status, refusal.reason, refusal.headers)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise HttpRefusal(413, f"request body is larger than {limit} bytes")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise HttpRefusal(413, f"request body is larger than {limit} bytes") from None
+
+    async def enroll(self, request: web.Request, label: EstLabel, *, reenroll: bool) -> web.Response:
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise HttpRefusal(413, f"request body is larger than {limit} bytes")
+        if media_type(request.headers.get("Content-Type")) != PKCS10:
+            raise HttpRefusal(415, f"Content-Type must be {PKCS10}")
+        identity = await self.auth.identify(request, label.config, reenroll)
+        body = await self._read_body(request)
+        try:
+            certificate = await self.workers.run(label.config.ca, lambda ca: self._issue(ca, body, label, identity))
+        except HttpRefusal as refusal:
+            refusal.reason = f"{refusal.reason} (requester {identity.requester})"
+            raise
+        log.info(
+            "issued %s label=%s ca=%s serial=%x subject=%s requester=%s",
+            "simplereenroll" if reenroll else "simpleenroll",
+            label.config.name,
+            label.config.ca,
+            certificate.serial_number,
+            describe_subject(certificate),
+            identity.requester,
+        )
+        return pkcs7_response(certs_only_body([certificate], self.config.base64_line_length))
+
+    def _issue(self, ca: CertificateAuthority, body: bytes, label: EstLabel, identity: Identity) -> x509.Certificate:
+        """Worker thread: parse and verify the CSR, apply the label's policy, issue and record."""
+        try:
+            csr_der = decode_csr_bytes(body)  # RFC 8951: base64 whatever Content-Transfer-Encoding says
+            csr = parse_csr(csr_der)
+            if identity.renewing is not None:
+                check_renewal(ca, identity.renewing, csr, label.config.profile)
+            request = SigningRequest(csr_der, csr, profile=label.config.profile, requester=identity.requester)
+            return ca.issue(request).certificate
+        except KvpkiError as error:
+            raise HttpRefusal.from_error(error, self.config.retry_after) from None

@@ -1,0 +1,173 @@
+"""An RFC 6960 OCSP responder at ``/ocsp/<ca>`` answering from the inventory.
+
+Status comes straight from the inventory row, so a ``kvpki revoke`` in another
+process is visible on the next request.  Responses are signed by the CA key
+(its certificate has digitalSignature) or by a configured delegated responder
+certificate, which is then included in the response.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from urllib.parse import unquote
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509 import ocsp
+
+from kvpki_cli.authority import CertificateAuthority
+from kvpki_cli.errors import KvpkiError, UsageError
+from kvpki_cli.keystores.base import CAPrivateKey
+from kvpki_cli.pki.certificates import signing_hash
+from kvpki_cli.pki.crl import REASONS
+from kvpki_cli.serve.config import OcspSignerConfig
+from kvpki_cli.serve.wire import HttpRefusal, media_type, text_response
+from kvpki_cli.serve.workers import CaWorkers
+
+OCSP_REQUEST = "application/ocsp-request"
+OCSP_RESPONSE = "application/ocsp-response"
+MAX_REQUEST_BYTES = 8 * 1024
+log = logging.getLogger("kvpki.serve")
+
+
+@dataclass(frozen=True)
+class Delegate:
+    """A delegated OCSP signing certificate and its private key."""
+
+    certificate: x509.Certificate
+    key: CAPrivateKey
+
+
+def load_delegate(config: OcspSignerConfig, ca_certificate: x509.Certificate) -> Delegate:
+    """Load and check a delegated responder: issued by the CA, with EKU id-kp-OCSPSigning."""
+    try:
+        cert = x509.load_pem_x509_certificate(config.cert.read_bytes())
+        key = serialization.load_pem_private_key(config.key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"cannot load OCSP signer {config.cert} / {config.key}: {exc}") from None
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise UsageError(f"OCSP signer key {config.key} is neither RSA nor EC")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        cert.verify_directly_issued_by(ca_certificate)
+    except (x509.ExtensionNotFound, ValueError, TypeError, Exception):
+        raise UsageError(f"OCSP signer {config.cert} must be issued by the CA and have EKU OCSPSigning") from None
+    if x509.oid.ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
+        raise UsageError(f"OCSP signer {config.cert} lacks EKU id-kp-OCSPSigning")
+    return Delegate(cert, key)
+
+
+def _key_bits(certificate: x509.Certificate) -> bytes:
+    """The subjectPublicKey BIT STRING contents, which issuerKeyHash hashes."""
+    key = certificate.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    if isinstance(key, rsa.RSAPublicKey):
+        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    raise UsageError("unsupported CA key type for OCSP")
+
+
+def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+    h = hashes.Hash(algorithm)
+    h.update(data)
+    return h.finalize()
+
+
+def build_response(
+    ca: CertificateAuthority, request_der: bytes, delegate: Delegate | None, validity: timedelta
+) -> bytes:
+    """Worker thread: a signed OCSPResponse (or an unsuccessful one) in DER."""
+    try:
+        request = ocsp.load_der_ocsp_request(request_der)
+        algorithm = request.hash_algorithm
+        serial, name_hash, key_hash = request.serial_number, request.issuer_name_hash, request.issuer_key_hash
+    except (ValueError, NotImplementedError, UnsupportedAlgorithm, x509.UnsupportedGeneralNameType):
+        return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST).public_bytes(
+            serialization.Encoding.DER
+        )
+    issuer = ca.certificate
+    if (name_hash, key_hash) != (
+        _digest(algorithm, issuer.subject.public_bytes()),
+        _digest(algorithm, _key_bits(issuer)),
+    ):
+        return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED).public_bytes(
+            serialization.Encoding.DER
+        )
+    record = ca.inventory.get(ca.name, format(serial, "x"))
+    now = datetime.now(UTC).replace(microsecond=0)
+    if record is None:
+        status, revoked_at, reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
+    elif record.status == "revoked":
+        status, revoked_at = ocsp.OCSPCertStatus.REVOKED, record.revoked_at or now
+        reason = REASONS[record.reason] if record.reason and record.reason != "unspecified" else None
+    else:
+        status, revoked_at, reason = ocsp.OCSPCertStatus.GOOD, None, None
+    responder = delegate.certificate if delegate else issuer
+    builder = (
+        ocsp.OCSPResponseBuilder()
+        .add_response_by_hash(name_hash, key_hash, serial, algorithm, status, now, now + validity, revoked_at, reason)
+        .responder_id(ocsp.OCSPResponderEncoding.HASH, responder)
+    )
+    if delegate:
+        builder = builder.certificates([delegate.certificate])
+    try:
+        nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
+        builder = builder.add_extension(nonce, critical=False)
+    except x509.ExtensionNotFound:
+        pass
+    signer = delegate.key if delegate else ca.keystore.signer()
+    return builder.sign(signer, signing_hash(signer)).public_bytes(serialization.Encoding.DER)
+
+
+class OcspResponder:
+    """POST ``/ocsp/<ca>`` and GET ``/ocsp/<ca>/<base64 request>`` (RFC 6960 appendix A)."""
+
+    def __init__(
+        self, ca_names: set[str], workers: CaWorkers, delegates: dict[str, Delegate], validity: timedelta, retry: int
+    ) -> None:
+        self.ca_names = ca_names
+        self.workers = workers
+        self.delegates = delegates
+        self.validity = validity
+        self.retry_after = retry
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/ocsp/{ca}", self.post), web.get("/ocsp/{ca}/{request:.+}", self.get)]
+
+    async def post(self, request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
+            return text_response(413, "OCSP request too large")
+        if media_type(request.headers.get("Content-Type")) != OCSP_REQUEST:
+            return text_response(415, f"Content-Type must be {OCSP_REQUEST}")
+        return await self._answer(request.match_info["ca"], await request.read())
+
+    async def get(self, request: web.Request) -> web.Response:
+        prefix = f"/ocsp/{request.match_info['ca']}/"
+        encoded = unquote(request.raw_path.split("?", 1)[0].removeprefix(prefix))
+        try:
+            der = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            return text_response(400, "the OCSP request in the URL is not valid base64")
+        return await self._answer(request.match_info["ca"], der)
+
+    async def _answer(self, name: str, der: bytes) -> web.Response:
+        if name not in self.ca_names:
+            return text_response(404, "unknown CA")
+        if len(der) > MAX_REQUEST_BYTES:
+            return text_response(413, "OCSP request too large")
+        try:
+            body = await self.workers.run(
+                name, lambda ca: build_response(ca, der, self.delegates.get(name), self.validity)
+            )
+        except KvpkiError as error:
+            refusal = HttpRefusal.from_error(error, self.retry_after)
+            log.warning("ocsp ca=%s failed: %s", name, refusal.reason)
+            return text_response(refusal.status, refusal.reason, refusal.headers)
+        return web.Response(body=body, headers={"Content-Type": OCSP_RESPONSE})

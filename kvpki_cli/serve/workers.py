@@ -1,0 +1,45 @@
+"""Running the synchronous issuance core off the event loop with bounded concurrency.
+
+The pool size is the signing concurrency.  Each worker thread keeps its own
+``CertificateAuthority`` objects (and so its own SQLite connection, which may
+not cross threads); each one loads its CA chain and key once, not per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from kvpki_cli.authority import CertificateAuthority
+from kvpki_cli.config import Settings
+
+T = TypeVar("T")
+
+
+class CaWorkers:
+    """A thread pool whose jobs receive the calling thread's ``CertificateAuthority``."""
+
+    def __init__(self, settings: Settings, concurrency: int) -> None:
+        self.settings = settings
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kvpki-ca")
+        self._local = threading.local()
+
+    def authority(self, name: str) -> CertificateAuthority:
+        """This thread's CA object (call only from a worker, or at start-up)."""
+        cache: dict[str, CertificateAuthority] | None = getattr(self._local, "cas", None)
+        if cache is None:
+            cache = self._local.cas = {}
+        ca = cache.get(name)
+        if ca is None:
+            ca = cache[name] = CertificateAuthority.open(self.settings, name)
+        return ca
+
+    async def run(self, ca_name: str, job: Callable[[CertificateAuthority], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: job(self.authority(ca_name)))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
