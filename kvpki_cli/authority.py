@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.config import CaConfig, Settings, check_ca_name
@@ -20,7 +21,7 @@ from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, NotFound
 from kvpki_cli.inventory import open_inventory
 from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
 from kvpki_cli.keystores import open_keystore
-from kvpki_cli.keystores.base import KeyStore, KeyType
+from kvpki_cli.keystores.base import CAPrivateKey, KeyStore, KeyType
 from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate
 from kvpki_cli.pki.policy import Template, approve, child_path_length, validity_window
 
@@ -141,8 +142,8 @@ class CertificateAuthority:
             return issued
         raise BackendError("could not allocate a unique serial number")
 
-    def _sign(self, request: SigningRequest, template: Template, serial: int, signer: object) -> Issued:
-        certificate = issue_certificate(template, serial, self.certificate, signer, self.config.urls)  # type: ignore[arg-type]
+    def _sign(self, request: SigningRequest, template: Template, serial: int, signer: CAPrivateKey) -> Issued:
+        certificate = issue_certificate(template, serial, self.certificate, signer, self.config.urls)
         record = CertificateRecord(
             ca=self.name,
             serial=format(serial, "x"),
@@ -166,7 +167,7 @@ class CertificateAuthority:
             raise InvalidInput(f"certificate was not issued by CA {self.name!r}")
         try:
             certificate.verify_directly_issued_by(self.certificate)
-        except (ValueError, TypeError, Exception):
+        except (ValueError, TypeError, InvalidSignature):
             raise InvalidInput(f"certificate signature does not verify against CA {self.name!r}") from None
         return format(certificate.serial_number, "x")
 

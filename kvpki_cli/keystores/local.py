@@ -54,6 +54,7 @@ class LocalKeyStore(KeyStore):
         self.directory = Path(directory).expanduser() if directory else home / "cas" / ca_name
         self.key_path = self.directory / "key.pem"
         self.chain_path = self.directory / "chain.pem"
+        self._key: CAPrivateKey | None = None
 
     def exists(self) -> bool:
         return self.key_path.exists() or self.chain_path.exists()
@@ -80,9 +81,8 @@ class LocalKeyStore(KeyStore):
         return key.public_key()
 
     def signer(self) -> CAPrivateKey:
-        cached = getattr(self, "_key", None)
-        if cached is not None:
-            return cached
+        if self._key is not None:
+            return self._key
         try:
             fd = os.open(self.key_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
