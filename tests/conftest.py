@@ -40,9 +40,8 @@ def _azure_store(request: pytest.FixtureRequest) -> StoreSetup:
 
 
 STORE_FACTORIES: dict[str, Callable[[pytest.FixtureRequest], StoreSetup]] = {"local": _local_store}
-if (REPO / "tests" / "kvserver" / "fixtures.py").exists():  # the Azure store's Key Vault test server
-    pytest_plugins = ["tests.kvserver.fixtures"]
-    STORE_FACTORIES["azure"] = _azure_store
+pytest_plugins = ["tests.pg_fixture", "tests.kvserver.fixtures"]  # real PostgreSQL; the Key Vault test server
+STORE_FACTORIES["azure"] = _azure_store
 
 
 @dataclass

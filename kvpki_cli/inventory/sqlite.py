@@ -152,8 +152,10 @@ class SqliteInventory(Inventory):
                     " not_after, csr_sha256, der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-            except sqlite3.IntegrityError:
-                raise SerialCollision() from None
+            except sqlite3.IntegrityError as exc:
+                if "UNIQUE" in str(exc):
+                    raise SerialCollision() from None
+                raise BackendError(f"inventory rejected a record: {exc}") from None
             except sqlite3.Error as exc:
                 raise BackendError(f"inventory write failed: {exc}") from None
 

@@ -1,0 +1,281 @@
+"""PostgreSQL inventory: for a CA that several machines share.
+
+Same semantics as the SQLite backend (``sqlite.py``), in native types
+(``timestamptz``, ``bytea``, ``text[]``) so operators can query the tables
+directly.  Timestamps are stored and compared at whole seconds in UTC, exactly
+as SQLite's text timestamps are, so both backends agree on what is expired.
+
+This module is imported only when a ``postgresql://`` URL is configured, so
+psycopg stays an optional dependency (``pip install 'kvpki[postgres]'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote, unquote_plus, urlsplit
+
+from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
+from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
+
+try:
+    import psycopg
+    from psycopg import errors as pg_errors
+    from psycopg.conninfo import conninfo_to_dict
+except ImportError:  # pragma: no cover - depends on the installation
+    raise BackendError("the PostgreSQL inventory needs psycopg: pip install 'kvpki[postgres]'") from None
+
+SCHEMA_VERSION = 1
+CONNECT_TIMEOUT_S = 10
+# Key of the advisory lock that serialises first-time schema creation: concurrent
+# CREATE TABLE IF NOT EXISTS can still fail on the catalog's unique indexes.
+SCHEMA_LOCK = 0x6B76706B69  # "kvpki"
+
+# Table names carry a prefix: unlike the private SQLite file, a PostgreSQL
+# database may be shared with other applications.  They are unqualified, so
+# ``?options=-csearch_path%3Dpki`` in the URL picks a schema.
+SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS kvpki_certificates (
+        ca          text        NOT NULL,
+        serial      text        NOT NULL,
+        subject     text        NOT NULL,
+        sans        text[]      NOT NULL,
+        profile     text        NOT NULL,
+        requester   text        NOT NULL,
+        not_before  timestamptz NOT NULL,
+        not_after   timestamptz NOT NULL,
+        csr_sha256  text        NOT NULL,
+        der         bytea       NOT NULL,
+        status      text        NOT NULL DEFAULT 'valid' CHECK (status IN ('valid', 'revoked')),
+        revoked_at  timestamptz,
+        reason      text,
+        issued_at   timestamptz NOT NULL DEFAULT now(),
+        id          bigint      GENERATED ALWAYS AS IDENTITY,
+        PRIMARY KEY (ca, serial)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS kvpki_certificates_status ON kvpki_certificates (ca, status, not_after)",
+    "CREATE TABLE IF NOT EXISTS kvpki_crl_numbers (ca text PRIMARY KEY, last bigint NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS kvpki_schema (version integer NOT NULL)",
+)
+
+# The columns in CertificateRecord's field order, so a row maps onto a record positionally.
+COLUMNS = ", ".join(CertificateRecord._fields)
+INSERT = (
+    "INSERT INTO kvpki_certificates (ca, serial, subject, sans, profile, requester, not_before, not_after,"
+    " csr_sha256, der) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def utc_seconds(value: datetime) -> datetime:
+    """What SQLite's ``to_text`` keeps of a timestamp: UTC, whole seconds."""
+    return value.astimezone(UTC).replace(microsecond=0)
+
+
+def _row_to_record(row: Sequence[Any]) -> CertificateRecord:
+    """psycopg already returns str/bytes/list/datetime; only normalise to tuple, UTC and NULL reasons."""
+    record = CertificateRecord._make(row)
+    return record._replace(
+        sans=tuple(record.sans),
+        not_before=record.not_before.astimezone(UTC),
+        not_after=record.not_after.astimezone(UTC),
+        revoked_at=record.revoked_at.astimezone(UTC) if record.revoked_at else None,
+        reason=record.reason or None,
+    )
+
+
+def redact_url(url: str) -> str:
+    """The URL without password or query string: what error messages may show."""
+    scheme, netloc, path, _query, _fragment = urlsplit(url)
+    userinfo, at, hosts = netloc.rpartition("@")
+    return f"{scheme}://{userinfo.split(':', 1)[0]}{at}{hosts}{path}"
+
+
+def _url_secrets(url: str) -> set[str]:
+    """Every spelling of the password in ``url`` (userinfo or ``?password=``), raw and decoded."""
+    parts = urlsplit(url)
+    found = {parts.netloc.rpartition("@")[0].partition(":")[2]}
+    for item in parts.query.split("&"):
+        key, _, value = item.partition("=")
+        if unquote(key) == "password":
+            found.add(value)
+    return {variant for secret in found if secret for variant in (secret, unquote(secret), unquote_plus(secret))}
+
+
+class PostgresInventory(Inventory):
+    """One connection per instance (the EST server keeps one instance per worker thread)."""
+
+    def __init__(self, url: str, connect_timeout_s: int = CONNECT_TIMEOUT_S) -> None:
+        self._url = url
+        self._where = redact_url(url)
+        self._secrets = _url_secrets(url)
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise UsageError(f"invalid inventory URL {self._where}: {self._clean(exc)}") from None
+        # libpq has no connect timeout by default: an unreachable host would hang for minutes.
+        self._defaults: dict[str, Any] = {}
+        if "connect_timeout" not in params:
+            self._defaults["connect_timeout"] = connect_timeout_s
+        if "application_name" not in params:
+            self._defaults["application_name"] = "kvpki"
+        self._db = self._connect()
+        self._ensure_schema()
+
+    def _clean(self, exc: BaseException) -> str:
+        """The error's first line, with any spelling of the password removed."""
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = lines[0] if lines else type(exc).__name__
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text.removeprefix("connection failed: ")
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            # autocommit: reads are single statements; writes open explicit transactions.
+            # prepare_threshold=None: no server-side prepared statements, which break
+            # behind a transaction-pooling pgbouncer and gain nothing for short-lived processes.
+            return psycopg.connect(self._url, autocommit=True, prepare_threshold=None, **self._defaults)
+        except psycopg.Error as exc:
+            raise BackendError(f"cannot connect to inventory database {self._where}: {self._clean(exc)}") from None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The connection, reopened if the server dropped it (a restart under a long-running EST server)."""
+        if self._db.closed or self._db.broken:
+            self._db = self._connect()
+        return self._db
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Database failures become one-line BackendErrors; kvpki's own exceptions pass through."""
+        try:
+            yield
+        except psycopg.Error as exc:
+            raise BackendError(f"inventory database {self._where} failed: {self._clean(exc)}") from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Cursor[Any]]:
+        """Commit on success, roll back on any exception (including kvpki's own)."""
+        db = self._connection()
+        with self._errors(), db.transaction(), db.cursor() as cursor:
+            yield cursor
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with self._errors():
+            return self._connection().execute(sql, params).fetchall()
+
+    def _ensure_schema(self) -> None:
+        """Create the tables once; later connections only read the version (no DDL rights needed)."""
+        with self._transaction() as cursor:
+            version = self._schema_version(cursor)
+            if version == SCHEMA_VERSION:
+                return
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            version = self._schema_version(cursor)  # another process may have won the race
+            if version is not None and version > SCHEMA_VERSION:
+                raise BackendError(
+                    f"inventory database {self._where} has schema version {version}, newer than this kvpki"
+                    f" supports ({SCHEMA_VERSION}): upgrade kvpki"
+                )
+            if version != SCHEMA_VERSION:
+                for statement in SCHEMA:
+                    cursor.execute(statement)
+                cursor.execute("DELETE FROM kvpki_schema")
+                cursor.execute("INSERT INTO kvpki_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+
+    @staticmethod
+    def _schema_version(cursor: psycopg.Cursor[Any]) -> int | None:
+        row = cursor.execute("SELECT to_regclass('kvpki_schema') IS NOT NULL").fetchone()
+        if not row or not row[0]:
+            return None
+        row = cursor.execute("SELECT max(version) FROM kvpki_schema").fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    def record_issued(self, records: Sequence[CertificateRecord]) -> None:
+        rows = [
+            (
+                r.ca,
+                r.serial,
+                r.subject,
+                list(r.sans),
+                r.profile,
+                r.requester,
+                utc_seconds(r.not_before),
+                utc_seconds(r.not_after),
+                r.csr_sha256,
+                r.der,
+            )
+            for r in records
+        ]
+        with self._transaction() as cursor:
+            try:
+                cursor.executemany(INSERT, rows)
+            except (pg_errors.UniqueViolation, pg_errors.DeadlockDetected):
+                # A deadlock between insert-only batches can only come from a shared (ca, serial).
+                raise SerialCollision() from None
+
+    def get(self, ca: str, serial: str) -> CertificateRecord | None:
+        rows = self._query(f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s AND serial = %s", (ca, serial))
+        return _row_to_record(rows[0]) if rows else None
+
+    def revoke(self, ca: str, serial: str, when: datetime, reason: str) -> CertificateRecord:
+        with self._transaction() as cursor:
+            # FOR UPDATE: of two concurrent revocations, the second sees 'revoked' (AlreadyExists).
+            row = cursor.execute(
+                "SELECT status FROM kvpki_certificates WHERE ca = %s AND serial = %s FOR UPDATE", (ca, serial)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no certificate with serial {serial} issued by CA {ca!r}")
+            if row[0] == "revoked":
+                raise AlreadyExists(f"certificate {serial} is already revoked")
+            updated = cursor.execute(
+                "UPDATE kvpki_certificates SET status = 'revoked', revoked_at = %s, reason = %s"
+                f" WHERE ca = %s AND serial = %s RETURNING {COLUMNS}",
+                (utc_seconds(when), reason, ca, serial),
+            ).fetchone()
+        assert updated is not None
+        return _row_to_record(updated)
+
+    def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
+        query = f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s"
+        params: list[Any] = [ca]
+        if status == "revoked":
+            query += " AND status = 'revoked'"
+        elif status == "valid":
+            query += " AND status = 'valid' AND not_after > %s"
+            params.append(utc_seconds(now))
+        elif status == "expired":
+            query += " AND status = 'valid' AND not_after <= %s"
+            params.append(utc_seconds(now))
+        query += " ORDER BY issued_at, id"
+        return [_row_to_record(row) for row in self._query(query, params)]
+
+    def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
+        # COLLATE "C": byte order, as SQLite sorts text, whatever the database's locale.
+        rows = self._query(
+            f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s AND status = 'revoked' AND not_after > %s"
+            ' ORDER BY serial COLLATE "C"',
+            (ca, utc_seconds(now)),
+        )
+        return [_row_to_record(row) for row in rows]
+
+    def revocation_count(self, ca: str) -> int:
+        rows = self._query("SELECT count(*) FROM kvpki_certificates WHERE ca = %s AND status = 'revoked'", (ca,))
+        return int(rows[0][0])
+
+    def next_crl_number(self, ca: str) -> int:
+        # One statement: the row lock taken by ON CONFLICT DO UPDATE serialises concurrent callers.
+        with self._transaction() as cursor:
+            row = cursor.execute(
+                "INSERT INTO kvpki_crl_numbers (ca, last) VALUES (%s, 1)"
+                " ON CONFLICT (ca) DO UPDATE SET last = kvpki_crl_numbers.last + 1 RETURNING last",
+                (ca,),
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def close(self) -> None:
+        self._db.close()
