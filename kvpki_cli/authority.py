@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.config import CaConfig, Settings, check_ca_name
 from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, NotFound, UsageError
@@ -23,6 +22,7 @@ from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollisi
 from kvpki_cli.keystores import open_keystore
 from kvpki_cli.keystores.base import CAPrivateKey, KeyStore, KeyType
 from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate
+from kvpki_cli.pki.lean import Encoding
 from kvpki_cli.pki.policy import Template, approve, child_path_length, validity_window
 
 ROOT_DEFAULT_VALIDITY = timedelta(days=3650)

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
 from kvpki_cli.fileutil import write_file_atomic
 from kvpki_cli.keystores.base import CAPrivateKey, CAPublicKey, KeyStore, KeyType
 from kvpki_cli.messages import warn
+from kvpki_cli.pki.lean import Encoding, load_pem_private_key
 
 PASSPHRASE_ENV = "KVPKI_LOCAL_PASSPHRASE"
 PASSPHRASE_FILE_ENV = "KVPKI_LOCAL_PASSPHRASE_FILE"
@@ -67,6 +67,8 @@ class LocalKeyStore(KeyStore):
             key = ec.generate_private_key(key_type.curve)
         else:
             key = rsa.generate_private_key(public_exponent=65537, key_size=key_type.rsa_bits)
+        from cryptography.hazmat.primitives import serialization  # only when creating a key
+
         passphrase = _read_passphrase(self._settings)
         encryption: serialization.KeySerializationEncryption
         if passphrase:
@@ -97,7 +99,7 @@ class LocalKeyStore(KeyStore):
             pem = handle.read()
         passphrase = _read_passphrase(self._settings)
         try:
-            key = serialization.load_pem_private_key(pem, password=passphrase)
+            key = load_pem_private_key(pem, passphrase)
         except TypeError:
             if passphrase:
                 raise BackendError(f"CA key {self.key_path} is not encrypted but a passphrase was given") from None
@@ -112,7 +114,7 @@ class LocalKeyStore(KeyStore):
         return key
 
     def store_chain(self, chain: Sequence[x509.Certificate]) -> None:
-        pem = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in chain)
+        pem = b"".join(cert.public_bytes(Encoding.PEM) for cert in chain)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_file_atomic(self.chain_path, pem, mode=0o644, overwrite=True)
 

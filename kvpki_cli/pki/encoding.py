@@ -6,9 +6,9 @@ import json
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.errors import UsageError
+from kvpki_cli.pki.lean import Encoding
 
 CERT_FORMATS = ("pem", "der", "pkcs7", "json")
 

@@ -76,8 +76,11 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     chains: dict[str, list[x509.Certificate]] = {}
     for label in config.labels.values():
         settings.profile(label.profile)
-        if label.ca not in chains:
-            chains[label.ca] = CertificateAuthority.open(settings, label.ca).chain
+        for profile in label.identity_profiles:
+            settings.profile(profile)
+        for name in (label.ca, *label.identity_cas):
+            if name not in chains:
+                chains[name] = CertificateAuthority.open(settings, name).chain
     labels = {
         name: EstLabel(label, certs_only_body(chains[label.ca], config.base64_line_length))
         for name, label in config.labels.items()
@@ -100,6 +103,7 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
         config.realm,
         {name: chains[label.ca][0] for name, label in config.labels.items()},
         client_cas,
+        {name: chains[name][0] for label in config.labels.values() for name in label.identity_cas},
     )
     ca_names = set(settings.ca_names())
     publish = [

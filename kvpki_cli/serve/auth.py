@@ -1,7 +1,9 @@
-"""Who is asking: HTTP Basic users, bootstrap client certificates, certificates being renewed.
+"""Who is asking: HTTP Basic users, bootstrap client certificates, certificates being renewed,
+identity certificates acting as enrollment authority.
 
 TLS already verified any client certificate against the union of all trusted
 CAs (``ssl.CERT_OPTIONAL``); here we decide what it authorises on one label.
+Checks that need the inventory run later, in the worker thread (``est.py``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ from kvpki_cli.serve.wire import HttpRefusal
 
 @dataclass(frozen=True)
 class Identity:
-    """An authenticated caller; ``renewing`` limits it to re-enrolling that certificate's names."""
+    """An authenticated caller.
+
+    ``renewing`` limits it to re-enrolling that certificate's names; ``authority`` is a
+    certificate from one of the label's ``identity_cas`` (named ``authority_ca``) that may
+    enroll names tied to its CN.  When both are set (the label's CA is also an identity
+    CA) the certificate's recorded profile decides which rule applies.
+    """
 
     requester: str
     renewing: x509.Certificate | None = None
+    authority: x509.Certificate | None = None
+    authority_ca: str | None = None
 
 
 def peer_certificate(request: web.Request) -> x509.Certificate | None:
@@ -81,11 +91,13 @@ class Authenticator:
         realm: str,
         ca_certs: dict[str, x509.Certificate],
         client_cas: dict[str, list[x509.Certificate]],
+        identity_cas: dict[str, x509.Certificate] | None = None,
     ) -> None:
         self.users = users
         self.challenge = {"WWW-Authenticate": f'Basic realm="{realm}"'}
         self.ca_certs = ca_certs  # label -> issuing CA certificate
         self.client_cas = client_cas  # label -> trusted bootstrap CA certificates
+        self.identity_cas = identity_cas or {}  # CA name -> certificate, for labels' identity_cas
 
     def unauthorised(self, reason: str) -> HttpRefusal:
         return HttpRefusal(401, reason, self.challenge)
@@ -115,8 +127,14 @@ class Authenticator:
                 raise HttpRefusal(403, f"user {user!r} may not enroll on EST label {label.name!r}")
             return Identity(f"est-basic:{user}")
         if cert is not None:
-            if renewable:
-                return Identity(f"est-cert:{describe_subject(cert)}", renewing=cert)
+            authority_ca = self._identity_ca(cert, label)
+            if renewable or authority_ca is not None:
+                return Identity(
+                    f"est-cert:{describe_subject(cert)}",
+                    renewing=cert if renewable else None,
+                    authority=cert if authority_ca is not None else None,
+                    authority_ca=authority_ca,
+                )
             if currently_valid(cert) and any(directly_issued(cert, ca) for ca in self.client_cas.get(label.name, [])):
                 return Identity(f"est-cert:{describe_subject(cert)}")
             raise HttpRefusal(403, f"client certificate is not trusted for EST label {label.name!r}")
@@ -125,3 +143,11 @@ class Authenticator:
     def _issued_here(self, cert: x509.Certificate, label: LabelConfig) -> bool:
         ca = self.ca_certs.get(label.name)
         return ca is not None and currently_valid(cert) and directly_issued(cert, ca)
+
+    def _identity_ca(self, cert: x509.Certificate, label: LabelConfig) -> str | None:
+        """The label's identity CA whose key signed ``cert`` (signature checked, not just the issuer name)."""
+        for name in label.identity_cas:
+            ca = self.identity_cas.get(name)
+            if ca is not None and directly_issued(cert, ca):
+                return name
+        return None

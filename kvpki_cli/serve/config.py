@@ -19,6 +19,7 @@ from kvpki_cli.errors import UsageError
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 DEFAULT_LABEL = "default"
+IDENTITY_CN_PLACEHOLDER = "{cn}"
 EST_OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll", "csrattrs")
 
 
@@ -32,6 +33,11 @@ class LabelConfig:
     users: frozenset[str] = frozenset()
     client_cas: tuple[Path, ...] = ()
     renewal: bool = True
+    # Enrollment authority: client certificates issued by these kvpki CAs may enroll new names
+    # tied to their own CN (IoT Edge's EST identity certificate), not only renew themselves.
+    identity_cas: tuple[str, ...] = ()
+    identity_profiles: frozenset[str] = frozenset()  # empty: any profile (EKU clientAuth is always required)
+    identity_cn: tuple[str, ...] = (IDENTITY_CN_PLACEHOLDER,)  # allowed CSR CNs; "{cn}" = the identity's CN
 
     def allows_user(self, user: str) -> bool:
         return user in self.users or "*" in self.users
@@ -83,7 +89,7 @@ def _label(base: Path, name: str, table: Any) -> LabelConfig:
         raise UsageError(f"serve config: [est.{name}] must be a table")
     if not LABEL.match(name) or name in EST_OPERATIONS:
         raise UsageError(f"serve config: invalid EST label {name!r}")
-    unknown = set(table) - {"ca", "profile", "users", "client_cas", "renewal"}
+    unknown = set(table) - {"ca", "profile", "users", "client_cas", "renewal", *IDENTITY_KEYS}
     if unknown:
         raise UsageError(f"serve config: [est.{name}] has unknown setting(s) {', '.join(sorted(unknown))}")
     if not isinstance(table.get("ca"), str):
@@ -99,7 +105,46 @@ def _label(base: Path, name: str, table: Any) -> LabelConfig:
         users=frozenset(str(u) for u in users),
         client_cas=tuple(_path(base, p, f"[est.{name}] client_cas") for p in cas),
         renewal=bool(table.get("renewal", True)),
+        **_identity_settings(name, table),
     )
+
+
+IDENTITY_KEYS = ("identity_cas", "identity_profiles", "identity_cn")
+
+
+def _string_list(name: str, table: Mapping[str, Any], key: str) -> list[str] | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str) and key == "identity_cn":
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise UsageError(f"serve config: [est.{name}] {key} must be a non-empty list of strings")
+    return value
+
+
+def _identity_settings(name: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the identity-authority keys; a CN template must contain {cn} so issued names stay tied."""
+    cas = _string_list(name, table, "identity_cas")
+    profiles = _string_list(name, table, "identity_profiles")
+    templates = _string_list(name, table, "identity_cn")
+    if cas is None:
+        if profiles is not None or templates is not None:
+            raise UsageError(f"serve config: [est.{name}] identity_profiles/identity_cn need identity_cas")
+        return {}
+    settings: dict[str, Any] = {"identity_cas": tuple(cas)}
+    if profiles is not None:
+        settings["identity_profiles"] = frozenset(profiles)
+    if templates is not None:
+        for template in templates:
+            rest = template.replace(IDENTITY_CN_PLACEHOLDER, "", 1)
+            if IDENTITY_CN_PLACEHOLDER not in template or "{" in rest or "}" in rest:
+                raise UsageError(
+                    f"serve config: [est.{name}] identity_cn {template!r} must contain {IDENTITY_CN_PLACEHOLDER}"
+                    " exactly once (and no other braces)"
+                )
+        settings["identity_cn"] = tuple(templates)
+    return settings
 
 
 def load_serve_config(path: Path) -> ServeConfig:

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvpki_cli.authority import CertificateAuthority, SigningRequest
 from kvpki_cli.errors import KvpkiError
 from kvpki_cli.pki.csr import decode_csr_bytes, parse_csr
 from kvpki_cli.pki.policy import requested_sans
-from kvpki_cli.serve.auth import Authenticator, Identity, describe_subject
-from kvpki_cli.serve.config import DEFAULT_LABEL, LabelConfig, ServeConfig
+from kvpki_cli.serve.auth import Authenticator, Identity, currently_valid, describe_subject, directly_issued
+from kvpki_cli.serve.config import DEFAULT_LABEL, IDENTITY_CN_PLACEHOLDER, LabelConfig, ServeConfig
 from kvpki_cli.serve.wire import PKCS10, HttpRefusal, certs_only_body, media_type, pkcs7_response, text_response
 from kvpki_cli.serve.workers import CaWorkers
 
@@ -51,6 +52,69 @@ def check_renewal(
         old_sans = set()
     if set(requested_sans(csr)) != old_sans:
         raise HttpRefusal(403, "re-enrollment must keep the subjectAltNames of the certificate being renewed")
+
+
+def _certificate_sans(cert: x509.Certificate) -> set[x509.GeneralName]:
+    try:
+        return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return set()
+
+
+def _is_client_auth_end_entity(cert: x509.Certificate) -> bool:
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False  # no EKU means "any purpose": an identity must say clientAuth explicitly
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usages
+
+
+def renews_own_profile(ca: CertificateAuthority, cert: x509.Certificate, profile: str) -> bool:
+    """Whether ``cert`` is this CA's certificate of ``profile`` (then it renews, not acts as authority)."""
+    record = ca.inventory.get(ca.name, format(cert.serial_number, "x"))
+    return record is not None and record.profile == profile
+
+
+def check_identity(
+    identity_ca: CertificateAuthority, cert: x509.Certificate, csr: x509.CertificateSigningRequest, label: LabelConfig
+) -> None:
+    """An identity certificate may enroll only names tied to it, and only while it is good.
+
+    Good: valid now, an end entity with EKU clientAuth, signed by ``identity_ca``, present and
+    unrevoked in that CA's inventory, of an allowed profile.  Tied: the CSR has one CN, equal to
+    one of the label's ``identity_cn`` templates with ``{cn}`` replaced by the identity's CN,
+    and any other subject attributes and subjectAltNames are ones the identity itself carries.
+    """
+    if not currently_valid(cert):
+        raise HttpRefusal(403, "the identity certificate is not currently valid")
+    if not _is_client_auth_end_entity(cert):
+        raise HttpRefusal(403, "the identity certificate must be an end-entity certificate with EKU clientAuth")
+    if not directly_issued(cert, identity_ca.certificate):
+        raise HttpRefusal(403, f"the identity certificate was not issued by CA {identity_ca.name!r}")
+    record = identity_ca.inventory.get(identity_ca.name, format(cert.serial_number, "x"))
+    if record is None or record.der != cert.public_bytes(Encoding.DER):
+        raise HttpRefusal(403, f"the identity certificate is not in the inventory of CA {identity_ca.name!r}")
+    if record.status == "revoked":
+        raise HttpRefusal(403, "the identity certificate has been revoked")
+    if label.identity_profiles and record.profile not in label.identity_profiles:
+        raise HttpRefusal(403, f"a {record.profile} certificate is not an enrollment identity on this label")
+    identity_cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    requested_cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(identity_cns) != 1 or len(requested_cns) != 1:
+        raise HttpRefusal(403, "identity enrollment needs exactly one CN in the identity certificate and the CSR")
+    allowed = {t.replace(IDENTITY_CN_PLACEHOLDER, str(identity_cns[0].value), 1) for t in label.identity_cn}
+    if requested_cns[0].value not in allowed:
+        raise HttpRefusal(403, "the CSR's CN is not tied to the identity certificate's CN")
+    identity_attributes = {(a.oid, a.value) for a in cert.subject if a.oid != NameOID.COMMON_NAME}
+    if any((a.oid, a.value) not in identity_attributes for a in csr.subject if a.oid != NameOID.COMMON_NAME):
+        raise HttpRefusal(403, "the CSR's subject has attributes the identity certificate does not have")
+    if not set(requested_sans(csr)) <= _certificate_sans(cert):
+        raise HttpRefusal(403, "the CSR asks for subjectAltNames the identity certificate does not have")
 
 
 class EstService:
@@ -130,8 +194,14 @@ class EstService:
         try:
             csr_der = decode_csr_bytes(body)  # RFC 8951: base64 whatever Content-Transfer-Encoding says
             csr = parse_csr(csr_der)
-            if identity.renewing is not None:
-                check_renewal(ca, identity.renewing, csr, label.config.profile)
+            profile = label.config.profile
+            renewing, authority = identity.renewing, identity.authority
+            if renewing is not None and (authority is None or renews_own_profile(ca, renewing, profile)):
+                check_renewal(ca, renewing, csr, profile)
+            elif authority is not None:
+                if identity.authority_ca is None:  # fail closed: an authority always names its CA
+                    raise HttpRefusal(403, "identity certificate without a configured identity CA")
+                check_identity(self.workers.authority(identity.authority_ca), authority, csr, label.config)
             request = SigningRequest(csr_der, csr, profile=label.config.profile, requester=identity.requester)
             return ca.issue(request).certificate
         except KvpkiError as error:
