@@ -18,7 +18,7 @@ fi
 
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
-.venv/bin/pip install --quiet -e ".[test]" --config-settings editable_mode=compat
+.venv/bin/pip install --quiet ".[test]"
 export PATH="$PWD/.venv/bin:$PATH"
 
 ruff check kvpki_cli tests scripts
