@@ -10,23 +10,20 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from kvpki_cli.errors import EXIT_USAGE, InvalidInput, KvpkiError, UsageError
+from kvpki_cli.keystores.base import KeyType
+from kvpki_cli.pki.crl import REASONS
 
-KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
-REVOCATION_REASONS = (
-    "unspecified",
-    "keyCompromise",
-    "cACompromise",
-    "affiliationChanged",
-    "superseded",
-    "cessationOfOperation",
-    "certificateHold",
-    "privilegeWithdrawn",
-)
+if TYPE_CHECKING:
+    from kvpki_cli.authority import CertificateAuthority
+    from kvpki_cli.config import Settings
+
+KEY_TYPES = tuple(key_type.value for key_type in KeyType)
+REVOCATION_REASONS = tuple(REASONS)
 
 
 class Context:
@@ -34,17 +31,17 @@ class Context:
 
     def __init__(self, home: str | None) -> None:
         self.home = Path(home).expanduser() if home else None
-        self._settings: Any = None
+        self._settings: Settings | None = None
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> Settings:
         if self._settings is None:
             from kvpki_cli.config import Settings
 
             self._settings = Settings.load(self.home)
         return self._settings
 
-    def authority(self, name: str) -> Any:
+    def authority(self, name: str) -> CertificateAuthority:
         from kvpki_cli.authority import CertificateAuthority
 
         return CertificateAuthority.open(self.settings, name)
@@ -226,9 +223,8 @@ def _load_certificate(data: bytes) -> Any:
 @click.pass_obj
 def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str) -> None:
     """Print a CRL signed by the CA key listing every revoked, unexpired certificate."""
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     from kvpki_cli.durations import parse_duration
+    from kvpki_cli.pki.lean import Encoding
 
     crl = obj.authority(ca_name).crl(parse_duration(next_update, what="--next-update"))
     _write_stdout(crl.public_bytes(Encoding.PEM if fmt == "pem" else Encoding.DER))
@@ -304,9 +300,3 @@ def serve_passwd_command(users_file: str, user: str, password_stdin: bool, delet
             password = click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
     set_user(Path(users_file), user, password)
     sys.stderr.write(f"kvpki: {'removed' if delete else 'set password for'} {user} in {users_file}\n")
-
-
-def main(argv: Sequence[str] | None = None) -> NoReturn:
-    from kvpki_cli.entry import main as entry_main
-
-    entry_main(argv)
