@@ -94,11 +94,26 @@ ca = "issuing"
 profile = "device"
 users = ["alice", "edge"]
 client_cas = ["bootstrap.pem"]
+identity_cas = ["est-identity"]    # IoT Edge device-ID enrollment with its EST identity certificate
 
 [est.edge-ca]
 ca = "issuing"
 profile = "edge-ca"
 users = ["edge"]
+identity_cas = ["est-identity"]
+identity_profiles = ["device"]
+identity_cn = ["{{cn}}", "aziot-edge CA {{cn}}"]
+
+[est.est-id]
+ca = "est-identity"
+profile = "device"
+client_cas = ["bootstrap.pem"]
+
+[est.edge-ca-one-ca]
+ca = "issuing"
+profile = "edge-ca"
+identity_cas = ["issuing"]         # one CA for everything: the recorded profile decides renewal vs. authority
+identity_profiles = ["device"]
 
 [est.other]
 ca = "issuing"
@@ -119,6 +134,7 @@ def _prepare(home: Path, env: dict[str, str], port: int, http_port: int) -> None
     (home / "root.pem").write_bytes(run("init-ca", "--name", "root", "--subject", "CN=Test Root,O=kvpki"))
     run("init-ca", "--name", "issuing", "--parent", "root", "--subject", "CN=Test Issuing CA,O=kvpki")
     (home / "bootstrap.pem").write_bytes(run("init-ca", "--name", "bootstrap", "--subject", "CN=Bootstrap CA"))
+    run("init-ca", "--name", "est-identity", "--parent", "root", "--subject", "CN=Test EST Identity CA,O=kvpki")
     openssl(
         "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
         "-keyout", str(home / "server.key"), "-subj", "/CN=localhost", "-out", str(home / "server.csr"),
@@ -134,7 +150,7 @@ def _prepare(home: Path, env: dict[str, str], port: int, http_port: int) -> None
 
 @pytest.fixture(scope="module")
 def est_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
-    """A running `kvpki serve` with CAs root -> issuing, a bootstrap CA and three labels."""
+    """A running `kvpki serve`: CAs root -> issuing, root -> est-identity, a bootstrap CA; five labels."""
     home = tmp_path_factory.mktemp("serve")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KVPKI_", "AZURE_"))}
     env.update({"KVPKI_HOME": str(home), "PYTHONPATH": str(REPO), "NO_PROXY": "*", "no_proxy": "*"})
