@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import openssl
+
 REPO = Path(__file__).resolve().parent.parent
 KVPKI = [sys.executable, "-m", "kvpki_cli"]
 
@@ -100,13 +102,6 @@ def local_kvpki(tmp_path: Path) -> Kvpki:
     home.mkdir()
     setup = StoreSetup("local")
     return Kvpki(home, make_env(home), setup)
-
-
-def openssl(*args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    result = subprocess.run(["openssl", *args], input=input, capture_output=True, timeout=60)
-    if check and result.returncode != 0:
-        raise AssertionError(f"openssl {' '.join(args)} failed: {result.stderr.decode()}")
-    return result
 
 
 @dataclass

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
 
 def _pkilint_tool(name: str) -> str:
@@ -45,3 +48,22 @@ def openssl_verify(
 
 def load_cert(pem: bytes) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pem)
+
+
+def openssl(*args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    result = subprocess.run(["openssl", *args], input=input, capture_output=True, timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(f"openssl {' '.join(args)} failed: {result.stderr.decode()}")
+    return result
+
+
+def ec_csr_pem(name: str) -> bytes:
+    """A P-256 CSR with CN=name, made in-process (fast, for load tests)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .sign(key, hashes.SHA256())
+        .public_bytes(Encoding.PEM)
+    )

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import openssl
+
 REPO = Path(__file__).resolve().parent.parent
 KVPKI = [sys.executable, "-m", "kvpki_cli"]
 PASSWORDS = {"alice": "alice-secret-1", "edge": "edge-secret-22", "mallory": "mallory-pass-3"}
@@ -29,13 +31,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def openssl(*args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    result = subprocess.run(["openssl", *args], input=input, capture_output=True, timeout=60)
-    if check and result.returncode != 0:
-        raise AssertionError(f"openssl {' '.join(args)} failed: {result.stderr.decode()}")
-    return result
 
 
 @dataclass

@@ -6,31 +6,18 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.conftest import KVPKI, Kvpki
+from tests.helpers import ec_csr_pem
 
 WORKERS = 8
 SIGNATURES_PER_WORKER = 50
 
 
-def _csr(name: str) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
-    return (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(subject)
-        .sign(key, hashes.SHA256())
-        .public_bytes(Encoding.PEM)
-    )
-
-
 def test_parallel_processes_get_one_row_each_and_distinct_serials(local_kvpki: Kvpki) -> None:
     kvpki = local_kvpki
     kvpki.init_ca("busy", "--subject", "CN=Busy CA")
-    csrs = {f"w{w}-d{i}": _csr(f"w{w}-d{i}") for w in range(WORKERS) for i in range(SIGNATURES_PER_WORKER)}
+    csrs = {f"w{w}-d{i}": ec_csr_pem(f"w{w}-d{i}") for w in range(WORKERS) for i in range(SIGNATURES_PER_WORKER)}
 
     def worker(w: int) -> list[tuple[str, x509.Certificate]]:
         issued = []

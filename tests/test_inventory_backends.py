@@ -20,13 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.errors import EXIT_BACKEND, EXIT_USAGE, AlreadyExists, NotFound
 from kvpki_cli.inventory import open_inventory
 from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
+from tests.helpers import ec_csr_pem
 
 if TYPE_CHECKING:  # imported for real by pytest_plugins, so pytest can rewrite its asserts
     from tests.pg_fixture import PostgresServer
@@ -275,23 +273,12 @@ def _ok(result: subprocess.CompletedProcess[bytes]) -> bytes:
     return result.stdout
 
 
-def _csr(name: str) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
-    return (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(subject)
-        .sign(key, hashes.SHA256())
-        .public_bytes(Encoding.PEM)
-    )
-
-
 def test_cli_end_to_end_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
     home = tmp_path / "home"
     run = _cli(home, postgres_url)
     root = x509.load_pem_x509_certificate(_ok(run("init-ca", "--name", "root", "--subject", "CN=Root")))
     _ok(run("init-ca", "--name", "sub", "--parent", "root", "--subject", "CN=Sub"))  # recorded in root's inventory
-    leaf = x509.load_pem_x509_certificate(_ok(run("sign-csr", "--ca", "root", input=_csr("device-001"))))
+    leaf = x509.load_pem_x509_certificate(_ok(run("sign-csr", "--ca", "root", input=ec_csr_pem("device-001"))))
     serial = format(leaf.serial_number, "x")
 
     revoked = json.loads(_ok(run("revoke", "--ca", "root", "--reason", "keycompromise", serial)))
@@ -332,7 +319,7 @@ def test_cli_inventory_failure_is_one_line_without_password(
     run = _cli(tmp_path / "home", url)
     _ok(run("init-ca", "--name", "root", "--subject", "CN=Root"))  # a root CA needs no inventory row
 
-    result = run("sign-csr", "--ca", "root", input=_csr("device-001"))
+    result = run("sign-csr", "--ca", "root", input=ec_csr_pem("device-001"))
 
     stderr = result.stderr.decode()
     assert result.returncode == code, stderr
