@@ -65,17 +65,7 @@ def start_vault(latency_ms: float, env: dict[str, str]) -> tuple[subprocess.Pope
     )
     assert process.stdout is not None
     info = json.loads(process.stdout.readline())
-    extra = {
-        "AZURE_AUTHORITY_HOST": info["url"],
-        "AZURE_TOKEN_CREDENTIALS": "EnvironmentCredential",
-        "AZURE_TENANT_ID": info["tenant_id"],
-        "AZURE_CLIENT_ID": info["client_id"],
-        "AZURE_CLIENT_SECRET": info["client_secret"],
-        "KVPKI_AZURE_CA_BUNDLE": info["ca_bundle"],
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
-    return process, {**extra, "_VAULT_URL": info["url"]}
+    return process, {**info["env"], "_VAULT_URL": info["url"]}
 
 
 def prepare(home: Path, env: dict[str, str], port: int, concurrency: int, vault_url: str | None) -> Path:

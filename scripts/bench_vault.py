@@ -102,7 +102,7 @@ class Server:
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         assert self.proc.stdout is not None
-        self.info: dict[str, str] = json.loads(self.proc.stdout.readline())
+        self.info: dict[str, Any] = json.loads(self.proc.stdout.readline())
         self.context = ssl.create_default_context(cafile=self.info["ca_bundle"])
 
     def _admin(self, method: str, path: str) -> Any:
@@ -157,15 +157,7 @@ def main() -> None:
         info = server.info
         base = {k: v for k, v in os.environ.items() if not k.startswith(("KVPKI_", "AZURE_"))}
         base["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "netguard"), str(REPO)])
-        azure_env = {
-            **base,
-            "AZURE_AUTHORITY_HOST": info["url"],
-            "AZURE_TOKEN_CREDENTIALS": "EnvironmentCredential",
-            "AZURE_TENANT_ID": info["tenant_id"],
-            "AZURE_CLIENT_ID": info["client_id"],
-            "AZURE_CLIENT_SECRET": info["client_secret"],
-            "KVPKI_AZURE_CA_BUNDLE": info["ca_bundle"],
-        }
+        azure_env = {**base, **info["env"]}
         kvpki = kvpki_command()
         homes = {"azure": work / "azure", "local": work / "local"}
         envs = {

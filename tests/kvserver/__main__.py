@@ -31,6 +31,7 @@ def main() -> None:
         "client_id": server.client_id,
         "client_secret": server.client_secret,
         "ca_bundle": str(server.ca_bundle),
+        "env": server.client_env(),
     }
     sys.stdout.write(json.dumps(info) + "\n")
     sys.stdout.flush()

@@ -25,18 +25,9 @@ TEST_DEADLINE = "3"
 
 def azure_env(server: KeyVaultTestServer, **overrides: str) -> dict[str, str]:
     """Environment variables for a kvpki process that uses ``server`` through DefaultAzureCredential."""
-    env = {
-        "AZURE_AUTHORITY_HOST": server.url,
-        "AZURE_TOKEN_CREDENTIALS": "EnvironmentCredential",  # never fall through to managed identity
-        "AZURE_TENANT_ID": server.tenant_id,
-        "AZURE_CLIENT_ID": server.client_id,
-        "AZURE_CLIENT_SECRET": server.client_secret,
-        "KVPKI_AZURE_CA_BUNDLE": str(server.ca_bundle),
-        "KVPKI_AZURE_DEADLINE": TEST_DEADLINE,
-        "PYTHONPATH": os.pathsep.join([str(NETGUARD_DIR), str(REPO)]),  # sitecustomize = netguard
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
+    env = server.client_env()
+    env["KVPKI_AZURE_DEADLINE"] = TEST_DEADLINE
+    env["PYTHONPATH"] = os.pathsep.join([str(NETGUARD_DIR), str(REPO)])  # sitecustomize = netguard
     env.update(overrides)
     return env
 

@@ -144,6 +144,19 @@ class KeyVaultTestServer:
     def ca_bundle(self) -> Path:
         return self.tls.ca_bundle
 
+    def client_env(self) -> dict[str, str]:
+        """What a kvpki process needs to reach this server through the real DefaultAzureCredential."""
+        return {
+            "AZURE_AUTHORITY_HOST": self.url,
+            "AZURE_TOKEN_CREDENTIALS": "EnvironmentCredential",  # never fall through to managed identity
+            "AZURE_TENANT_ID": self.tenant_id,
+            "AZURE_CLIENT_ID": self.client_id,
+            "AZURE_CLIENT_SECRET": self.client_secret,
+            "KVPKI_AZURE_CA_BUNDLE": str(self.ca_bundle),
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
+
     def set_faults(
         self, latency_ms: float = 0.0, rules: list[FaultRule] | None = None, token_latency_ms: float | None = None
     ) -> None:
