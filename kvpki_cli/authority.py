@@ -16,14 +16,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from kvpki_cli.config import CaConfig, Settings, check_ca_name
-from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, NotFound, UsageError
+from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, NotFound, PolicyViolation, UsageError
 from kvpki_cli.inventory import open_inventory
 from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
 from kvpki_cli.keystores import open_keystore
 from kvpki_cli.keystores.base import CAPrivateKey, KeyStore, KeyType
 from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate
 from kvpki_cli.pki.lean import Encoding
-from kvpki_cli.pki.policy import Template, approve, child_path_length, validity_window
+from kvpki_cli.pki.policy import Template, approve, certificate_sans, child_path_length, validity_window
 
 ROOT_DEFAULT_VALIDITY = timedelta(days=3650)
 SUB_CA_DEFAULT_VALIDITY = timedelta(days=5 * 365)
@@ -170,6 +170,30 @@ class CertificateAuthority:
         except (ValueError, TypeError, InvalidSignature):
             raise InvalidInput(f"certificate signature does not verify against CA {self.name!r}") from None
         return format(certificate.serial_number, "x")
+
+    def issued_record(self, certificate: x509.Certificate) -> CertificateRecord:
+        """The inventory record of a certificate this CA issued and has not revoked."""
+        serial = self.serial_of(certificate)
+        record = self.inventory.get(self.name, serial)
+        if record is None or record.der != certificate.public_bytes(Encoding.DER):
+            raise NotFound(f"certificate {serial} is not in the inventory of CA {self.name!r}")
+        if record.status == "revoked":
+            raise PolicyViolation(f"certificate {serial} is revoked and cannot be renewed")
+        return record
+
+    def renewal_request(
+        self, old: x509.Certificate, csr_der: bytes, csr: x509.CertificateSigningRequest, requester: str
+    ) -> SigningRequest:
+        """Same subject, SANs and profile as ``old``; the key comes from the CSR (rotated or not)."""
+        record = self.issued_record(old)
+        return SigningRequest(
+            csr_der=csr_der,
+            csr=csr,
+            profile=record.profile,
+            requester=requester,
+            subject=old.subject,
+            sans=certificate_sans(old) or None,
+        )
 
     def crl(self, next_update: timedelta) -> x509.CertificateRevocationList:
         from kvpki_cli.pki.crl import RevokedEntry, build_crl

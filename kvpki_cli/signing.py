@@ -11,10 +11,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from kvpki_cli.errors import InvalidInput, KvpkiError, UsageError
 from kvpki_cli.messages import warn
+
+if TYPE_CHECKING:
+    from kvpki_cli.authority import Issued
 
 OUTPUT_SUFFIX = {"pem": ".pem", "der": ".der", "pkcs7": ".p7b", "json": ".json"}
 
@@ -145,10 +148,8 @@ def output_targets(paths: Sequence[str], out_dir: str, fmt: str) -> list[Path]:
     return targets
 
 
-def encode_issued(item: object, fmt: str, with_chain: bool) -> bytes:
-    from kvpki_cli.authority import Issued
+def encode_issued(item: Issued, fmt: str, with_chain: bool) -> bytes:
     from kvpki_cli.pki.encoding import encode_certificates
 
-    assert isinstance(item, Issued)
     certs = [item.certificate, *item.chain] if with_chain else [item.certificate]
     return encode_certificates(certs, fmt, {"profile": item.record.profile})

@@ -40,6 +40,13 @@ def requested_sans(csr: x509.CertificateSigningRequest) -> tuple[x509.GeneralNam
     return tuple(ext.value)
 
 
+def certificate_sans(certificate: x509.Certificate) -> tuple[x509.GeneralName, ...]:
+    try:
+        return tuple(certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return ()
+
+
 def requests_ca(csr: x509.CertificateSigningRequest) -> bool:
     try:
         return bool(csr.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)

@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kvpki_cli.authority import CertificateAuthority, SigningRequest
 from kvpki_cli.errors import KvpkiError
 from kvpki_cli.pki.csr import decode_csr_bytes, parse_csr
-from kvpki_cli.pki.policy import requested_sans
+from kvpki_cli.pki.policy import certificate_sans, requested_sans
 from kvpki_cli.serve.auth import Authenticator, Identity, currently_valid, describe_subject, directly_issued
 from kvpki_cli.serve.config import DEFAULT_LABEL, IDENTITY_CN_PLACEHOLDER, LabelConfig, ServeConfig
 from kvpki_cli.serve.wire import PKCS10, HttpRefusal, certs_only_body, media_type, pkcs7_response, text_response
@@ -46,19 +46,8 @@ def check_renewal(
         raise HttpRefusal(403, f"a {record.profile} certificate cannot renew into profile {profile!r}")
     if csr.subject != old.subject:
         raise HttpRefusal(403, "re-enrollment must keep the subject of the certificate being renewed")
-    try:
-        old_sans = set(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
-    except x509.ExtensionNotFound:
-        old_sans = set()
-    if set(requested_sans(csr)) != old_sans:
+    if set(requested_sans(csr)) != set(certificate_sans(old)):
         raise HttpRefusal(403, "re-enrollment must keep the subjectAltNames of the certificate being renewed")
-
-
-def _certificate_sans(cert: x509.Certificate) -> set[x509.GeneralName]:
-    try:
-        return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
-    except x509.ExtensionNotFound:
-        return set()
 
 
 def _is_client_auth_end_entity(cert: x509.Certificate) -> bool:
@@ -113,7 +102,7 @@ def check_identity(
     identity_attributes = {(a.oid, a.value) for a in cert.subject if a.oid != NameOID.COMMON_NAME}
     if any((a.oid, a.value) not in identity_attributes for a in csr.subject if a.oid != NameOID.COMMON_NAME):
         raise HttpRefusal(403, "the CSR's subject has attributes the identity certificate does not have")
-    if not set(requested_sans(csr)) <= _certificate_sans(cert):
+    if not set(requested_sans(csr)) <= set(certificate_sans(cert)):
         raise HttpRefusal(403, "the CSR asks for subjectAltNames the identity certificate does not have")
 
 
