@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,19 @@ def _tampered_subject(pem: bytes) -> bytes:
     return der.replace(b"device-1", b"device-9")
 
 
+def _raw_subject_csr(*attributes: tuple[x509.ObjectIdentifier, str]) -> bytes:
+    """A CSR whose subject bypasses cryptography's own checks, as a hostile client's would."""
+    with warnings.catch_warnings():  # cryptography warns about exactly what this builds
+        warnings.simplefilter("ignore", UserWarning)
+        name = x509.Name([x509.NameAttribute(oid, value, _validate=False) for oid, value in attributes])
+        builder = x509.CertificateSigningRequestBuilder().subject_name(name)
+        return builder.sign(P256_FOR_NAMES, hashes.SHA256()).public_bytes(Encoding.PEM)
+
+
+P256_FOR_NAMES = ec.generate_private_key(ec.SECP256R1())
+CN, C, ORG = x509.NameOID.COMMON_NAME, x509.NameOID.COUNTRY_NAME, x509.NameOID.ORGANIZATION_NAME
+
+
 @dataclass
 class Case:
     args: list[str]
@@ -99,6 +113,10 @@ CASES: dict[str, Case] = {
         _csr(P256, extensions=[(x509.SubjectAlternativeName([x509.DirectoryName(x509.Name([]))]), False)]),
         POLICY,
     ),
+    "CN longer than 64 characters": Case([], _raw_subject_csr((CN, "d" * 65)), INVALID),
+    "three-letter country": Case([], _raw_subject_csr((CN, "device-1"), (C, "USA")), INVALID),
+    "NUL byte in CN": Case([], _raw_subject_csr((CN, "good.example\x00evil")), INVALID),
+    "newline in O": Case([], _raw_subject_csr((CN, "device-1"), (ORG, "Contoso\nInc")), INVALID),
     "malformed --san": Case(["--san", "XYZ:foo"], GOOD, INVALID),
     "malformed --san IP": Case(["--san", "IP:300.1.1.1"], GOOD, INVALID),
     "malformed --subject": Case(["--subject", "not a dn"], GOOD, INVALID),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import binascii
 import re
+import warnings
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -73,10 +74,13 @@ def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
         signature_ok = False
     if not signature_ok:
         raise InvalidInput("CSR signature does not verify (no proof of possession of the private key)")
-    try:
-        _ = (csr.subject, csr.extensions)
-    except ValueError as exc:
-        raise InvalidInput(f"CSR contains a malformed subject or extension: {exc}") from None
+    with warnings.catch_warnings():
+        # cryptography only warns about subject attributes outside their X.520 size bounds
+        warnings.simplefilter("error", UserWarning)
+        try:
+            _ = (csr.subject, csr.extensions)
+        except (ValueError, UserWarning) as exc:
+            raise InvalidInput(f"CSR contains a malformed subject or extension: {exc}") from None
     return csr
 
 

@@ -49,8 +49,41 @@ def common_names(subject: x509.Name) -> list[str]:
     return [str(attr.value) for attr in subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
 
 
+# RFC 5280 appendix A upper bounds (characters) for attributes CSRs commonly carry.
+_UPPER_BOUNDS = {
+    x509.NameOID.COMMON_NAME: 64,
+    x509.NameOID.ORGANIZATION_NAME: 64,
+    x509.NameOID.ORGANIZATIONAL_UNIT_NAME: 64,
+    x509.NameOID.LOCALITY_NAME: 128,
+    x509.NameOID.STATE_OR_PROVINCE_NAME: 128,
+    x509.NameOID.SERIAL_NUMBER: 64,
+    x509.NameOID.TITLE: 64,
+    x509.NameOID.EMAIL_ADDRESS: 255,
+}
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_name_syntax(subject: x509.Name) -> None:
+    """Refuse what RFC 5280 forbids or relying parties misread: over-long or empty values, control characters."""
+    for attribute in subject:
+        value = attribute.value
+        label = attribute.oid._name
+        if isinstance(value, bytes):
+            continue
+        if not value:
+            raise InvalidInput(f"subject attribute {label} is empty")
+        bound = _UPPER_BOUNDS.get(attribute.oid)
+        if bound is not None and len(value) > bound:
+            raise InvalidInput(f"subject attribute {label} is longer than {bound} characters")
+        if attribute.oid == x509.NameOID.COUNTRY_NAME and len(value) != 2:
+            raise InvalidInput(f"subject countryName {value!r} must be a two-letter code")
+        if _CONTROL_CHARACTERS.search(value):
+            raise InvalidInput(f"subject attribute {label} contains control characters")
+
+
 def check_subject(subject: x509.Name, profile: Profile) -> None:
-    """CN presence and pattern as the profile requires."""
+    """Well-formed attributes, CN presence and pattern as the profile requires."""
+    check_name_syntax(subject)
     names = common_names(subject)
     if len(names) > 1:
         raise PolicyViolation("subject has more than one CN")
