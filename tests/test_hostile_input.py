@@ -117,6 +117,8 @@ CASES: dict[str, Case] = {
     "three-letter country": Case([], _raw_subject_csr((CN, "device-1"), (C, "USA")), INVALID),
     "NUL byte in CN": Case([], _raw_subject_csr((CN, "good.example\x00evil")), INVALID),
     "newline in O": Case([], _raw_subject_csr((CN, "device-1"), (ORG, "Contoso\nInc")), INVALID),
+    "control character in a URI SAN": Case(["--san", "URI:urn:dev\x01ice"], GOOD, POLICY),
+    "space in an email SAN": Case(["--san", "email:a b@example.com"], GOOD, POLICY),
     "malformed --san": Case(["--san", "XYZ:foo"], GOOD, INVALID),
     "malformed --san IP": Case(["--san", "IP:300.1.1.1"], GOOD, INVALID),
     "malformed --subject": Case(["--subject", "not a dn"], GOOD, INVALID),

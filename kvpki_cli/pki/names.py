@@ -106,11 +106,12 @@ def check_sans(sans: Iterable[x509.GeneralName], profile: Profile) -> None:
             if isinstance(san.value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
                 raise PolicyViolation("SAN IP must be an address, not a network")
         elif isinstance(san, x509.UniformResourceIdentifier):
-            if ":" not in san.value or any(c.isspace() for c in san.value):
+            if ":" not in san.value or any(c.isspace() for c in san.value) or _CONTROL_CHARACTERS.search(san.value):
                 raise PolicyViolation(f"SAN URI {san.value!r} is not an absolute URI")
         elif isinstance(san, x509.RFC822Name):
             local, at, domain = san.value.rpartition("@")
-            if not at or not local or not _DNS_NAME.match(domain) or domain.startswith("*"):
+            bad_local = not local or _CONTROL_CHARACTERS.search(local) or any(c.isspace() for c in local)
+            if not at or bad_local or not _DNS_NAME.match(domain) or domain.startswith("*"):
                 raise PolicyViolation(f"SAN email {san.value!r} is not a valid mailbox")
         else:
             raise PolicyViolation(f"SAN type {type(san).__name__} is not allowed")
