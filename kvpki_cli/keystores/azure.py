@@ -16,12 +16,10 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
 from kvpki_cli.fileutil import write_file_atomic
@@ -33,6 +31,7 @@ from kvpki_cli.keystores.azure_retry import RetryPolicy
 from kvpki_cli.keystores.azure_signer import vault_private_key
 from kvpki_cli.keystores.base import CAPrivateKey, CAPublicKey, KeyStore, KeyType
 from kvpki_cli.messages import warn
+from kvpki_cli.pki.lean import Encoding, PublicFormat
 
 if TYPE_CHECKING:
     from azure.keyvault.certificates import KeyVaultCertificate
@@ -41,8 +40,9 @@ if TYPE_CHECKING:
 
 CA_BUNDLE_ENV = "KVPKI_AZURE_CA_BUNDLE"
 DEADLINE_ENV = "KVPKI_AZURE_DEADLINE"
-SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
-DER = serialization.Encoding.DER
+SPKI = PublicFormat.SubjectPublicKeyInfo
+DER = Encoding.DER
+PEM = Encoding.PEM
 
 
 def key_name_for(ca_name: str) -> str:
@@ -67,8 +67,7 @@ def _as_seconds(value: Any, what: str) -> float:
     return seconds
 
 
-@dataclass(frozen=True)
-class AzureSettings:
+class AzureSettings(NamedTuple):
     vault_url: str
     key_name: str
     hsm: bool
@@ -108,8 +107,7 @@ def _version(cert: KeyVaultCertificate) -> str | None:
     return cert.properties.version if cert.properties is not None else None
 
 
-@dataclass
-class _PendingCA:
+class _PendingCA(NamedTuple):
     """State between create_key and store_chain (one init-ca process)."""
 
     temp_version: str
@@ -176,7 +174,7 @@ class AzureKeyStore(KeyStore):
             cert_name=self.name,
             cert_version=version,
             kid=cert.key_id,
-            chain_pem=[c.public_bytes(serialization.Encoding.PEM).decode() for c in chain],
+            chain_pem=[c.public_bytes(PEM).decode() for c in chain],
             scope=self.credential.last_scope or DEFAULT_SCOPE,
             tenant=self.credential.last_tenant,
             fetched_at=time.time(),
@@ -282,14 +280,14 @@ class AzureKeyStore(KeyStore):
         if not merged.key_id or not merged_version:
             raise BackendError(f"Key Vault returned an incomplete merged certificate for {self.name}")
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pem = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in chain)
+        pem = b"".join(cert.public_bytes(PEM) for cert in chain)
         write_file_atomic(self.chain_path, pem, mode=0o644, overwrite=True)
         self._active = CachedCA(
             vault_url=self.settings.vault_url,
             cert_name=self.name,
             cert_version=merged_version,
             kid=merged.key_id,
-            chain_pem=[c.public_bytes(serialization.Encoding.PEM).decode() for c in chain],
+            chain_pem=[c.public_bytes(PEM).decode() for c in chain],
             scope=self.credential.last_scope or DEFAULT_SCOPE,
             tenant=self.credential.last_tenant,
             fetched_at=time.time(),

@@ -8,7 +8,6 @@ warm cache means no token request in any code path.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import re
 from typing import Any
@@ -53,6 +52,8 @@ def _quiet_sdk_loggers() -> None:
     A NullHandler only stops Python's last-resort stderr printing: records still
     reach handlers the user configured on the root logger.
     """
+    import logging
+
     for name in ("azure", "msal"):
         logging.getLogger(name).addHandler(logging.NullHandler())
 

@@ -16,9 +16,8 @@ import json
 import os
 import stat
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from kvpki_cli.errors import KvpkiError
@@ -111,8 +110,7 @@ class TokenCache:
             _write_private_json(self.path, kept)
 
 
-@dataclass
-class CachedCA:
+class CachedCA(NamedTuple):
     """What a signing process needs to know about a vault CA."""
 
     vault_url: str
@@ -149,7 +147,7 @@ class ChainCache:
         return cached
 
     def save(self, cached: CachedCA) -> None:
-        _write_private_json(self.path, asdict(cached))
+        _write_private_json(self.path, cached._asdict())
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

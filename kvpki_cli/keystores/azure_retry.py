@@ -10,8 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from kvpki_cli.errors import BackendError
 
@@ -27,8 +26,7 @@ class Retryable(Exception):
         self.retry_after = retry_after
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(NamedTuple):
     deadline: float = 30.0  # seconds for the whole operation, all attempts included
     base: float = 0.25  # first backoff
     cap: float = 8.0  # longest single backoff

@@ -8,13 +8,16 @@ key material never leaves the vault: export and decryption/exchange raise.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
 
 from kvpki_cli.errors import BackendError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives import serialization
 
 # (JWS algorithm, digest) -> raw signature bytes from the vault
 SignDigest = Callable[[str, bytes], bytes]

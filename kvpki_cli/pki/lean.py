@@ -12,11 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 try:
-    from cryptography.hazmat.primitives._serialization import Encoding
+    from cryptography.hazmat.primitives._serialization import Encoding, PublicFormat
 except ImportError:  # pragma: no cover - depends on the cryptography release
-    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-__all__ = ["Encoding", "load_pem_private_key"]
+__all__ = ["Encoding", "PublicFormat", "load_pem_private_key"]
 
 
 def _pem_private_key_loader() -> Callable[..., Any]:
