@@ -22,6 +22,8 @@ def pkilint_findings(path: Path, kind: str = "cert") -> str:
     """pkilint findings of severity NOTICE or worse ('' when clean)."""
     if kind == "cert":
         cmd = [_pkilint_tool("lint_pkix_cert"), "lint", "-s", "NOTICE", str(path)]
+    elif kind == "ocsp":
+        cmd = [_pkilint_tool("lint_ocsp_response"), "lint", "-s", "NOTICE", str(path)]
     else:
         cmd = [_pkilint_tool("lint_crl"), "lint", "-t", "CRL", "-p", "PKIX", "-s", "NOTICE", str(path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -16,6 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvpki_cli.serve.ocsp import Delegate, build_response
 from tests import servekit
+from tests.helpers import pkilint_findings
 from tests.servekit import (
     EDGE_HEADERS,
     EstServer,
@@ -48,10 +49,13 @@ def issuing_pem(server: EstServer, directory: Path) -> Path:
 
 
 def ocsp_check(server: EstServer, issuer: Path, cert: Path) -> str:
+    response = cert.with_suffix(".ocsp.der")
     result = openssl("ocsp", "-issuer", str(issuer), "-cert", str(cert), "-url", f"{server.http_url}/ocsp/issuing",
-                     "-CAfile", str(server.root_pem), "-verify_other", str(issuer))  # fmt: skip
+                     "-CAfile", str(server.root_pem), "-verify_other", str(issuer),
+                     "-respout", str(response))  # fmt: skip
     assert b"Response verify OK" in result.stderr + result.stdout
     assert b"WARNING" not in result.stderr + result.stdout  # e.g. "no nonce in response"
+    assert pkilint_findings(response, "ocsp") == ""
     return result.stdout.decode()
 
 
@@ -63,6 +67,7 @@ def fetch_crl(server: EstServer, directory: Path, issuer: Path) -> tuple[str, x5
     path.write_bytes(der)
     result = openssl("crl", "-inform", "DER", "-in", str(path), "-CAfile", str(issuer), "-verify", "-noout", "-text")
     assert b"verify OK" in result.stderr + result.stdout
+    assert pkilint_findings(path, "crl") == ""
     return result.stdout.decode(), x509.load_der_x509_crl(der)
 
 

@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
@@ -57,7 +57,7 @@ def load_delegate(config: OcspSignerConfig, ca_certificate: x509.Certificate) ->
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         cert.verify_directly_issued_by(ca_certificate)
-    except (x509.ExtensionNotFound, ValueError, TypeError, Exception):
+    except (x509.ExtensionNotFound, ValueError, TypeError, InvalidSignature):
         raise UsageError(f"OCSP signer {config.cert} must be issued by the CA and have EKU OCSPSigning") from None
     if x509.oid.ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
         raise UsageError(f"OCSP signer {config.cert} lacks EKU id-kp-OCSPSigning")
