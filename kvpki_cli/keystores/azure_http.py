@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 import ssl
 from typing import Any, NamedTuple
@@ -43,10 +44,63 @@ class Response(NamedTuple):
         return " ".join(str(message or f"HTTP {self.status}").split())
 
 
+def _env_cafile() -> str | None:
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE") or None
+
+
 def ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
     """TLS verification against ``ca_bundle``, else the environment's bundle or the system store."""
-    cafile = ca_bundle or os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE") or None
-    return ssl.create_default_context(cafile=cafile)
+    return ssl.create_default_context(cafile=ca_bundle or _env_cafile())
+
+
+_HASH_LINK = re.compile(r"[0-9a-f]{8}\.[0-9]+")
+
+
+def _has_hash_links(directory: str) -> bool:
+    try:
+        with os.scandir(directory) as entries:
+            return any(_HASH_LINK.fullmatch(entry.name) for entry in entries)
+    except OSError:
+        return False
+
+
+class TrustStore:
+    """The CA certificates vault connections trust: exactly what ``ssl_context`` loads, found more cheaply.
+
+    Loading the system CA file parses every certificate in it (~25 ms, more than the
+    rest of a warm signing process).  With no ``ca_bundle`` and no environment bundle
+    (``REQUESTS_CA_BUNDLE``/``SSL_CERT_FILE``), ``ssl_context`` trusts the default file
+    *and* OpenSSL's default hashed certificate directory; the first handshake uses the
+    directory alone (a subset), where OpenSSL reads just the certificates a chain needs.
+    If that fails to verify, this process switches to the ``ssl_context`` store and the
+    connection is tried once more.  An explicit or environment bundle is used as before.
+    """
+
+    def __init__(self, ca_bundle: str | None) -> None:
+        self._ca_bundle = ca_bundle
+        self._full: ssl.SSLContext | None = None
+        self._fast: ssl.SSLContext | None = None
+        self._fast_decided = False
+
+    def full(self) -> ssl.SSLContext:
+        if self._full is None:
+            self._full = ssl_context(self._ca_bundle)
+        return self._full
+
+    def fast(self) -> ssl.SSLContext | None:
+        """The directory-only context, or None when it does not apply (or already failed)."""
+        if not self._fast_decided:
+            self._fast_decided = True
+            capath = ssl.get_default_verify_paths().capath  # SSL_CERT_DIR, else OpenSSL's default directory
+            if not self._ca_bundle and _env_cafile() is None and capath and _has_hash_links(capath):
+                self._fast = ssl.create_default_context(capath=capath)
+        return self._fast
+
+    def context(self) -> ssl.SSLContext:
+        return self.fast() or self.full()
+
+    def demote(self) -> None:
+        self._fast = None
 
 
 def _wire_name(host: str) -> str | bytes:
@@ -76,15 +130,26 @@ class _HTTPSConnection(http.client.HTTPSConnection):
     ``tls_host`` is the vault host: the TLS peer both directly and through a proxy tunnel.
     """
 
-    def __init__(self, host: str, port: int, *, timeout: float, context: ssl.SSLContext, tls_host: str) -> None:
-        super().__init__(host, port, timeout=timeout, context=context)
+    def __init__(self, host: str, port: int, *, timeout: float, trust: TrustStore, tls_host: str) -> None:
+        super().__init__(host, port, timeout=timeout, context=trust.context())
         self._create_connection = _create_connection  # TCP to ``host`` (and the CONNECT tunnel)
-        self._tls_context = context
+        self._trust = trust
         self._tls_host = tls_host
 
     def connect(self) -> None:
+        server_hostname = _wire_name(self._tls_host)
         http.client.HTTPConnection.connect(self)
-        self.sock = self._tls_context.wrap_socket(self.sock, server_hostname=_wire_name(self._tls_host))
+        fast = self._trust.fast()
+        if fast is not None:
+            try:
+                self.sock = fast.wrap_socket(self.sock, server_hostname=server_hostname)
+                return
+            except ssl.SSLCertVerificationError:
+                pass  # not in the directory: once more below with the full store
+            self._trust.demote()
+            self.sock.close()
+            http.client.HTTPConnection.connect(self)
+        self.sock = self._trust.full().wrap_socket(self.sock, server_hostname=server_hostname)
 
 
 class VaultHTTP:
@@ -96,17 +161,14 @@ class VaultHTTP:
             raise ValueError(f"vault URL must be https://...: {vault_url}")
         self.host = parts.hostname
         self.port = parts.port or 443
-        self._ca_bundle = ca_bundle
-        self._context: ssl.SSLContext | None = None
+        self._trust = TrustStore(ca_bundle)
         self._conn: http.client.HTTPSConnection | None = None
 
     def _connection(self, timeout: float) -> http.client.HTTPSConnection:
         if self._conn is None:
-            if self._context is None:
-                self._context = ssl_context(self._ca_bundle)
             proxy = _proxy_for(self.host)
             host, port = proxy if proxy is not None else (self.host, self.port)
-            conn = _HTTPSConnection(host, port, timeout=timeout, context=self._context, tls_host=self.host)
+            conn = _HTTPSConnection(host, port, timeout=timeout, trust=self._trust, tls_host=self.host)
             if proxy is not None:
                 conn.set_tunnel(self.host, self.port)
             self._conn = conn
