@@ -38,6 +38,13 @@ def kvpki_command() -> list[str]:
     return [found]
 
 
+def compile_package() -> None:
+    """Byte-compile kvpki as an installed package would be (PYTHONDONTWRITEBYTECODE may be set here)."""
+    import kvpki_cli
+
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(kvpki_cli.__file__).parent)], check=True)
+
+
 def make_csr(name: str) -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
@@ -61,6 +68,7 @@ def main() -> None:
     args = parser.parse_args()
 
     kvpki = kvpki_command()
+    compile_package()
     with tempfile.TemporaryDirectory(prefix="kvpki-bench-") as tmp_name:
         tmp = Path(tmp_name)
         env = dict(os.environ, KVPKI_HOME=str(tmp / "home"), KVPKI_REQUESTER="bench")
