@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from cryptography import x509
 
-from kvpki_cli.errors import EXIT_BACKEND, EXIT_USAGE, AlreadyExists, NotFound
+from kvpki_cli.errors import EXIT_BACKEND, EXIT_USAGE, AlreadyExists, NotFound, UsageError
 from kvpki_cli.inventory import open_inventory
 from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
 from tests.helpers import ec_csr_pem
@@ -175,6 +175,8 @@ def test_list_filters_by_effective_status(inventory: Inventory) -> None:
         assert all(r.effective_status(now) == status for r in inventory.list_certificates("root", status, now))
     assert inventory.revocation_count("root") == 2
     assert inventory.revocation_count("other") == 0
+    with pytest.raises(UsageError):  # an unknown filter is an error, not "everything"
+        inventory.list_certificates("root", "bogus", now)
 
 
 def test_revoked_unexpired_is_what_a_crl_lists(inventory: Inventory) -> None:

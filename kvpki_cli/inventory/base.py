@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import NamedTuple
 
+from kvpki_cli.errors import UsageError
+
 STATUSES = ("valid", "revoked", "expired")
 
 
@@ -57,6 +59,19 @@ class CertificateRecord(NamedTuple):
             "reason": self.reason,
             "csr_sha256": self.csr_sha256,
         }
+
+
+def status_condition(status: str | None, placeholder: str) -> tuple[str, bool]:
+    """SQL filter for an effective status (``expired`` is derived from not_after), and whether it binds ``now``."""
+    if status is None:
+        return "", False
+    if status == "revoked":
+        return " AND status = 'revoked'", False
+    if status == "valid":
+        return f" AND status = 'valid' AND not_after > {placeholder}", True
+    if status == "expired":
+        return f" AND status = 'valid' AND not_after <= {placeholder}", True
+    raise UsageError(f"unknown status {status!r} (one of: {', '.join(STATUSES)})")
 
 
 class SerialCollision(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
-from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
+from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision, status_condition
 
 try:
     import psycopg
@@ -240,17 +240,9 @@ class PostgresInventory(Inventory):
         return _row_to_record(updated)
 
     def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
-        query = f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s"
-        params: list[Any] = [ca]
-        if status == "revoked":
-            query += " AND status = 'revoked'"
-        elif status == "valid":
-            query += " AND status = 'valid' AND not_after > %s"
-            params.append(utc_seconds(now))
-        elif status == "expired":
-            query += " AND status = 'valid' AND not_after <= %s"
-            params.append(utc_seconds(now))
-        query += " ORDER BY issued_at, id"
+        condition, binds_now = status_condition(status, "%s")
+        params: list[Any] = [ca, utc_seconds(now)] if binds_now else [ca]
+        query = f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s{condition} ORDER BY issued_at, id"
         return [_row_to_record(row) for row in self._query(query, params)]
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:

@@ -17,7 +17,14 @@ from datetime import datetime
 from pathlib import Path
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound
-from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision, from_text, to_text
+from kvpki_cli.inventory.base import (
+    CertificateRecord,
+    Inventory,
+    SerialCollision,
+    from_text,
+    status_condition,
+    to_text,
+)
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -179,17 +186,9 @@ class SqliteInventory(Inventory):
         return record
 
     def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
-        query = f"SELECT {COLUMNS} FROM certificates WHERE ca=?"
-        params: list[object] = [ca]
-        if status == "revoked":
-            query += " AND status='revoked'"
-        elif status == "valid":
-            query += " AND status='valid' AND not_after>?"
-            params.append(to_text(now))
-        elif status == "expired":
-            query += " AND status='valid' AND not_after<=?"
-            params.append(to_text(now))
-        query += " ORDER BY issued_at, rowid"
+        condition, binds_now = status_condition(status, "?")
+        params: list[object] = [ca, to_text(now)] if binds_now else [ca]
+        query = f"SELECT {COLUMNS} FROM certificates WHERE ca=?{condition} ORDER BY issued_at, rowid"
         return [_row_to_record(row) for row in self._db.execute(query, params)]
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
