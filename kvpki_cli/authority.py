@@ -54,6 +54,24 @@ class Issued(NamedTuple):
     notes: tuple[str, ...]
 
 
+def issued_record(
+    ca_name: str, template: Template, certificate: x509.Certificate, requester: str, csr_der: bytes | None
+) -> CertificateRecord:
+    """The inventory row for a certificate just signed from ``template`` (no CSR for CA certificates kvpki builds)."""
+    return CertificateRecord(
+        ca=ca_name,
+        serial=format(certificate.serial_number, "x"),
+        subject=template.subject.rfc4514_string(),
+        sans=tuple(str(getattr(n, "value", n)) for n in template.sans),
+        profile=template.profile.name,
+        requester=requester,
+        not_before=template.not_before,
+        not_after=template.not_after,
+        csr_sha256=hashlib.sha256(csr_der).hexdigest() if csr_der is not None else "",
+        der=certificate.public_bytes(Encoding.DER),
+    )
+
+
 def parse_serial(text: str) -> str:
     """Accept hex with optional ``0x`` and ``:`` separators; return canonical lowercase hex."""
     cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
@@ -144,18 +162,7 @@ class CertificateAuthority:
 
     def _sign(self, request: SigningRequest, template: Template, serial: int, signer: CAPrivateKey) -> Issued:
         certificate = issue_certificate(template, serial, self.certificate, signer, self.config.urls)
-        record = CertificateRecord(
-            ca=self.name,
-            serial=format(serial, "x"),
-            subject=template.subject.rfc4514_string(),
-            sans=tuple(str(getattr(n, "value", n)) for n in template.sans),
-            profile=template.profile.name,
-            requester=request.requester,
-            not_before=template.not_before,
-            not_after=template.not_after,
-            csr_sha256=hashlib.sha256(request.csr_der).hexdigest(),
-            der=certificate.public_bytes(Encoding.DER),
-        )
+        record = issued_record(self.name, template, certificate, request.requester, request.csr_der)
         return Issued(certificate, self.chain, record, template.notes)
 
     def revoke(self, serial: str, reason: str, when: datetime | None = None) -> CertificateRecord:
@@ -278,22 +285,7 @@ def init_ca(
         keystore.store_chain(chain)
         settings.save_ca_metadata(config)
         if parent_ca is not None:
-            parent_ca.inventory.record_issued(
-                [
-                    CertificateRecord(
-                        ca=parent_ca.name,
-                        serial=format(serial, "x"),
-                        subject=subject.rfc4514_string(),
-                        sans=(),
-                        profile="sub-ca",
-                        requester="init-ca",
-                        not_before=template.not_before,
-                        not_after=template.not_after,
-                        csr_sha256="",
-                        der=certificate.public_bytes(Encoding.DER),
-                    )
-                ]
-            )
+            parent_ca.inventory.record_issued([issued_record(parent_ca.name, template, certificate, "init-ca", None)])
     except BaseException:
         (settings.home / "cas" / name / "ca.json").unlink(missing_ok=True)
         keystore.discard()
