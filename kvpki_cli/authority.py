@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import ExtensionOID
 
 from kvpki_cli.config import CaConfig, Settings, check_ca_name
 from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, NotFound, PolicyViolation, UsageError
@@ -21,13 +22,23 @@ from kvpki_cli.inventory import open_inventory
 from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
 from kvpki_cli.keystores import open_keystore
 from kvpki_cli.keystores.base import CAPrivateKey, KeyStore, KeyType
-from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate
+from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate, serial_hex
 from kvpki_cli.pki.lean import Encoding
 from kvpki_cli.pki.policy import Template, approve, certificate_sans, child_path_length, validity_window
 
 ROOT_DEFAULT_VALIDITY = timedelta(days=3650)
 SUB_CA_DEFAULT_VALIDITY = timedelta(days=5 * 365)
 MAX_SERIAL_ATTEMPTS = 3
+# What a renewal must carry over unchanged: everything that limits what the certificate may do.
+CONSTRAINTS = {
+    ExtensionOID.BASIC_CONSTRAINTS: "basicConstraints",
+    ExtensionOID.KEY_USAGE: "keyUsage",
+    ExtensionOID.EXTENDED_KEY_USAGE: "extendedKeyUsage",
+    ExtensionOID.NAME_CONSTRAINTS: "nameConstraints",
+    ExtensionOID.POLICY_CONSTRAINTS: "policyConstraints",
+    ExtensionOID.INHIBIT_ANY_POLICY: "inhibitAnyPolicy",
+    ExtensionOID.CERTIFICATE_POLICIES: "certificatePolicies",
+}
 
 
 def utcnow() -> datetime:
@@ -45,6 +56,7 @@ class SigningRequest(NamedTuple):
     subject: x509.Name | None = None
     sans: Sequence[x509.GeneralName] | None = None
     path_length: int | None = None
+    renews: x509.Certificate | None = None  # the new certificate must keep every constraint of this one
 
 
 class Issued(NamedTuple):
@@ -54,13 +66,13 @@ class Issued(NamedTuple):
     notes: tuple[str, ...]
 
 
-def issued_record(
+def new_record(
     ca_name: str, template: Template, certificate: x509.Certificate, requester: str, csr_der: bytes | None
 ) -> CertificateRecord:
     """The inventory row for a certificate just signed from ``template`` (no CSR for CA certificates kvpki builds)."""
     return CertificateRecord(
         ca=ca_name,
-        serial=format(certificate.serial_number, "x"),
+        serial=serial_hex(certificate.serial_number),
         subject=template.subject.rfc4514_string(),
         sans=tuple(str(getattr(n, "value", n)) for n in template.sans),
         profile=template.profile.name,
@@ -81,7 +93,39 @@ def parse_serial(text: str) -> str:
         raise InvalidInput(f"invalid serial number {text!r} (expected hexadecimal)") from None
     if value <= 0 or value.bit_length() > 160:
         raise InvalidInput(f"invalid serial number {text!r} (must be positive, at most 20 octets)")
-    return format(value, "x")
+    return serial_hex(value)
+
+
+def recorded(inventory: Inventory, ca_name: str, certificate: x509.Certificate) -> CertificateRecord | None:
+    """The row of exactly ``certificate`` (same serial and same DER) in CA ``ca_name``'s inventory, or None."""
+    record = inventory.get(ca_name, serial_hex(certificate.serial_number))
+    if record is None or record.der != certificate.public_bytes(Encoding.DER):
+        return None
+    return record
+
+
+def _extension(certificate: x509.Certificate, oid: x509.ObjectIdentifier) -> x509.Extension[x509.ExtensionType] | None:
+    try:
+        return certificate.extensions.get_extension_for_oid(oid)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def kept_path_length(certificate: x509.Certificate) -> int | None:
+    """The pathLenConstraint a renewal of ``certificate`` must keep (None: unlimited, or not a CA)."""
+    found = _extension(certificate, ExtensionOID.BASIC_CONSTRAINTS)
+    value = found.value if found is not None else None
+    return value.path_length if isinstance(value, x509.BasicConstraints) and value.ca else None
+
+
+def check_same_constraints(old: x509.Certificate, new: x509.Certificate) -> None:
+    """A renewal may change key, serial and validity, never what the certificate is allowed to do."""
+    for oid, label in CONSTRAINTS.items():
+        if _extension(old, oid) != _extension(new, oid):
+            raise PolicyViolation(
+                f"renewing certificate {serial_hex(old.serial_number)} would change its {label}"
+                " (the profile or the issuer changed since it was issued): refusing"
+            )
 
 
 class CertificateAuthority:
@@ -124,6 +168,9 @@ class CertificateAuthority:
         return self.chain[0]
 
     def approve(self, request: SigningRequest, now: datetime) -> Template:
+        path_length = request.path_length
+        if path_length is None and request.renews is not None:
+            path_length = kept_path_length(request.renews)
         return approve(
             request.csr,
             self.settings.profile(request.profile),
@@ -133,7 +180,7 @@ class CertificateAuthority:
             validity=request.validity,
             subject=request.subject,
             sans=request.sans,
-            path_length=request.path_length,
+            path_length=path_length,
         )
 
     def issue(self, request: SigningRequest) -> Issued:
@@ -145,6 +192,7 @@ class CertificateAuthority:
         The rows are committed before any certificate is returned, so nothing
         leaves kvpki without an inventory record.
         """
+        self.check_not_revoked()
         now = utcnow()
         templates = [self.approve(request, now) for request in requests]
         signer = self.keystore.signer()
@@ -153,6 +201,9 @@ class CertificateAuthority:
                 self._sign(request, template, new_serial_number(), signer)
                 for request, template in zip(requests, templates, strict=True)
             ]
+            for request, item in zip(requests, issued, strict=True):
+                if request.renews is not None:
+                    check_same_constraints(request.renews, item.certificate)
             try:
                 self.inventory.record_issued([item.record for item in issued])
             except SerialCollision:
@@ -162,8 +213,31 @@ class CertificateAuthority:
 
     def _sign(self, request: SigningRequest, template: Template, serial: int, signer: CAPrivateKey) -> Issued:
         certificate = issue_certificate(template, serial, self.certificate, signer, self.config.urls)
-        record = issued_record(self.name, template, certificate, request.requester, request.csr_der)
+        record = new_record(self.name, template, certificate, request.requester, request.csr_der)
         return Issued(certificate, self.chain, record, template.notes)
+
+    def check_not_revoked(self) -> None:
+        """Refuse to sign while this CA's certificate, or any above it that a CA of this installation
+        issued, is revoked in that CA's inventory.
+
+        One primary-key lookup per known issuer, at every call, so a ``kvpki revoke`` in another
+        process takes effect at once.  CRL and OCSP do not call this: a revoked CA keeps publishing.
+        """
+        subject, issuer = self.name, self.config.parent
+        for certificate in self.chain:
+            if issuer is None:
+                return
+            record = recorded(self.inventory, issuer, certificate)
+            if record is not None and record.status == "revoked":
+                whose = "its certificate" if subject == self.name else f"the certificate of its issuer CA {subject!r}"
+                raise PolicyViolation(
+                    f"CA {self.name!r} must not issue: {whose} ({record.serial}) was revoked by CA {issuer!r}"
+                    f" ({record.reason or 'unspecified'})"
+                )
+            try:
+                subject, issuer = issuer, self.settings.ca(issuer).parent
+            except NotFound:
+                return
 
     def revoke(self, serial: str, reason: str, when: datetime | None = None) -> CertificateRecord:
         return self.inventory.revoke(self.name, parse_serial(serial), when or utcnow(), reason)
@@ -176,22 +250,25 @@ class CertificateAuthority:
             certificate.verify_directly_issued_by(self.certificate)
         except (ValueError, TypeError, InvalidSignature):
             raise InvalidInput(f"certificate signature does not verify against CA {self.name!r}") from None
-        return format(certificate.serial_number, "x")
+        return serial_hex(certificate.serial_number)
 
-    def issued_record(self, certificate: x509.Certificate) -> CertificateRecord:
-        """The inventory record of a certificate this CA issued and has not revoked."""
+    def issued_record(self, certificate: x509.Certificate, what: str = "certificate") -> CertificateRecord:
+        """The row of a certificate this CA signed (signature checked), recorded with the same DER, not revoked.
+
+        The one check behind renewal (CLI and EST) and EST identity certificates.
+        """
         serial = self.serial_of(certificate)
-        record = self.inventory.get(self.name, serial)
-        if record is None or record.der != certificate.public_bytes(Encoding.DER):
-            raise NotFound(f"certificate {serial} is not in the inventory of CA {self.name!r}")
+        record = recorded(self.inventory, self.name, certificate)
+        if record is None:
+            raise NotFound(f"{what} {serial} is not in the inventory of CA {self.name!r}")
         if record.status == "revoked":
-            raise PolicyViolation(f"certificate {serial} is revoked and cannot be renewed")
+            raise PolicyViolation(f"{what} {serial} has been revoked")
         return record
 
     def renewal_request(
         self, old: x509.Certificate, csr_der: bytes, csr: x509.CertificateSigningRequest, requester: str
     ) -> SigningRequest:
-        """Same subject, SANs and profile as ``old``; the key comes from the CSR (rotated or not)."""
+        """Same subject, SANs, profile and constraints as ``old``; the key comes from the CSR (rotated or not)."""
         record = self.issued_record(old)
         return SigningRequest(
             csr_der=csr_der,
@@ -200,23 +277,26 @@ class CertificateAuthority:
             requester=requester,
             subject=old.subject,
             sans=certificate_sans(old) or None,
+            renews=old,
         )
 
     def crl(self, next_update: timedelta) -> x509.CertificateRevocationList:
         from kvpki_cli.pki.crl import RevokedEntry, build_crl
 
-        now = utcnow()
+        signer = self.keystore.signer()  # before taking a number: a failing key store burns none
+        # Number, thisUpdate and revoked set from one transaction: a higher number never lists less.
+        snapshot = self.inventory.crl_snapshot(self.name, utcnow)
         entries = [
-            RevokedEntry(int(r.serial, 16), r.revoked_at or now, r.reason or "unspecified")
-            for r in self.inventory.revoked_unexpired(self.name, now)
+            RevokedEntry(int(r.serial, 16), r.revoked_at or snapshot.this_update, r.reason or "unspecified")
+            for r in snapshot.revoked
         ]
         return build_crl(
             self.certificate,
-            self.keystore.signer(),
+            signer,
             entries,
-            crl_number=self.inventory.next_crl_number(self.name),
-            this_update=now,
-            next_update=now + next_update,
+            crl_number=snapshot.number,
+            this_update=snapshot.this_update,
+            next_update=snapshot.this_update + next_update,
         )
 
 
@@ -234,7 +314,7 @@ def init_ca(
 ) -> list[x509.Certificate]:
     """Create a root (or, with ``parent``, a subordinate) CA; never overwrites an existing one."""
     check_ca_name(name)
-    if (settings.home / "cas" / name / "ca.json").exists():
+    if settings.metadata_path(name).exists():
         raise AlreadyExists(f"CA {name!r} already exists")
     if path_length is not None and path_length < 0:
         raise UsageError("--path-length must not be negative")
@@ -249,6 +329,8 @@ def init_ca(
         },
     )
     parent_ca = CertificateAuthority.open(settings, parent) if parent else None
+    if parent_ca is not None:
+        parent_ca.check_not_revoked()
     keystore = open_keystore(config.store, name, config.store_settings, settings.home)
     if keystore.exists():
         raise AlreadyExists(f"CA {name!r} already has a key or certificate in its {config.store} key store")
@@ -285,9 +367,9 @@ def init_ca(
         keystore.store_chain(chain)
         settings.save_ca_metadata(config)
         if parent_ca is not None:
-            parent_ca.inventory.record_issued([issued_record(parent_ca.name, template, certificate, "init-ca", None)])
+            parent_ca.inventory.record_issued([new_record(parent_ca.name, template, certificate, "init-ca", None)])
     except BaseException:
-        (settings.home / "cas" / name / "ca.json").unlink(missing_ok=True)
+        settings.metadata_path(name).unlink(missing_ok=True)
         keystore.discard()
         raise
     return chain

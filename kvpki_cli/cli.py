@@ -244,7 +244,7 @@ def renew_command(
     issued = authority.issue(request._replace(validity=lifetime))
     if revoke_old:
         with contextlib.suppress(AlreadyExists):  # revoked meanwhile: the outcome asked for
-            authority.revoke(format(old.serial_number, "x"), "superseded")
+            authority.revoke(authority.serial_of(old), "superseded")
     for note in issued.notes:
         warn(note)
     _write_stdout(encode_issued(issued, fmt, with_chain))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -74,6 +74,14 @@ def status_condition(status: str | None, placeholder: str) -> tuple[str, bool]:
     raise UsageError(f"unknown status {status!r} (one of: {', '.join(STATUSES)})")
 
 
+class CrlSnapshot(NamedTuple):
+    """What one CRL says, read atomically: its number, its thisUpdate and the revoked set at that time."""
+
+    number: int
+    this_update: datetime
+    revoked: list[CertificateRecord]
+
+
 class SerialCollision(Exception):
     """A serial number already exists for this CA (the caller draws a new one)."""
 
@@ -104,6 +112,18 @@ class Inventory(ABC):
     @abstractmethod
     def next_crl_number(self, ca: str) -> int:
         """A strictly increasing CRL number per CA."""
+
+    @abstractmethod
+    def crl_snapshot(self, ca: str, clock: Callable[[], datetime]) -> CrlSnapshot:
+        """Take the next CRL number, then read ``clock()`` (at whole seconds) and the revoked set, in one
+        transaction that holds the number's lock until it ends.
+
+        A later number is granted only after the earlier snapshot committed, and its set is read
+        after that, so of any two CRLs of a CA the higher-numbered one has a thisUpdate that is not
+        earlier and lists every entry of the other (except entries whose certificate expired in
+        between, which RFC 5280 lets a CRL drop).
+        Across machines sharing one database this relies on their clocks being synchronised.
+        """
 
     def revocation_count(self, ca: str) -> int:
         """How many certificates of ``ca`` were ever revoked: a cheap change marker for cached CRLs.

@@ -11,14 +11,14 @@ psycopg stays an optional dependency (``pip install 'kvpki[postgres]'``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
-from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision, status_condition
+from kvpki_cli.inventory.base import CertificateRecord, CrlSnapshot, Inventory, SerialCollision, status_condition
 
 try:
     import psycopg
@@ -67,6 +67,11 @@ COLUMNS = ", ".join(CertificateRecord._fields)
 INSERT = (
     "INSERT INTO kvpki_certificates (ca, serial, subject, sans, profile, requester, not_before, not_after,"
     " csr_sha256, der) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+# COLLATE "C": byte order, as SQLite sorts text, whatever the database's locale.
+REVOKED_UNEXPIRED = (
+    f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s AND status = 'revoked' AND not_after > %s"
+    ' ORDER BY serial COLLATE "C"'
 )
 
 
@@ -246,28 +251,36 @@ class PostgresInventory(Inventory):
         return [_row_to_record(row) for row in self._query(query, params)]
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
-        # COLLATE "C": byte order, as SQLite sorts text, whatever the database's locale.
-        rows = self._query(
-            f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s AND status = 'revoked' AND not_after > %s"
-            ' ORDER BY serial COLLATE "C"',
-            (ca, utc_seconds(now)),
-        )
-        return [_row_to_record(row) for row in rows]
+        return [_row_to_record(row) for row in self._query(REVOKED_UNEXPIRED, (ca, utc_seconds(now)))]
 
     def revocation_count(self, ca: str) -> int:
         rows = self._query("SELECT count(*) FROM kvpki_certificates WHERE ca = %s AND status = 'revoked'", (ca,))
         return int(rows[0][0])
 
-    def next_crl_number(self, ca: str) -> int:
-        # One statement: the row lock taken by ON CONFLICT DO UPDATE serialises concurrent callers.
-        with self._transaction() as cursor:
-            row = cursor.execute(
-                "INSERT INTO kvpki_crl_numbers (ca, last) VALUES (%s, 1)"
-                " ON CONFLICT (ca) DO UPDATE SET last = kvpki_crl_numbers.last + 1 RETURNING last",
-                (ca,),
-            ).fetchone()
+    @staticmethod
+    def _take_crl_number(cursor: psycopg.Cursor[Any], ca: str) -> int:
+        # One statement: the row lock taken by ON CONFLICT DO UPDATE serialises concurrent callers
+        # and is held until the transaction ends.
+        row = cursor.execute(
+            "INSERT INTO kvpki_crl_numbers (ca, last) VALUES (%s, 1)"
+            " ON CONFLICT (ca) DO UPDATE SET last = kvpki_crl_numbers.last + 1 RETURNING last",
+            (ca,),
+        ).fetchone()
         assert row is not None
         return int(row[0])
+
+    def next_crl_number(self, ca: str) -> int:
+        with self._transaction() as cursor:
+            return self._take_crl_number(cursor, ca)
+
+    def crl_snapshot(self, ca: str, clock: Callable[[], datetime]) -> CrlSnapshot:
+        # READ COMMITTED: the SELECT runs after the number's row lock is granted, i.e. after the
+        # snapshot holding the previous number committed, and sees every revocation committed before.
+        with self._transaction() as cursor:
+            number = self._take_crl_number(cursor, ca)
+            this_update = utc_seconds(clock())
+            rows = cursor.execute(REVOKED_UNEXPIRED, (ca, this_update)).fetchall()
+        return CrlSnapshot(number, this_update, [_row_to_record(row) for row in rows])
 
     def close(self) -> None:
         self._db.close()

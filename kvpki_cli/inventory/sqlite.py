@@ -11,14 +11,15 @@ import json
 import random
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound
 from kvpki_cli.inventory.base import (
     CertificateRecord,
+    CrlSnapshot,
     Inventory,
     SerialCollision,
     from_text,
@@ -50,6 +51,10 @@ CREATE TABLE IF NOT EXISTS crl_numbers (ca TEXT PRIMARY KEY, last INTEGER NOT NU
 """
 COLUMNS = (
     "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason"
+)
+
+REVOKED_UNEXPIRED = (
+    f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial"
 )
 
 
@@ -120,21 +125,41 @@ class SqliteInventory(Inventory):
                 time.sleep(random.uniform(0.005, 0.05))
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _errors(self, doing: str) -> Iterator[None]:
+        """Every SQLite failure (locked, unwritable, corrupted file) becomes one BackendError line."""
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            yield
         except sqlite3.Error as exc:
-            raise BackendError(f"inventory {self.path} is busy or unwritable: {exc}") from None
+            raise BackendError(f"inventory {self.path} {doing}: {exc}") from None
+
+    def _decode(self, rows: Iterable[Sequence[object]]) -> list[CertificateRecord]:
         try:
-            yield self._db
+            return [_row_to_record(row) for row in rows]
+        except (ValueError, TypeError) as exc:  # a damaged file can hold rows of the wrong type
+            raise BackendError(f"inventory {self.path} holds an unreadable record: {exc}") from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._errors("is busy or unwritable"):
+            self._db.execute("BEGIN IMMEDIATE")
+        try:
+            with self._errors("failed"):
+                yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            with suppress(sqlite3.Error):  # a corrupted file may refuse even this
+                self._db.execute("ROLLBACK")
             raise
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._db.execute("ROLLBACK")
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
             raise BackendError(f"inventory commit failed: {exc}") from None
+
+    def _rows(self, sql: str, params: Sequence[object]) -> list[CertificateRecord]:
+        with self._errors("is unreadable"):
+            rows = self._db.execute(sql, params).fetchall()
+        return self._decode(rows)
 
     def record_issued(self, records: Sequence[CertificateRecord]) -> None:
         rows = [
@@ -163,12 +188,10 @@ class SqliteInventory(Inventory):
                 if "UNIQUE" in str(exc):
                     raise SerialCollision() from None
                 raise BackendError(f"inventory rejected a record: {exc}") from None
-            except sqlite3.Error as exc:
-                raise BackendError(f"inventory write failed: {exc}") from None
 
     def get(self, ca: str, serial: str) -> CertificateRecord | None:
-        row = self._db.execute(f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND serial=?", (ca, serial)).fetchone()
-        return _row_to_record(row) if row else None
+        rows = self._rows(f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND serial=?", (ca, serial))
+        return rows[0] if rows else None
 
     def revoke(self, ca: str, serial: str, when: datetime, reason: str) -> CertificateRecord:
         with self._transaction() as db:
@@ -188,26 +211,36 @@ class SqliteInventory(Inventory):
     def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
         condition, binds_now = status_condition(status, "?")
         params: list[object] = [ca, to_text(now)] if binds_now else [ca]
-        query = f"SELECT {COLUMNS} FROM certificates WHERE ca=?{condition} ORDER BY issued_at, rowid"
-        return [_row_to_record(row) for row in self._db.execute(query, params)]
+        return self._rows(f"SELECT {COLUMNS} FROM certificates WHERE ca=?{condition} ORDER BY issued_at, rowid", params)
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
-        rows = self._db.execute(
-            f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial",
-            (ca, to_text(now)),
-        )
-        return [_row_to_record(row) for row in rows]
+        return self._rows(REVOKED_UNEXPIRED, (ca, to_text(now)))
 
     def revocation_count(self, ca: str) -> int:
-        row = self._db.execute("SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'", (ca,)).fetchone()
-        return int(row[0])
+        with self._errors("is unreadable"):
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'", (ca,)
+            ).fetchone()
+            return int(row[0])
+
+    @staticmethod
+    def _take_crl_number(db: sqlite3.Connection, ca: str) -> int:
+        db.execute(
+            "INSERT INTO crl_numbers (ca, last) VALUES (?, 1) ON CONFLICT(ca) DO UPDATE SET last = last + 1", (ca,)
+        )
+        return int(db.execute("SELECT last FROM crl_numbers WHERE ca=?", (ca,)).fetchone()[0])
 
     def next_crl_number(self, ca: str) -> int:
         with self._transaction() as db:
-            db.execute(
-                "INSERT INTO crl_numbers (ca, last) VALUES (?, 1) ON CONFLICT(ca) DO UPDATE SET last = last + 1", (ca,)
-            )
-            return int(db.execute("SELECT last FROM crl_numbers WHERE ca=?", (ca,)).fetchone()[0])
+            return self._take_crl_number(db, ca)
+
+    def crl_snapshot(self, ca: str, clock: Callable[[], datetime]) -> CrlSnapshot:
+        # BEGIN IMMEDIATE holds SQLite's one write lock: revocations and other snapshots wait for this one.
+        with self._transaction() as db:
+            number = self._take_crl_number(db, ca)
+            this_update = clock().replace(microsecond=0)
+            rows = db.execute(REVOKED_UNEXPIRED, (ca, to_text(this_update))).fetchall()
+        return CrlSnapshot(number, this_update, self._decode(rows))
 
     def close(self) -> None:
         self._db.close()

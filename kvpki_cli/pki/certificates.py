@@ -33,6 +33,11 @@ def new_serial_number() -> int:
     return int.from_bytes(os.urandom(20), "big") >> 2 | (1 << 158)
 
 
+def serial_hex(serial: int) -> str:
+    """A serial number as the inventory keys it and every message shows it: lowercase hex, no prefix."""
+    return format(serial, "x")
+
+
 def signing_hash(key: CAPrivateKey | CertificatePublicKeyTypes) -> hashes.SHA256 | hashes.SHA384:
     """SHA-384 for P-384 keys, SHA-256 otherwise."""
     if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and key.curve.key_size >= 384:
@@ -141,7 +146,7 @@ def describe(cert: x509.Certificate) -> dict[str, object]:
     except x509.ExtensionNotFound:
         sans = []
     return {
-        "serial": format(cert.serial_number, "x"),
+        "serial": serial_hex(cert.serial_number),
         "subject": cert.subject.rfc4514_string(),
         "issuer": cert.issuer.rfc4514_string(),
         "sans": sans,

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kvpki_cli.authority import CertificateAuthority, SigningRequest
+from kvpki_cli.authority import CertificateAuthority, SigningRequest, recorded
 from kvpki_cli.errors import KvpkiError
+from kvpki_cli.inventory.base import CertificateRecord
 from kvpki_cli.pki.csr import decode_csr_bytes, parse_csr
 from kvpki_cli.pki.policy import certificate_sans, requested_sans
 from kvpki_cli.serve.auth import Authenticator, Identity, currently_valid, describe_subject, directly_issued
@@ -33,15 +33,19 @@ class EstLabel:
     cacerts_body: bytes  # precomputed: the issuing chain, never a leaf
 
 
+def good_record(ca: CertificateAuthority, cert: x509.Certificate, what: str) -> CertificateRecord:
+    """The core's one "issued by this CA, same DER, not revoked" check; any failure is a 403."""
+    try:
+        return ca.issued_record(cert, what)
+    except KvpkiError as error:
+        raise HttpRefusal(403, str(error)) from None
+
+
 def check_renewal(
     ca: CertificateAuthority, old: x509.Certificate, csr: x509.CertificateSigningRequest, profile: str
 ) -> None:
     """Renewal keeps subject, SANs and profile, and the old certificate must be ours and unrevoked."""
-    record = ca.inventory.get(ca.name, format(old.serial_number, "x"))
-    if record is None or record.der != old.public_bytes(Encoding.DER):
-        raise HttpRefusal(403, "the client certificate is not in this CA's inventory")
-    if record.status == "revoked":
-        raise HttpRefusal(403, "the client certificate has been revoked")
+    record = good_record(ca, old, "the client certificate")
     if record.profile != profile:
         raise HttpRefusal(403, f"a {record.profile} certificate cannot renew into profile {profile!r}")
     if csr.subject != old.subject:
@@ -65,7 +69,7 @@ def _is_client_auth_end_entity(cert: x509.Certificate) -> bool:
 
 def renews_own_profile(ca: CertificateAuthority, cert: x509.Certificate, profile: str) -> bool:
     """Whether ``cert`` is this CA's certificate of ``profile`` (then it renews, not acts as authority)."""
-    record = ca.inventory.get(ca.name, format(cert.serial_number, "x"))
+    record = recorded(ca.inventory, ca.name, cert)
     return record is not None and record.profile == profile
 
 
@@ -85,11 +89,7 @@ def check_identity(
         raise HttpRefusal(403, "the identity certificate must be an end-entity certificate with EKU clientAuth")
     if not directly_issued(cert, identity_ca.certificate):
         raise HttpRefusal(403, f"the identity certificate was not issued by CA {identity_ca.name!r}")
-    record = identity_ca.inventory.get(identity_ca.name, format(cert.serial_number, "x"))
-    if record is None or record.der != cert.public_bytes(Encoding.DER):
-        raise HttpRefusal(403, f"the identity certificate is not in the inventory of CA {identity_ca.name!r}")
-    if record.status == "revoked":
-        raise HttpRefusal(403, "the identity certificate has been revoked")
+    record = good_record(identity_ca, cert, "the identity certificate")
     if label.identity_profiles and record.profile not in label.identity_profiles:
         raise HttpRefusal(403, f"a {record.profile} certificate is not an enrollment identity on this label")
     identity_cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -185,13 +185,17 @@ class EstService:
             csr = parse_csr(csr_der)
             profile = label.config.profile
             renewing, authority = identity.renewing, identity.authority
+            renews = None
             if renewing is not None and (authority is None or renews_own_profile(ca, renewing, profile)):
                 check_renewal(ca, renewing, csr, profile)
+                renews = renewing
             elif authority is not None:
                 if identity.authority_ca is None:  # fail closed: an authority always names its CA
                     raise HttpRefusal(403, "identity certificate without a configured identity CA")
                 check_identity(self.workers.authority(identity.authority_ca), authority, csr, label.config)
-            request = SigningRequest(csr_der, csr, profile=label.config.profile, requester=identity.requester)
+            request = SigningRequest(
+                csr_der, csr, profile=label.config.profile, requester=identity.requester, renews=renews
+            )
             return ca.issue(request).certificate
         except KvpkiError as error:
             raise HttpRefusal.from_error(error, self.config.retry_after) from None
