@@ -91,6 +91,16 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
     )
 
 
+# A damaged file can make even SQLite's error message undecodable: Python then raises UnicodeDecodeError.
+SQLITE_ERRORS = (sqlite3.Error, UnicodeDecodeError)
+
+
+def _describe(exc: Exception) -> str:
+    """SQLite's message, printable and short: a damaged file can put its raw bytes into it."""
+    text = "".join(c if c.isprintable() else "?" for c in " ".join(str(exc).split()))
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 class SqliteInventory(Inventory):
     def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
         self.path = path
@@ -100,8 +110,8 @@ class SqliteInventory(Inventory):
             if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 self._create_schema(busy_timeout_s)
             self._db.execute("PRAGMA synchronous=FULL")
-        except sqlite3.Error as exc:
-            raise BackendError(f"inventory {path} is unusable: {exc}") from None
+        except SQLITE_ERRORS as exc:
+            raise BackendError(f"inventory {path} is unusable: {_describe(exc)}") from None
 
     def _create_schema(self, busy_timeout_s: float) -> None:
         self._enable_wal(busy_timeout_s)
@@ -129,14 +139,14 @@ class SqliteInventory(Inventory):
         """Every SQLite failure (locked, unwritable, corrupted file) becomes one BackendError line."""
         try:
             yield
-        except sqlite3.Error as exc:
-            raise BackendError(f"inventory {self.path} {doing}: {exc}") from None
+        except SQLITE_ERRORS as exc:
+            raise BackendError(f"inventory {self.path} {doing}: {_describe(exc)}") from None
 
     def _decode(self, rows: Iterable[Sequence[object]]) -> list[CertificateRecord]:
         try:
             return [_row_to_record(row) for row in rows]
         except (ValueError, TypeError) as exc:  # a damaged file can hold rows of the wrong type
-            raise BackendError(f"inventory {self.path} holds an unreadable record: {exc}") from None
+            raise BackendError(f"inventory {self.path} holds an unreadable record: {_describe(exc)}") from None
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -146,15 +156,15 @@ class SqliteInventory(Inventory):
             with self._errors("failed"):
                 yield self._db
         except BaseException:
-            with suppress(sqlite3.Error):  # a corrupted file may refuse even this
+            with suppress(*SQLITE_ERRORS):  # a corrupted file may refuse even this
                 self._db.execute("ROLLBACK")
             raise
         try:
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with suppress(sqlite3.Error):
+        except SQLITE_ERRORS as exc:
+            with suppress(*SQLITE_ERRORS):
                 self._db.execute("ROLLBACK")
-            raise BackendError(f"inventory commit failed: {exc}") from None
+            raise BackendError(f"inventory {self.path} commit failed: {_describe(exc)}") from None
 
     def _rows(self, sql: str, params: Sequence[object]) -> list[CertificateRecord]:
         with self._errors("is unreadable"):
@@ -187,7 +197,7 @@ class SqliteInventory(Inventory):
             except sqlite3.IntegrityError as exc:
                 if "UNIQUE" in str(exc):
                     raise SerialCollision() from None
-                raise BackendError(f"inventory rejected a record: {exc}") from None
+                raise BackendError(f"inventory {self.path} rejected a record: {_describe(exc)}") from None
 
     def get(self, ca: str, serial: str) -> CertificateRecord | None:
         rows = self._rows(f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND serial=?", (ca, serial))
