@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +29,7 @@ from kvpki_cli import authority as authority_module
 from kvpki_cli.authority import CertificateAuthority, SigningRequest, init_ca
 from kvpki_cli.config import Settings
 from kvpki_cli.inventory import open_inventory
+from kvpki_cli.inventory.base import CertificateRecord, CrlSnapshot
 from kvpki_cli.keystores.base import KeyType
 from kvpki_cli.pki.csr import parse_csr
 from tests.helpers import ec_csr_pem, openssl
@@ -35,6 +38,22 @@ REPO = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("KVPKI_CRL_ROUNDS", "3"))  # main failed at 5 rounds on both backends
 CRL_PROCESSES = 8  # per round, started together with REVOKE_PROCESSES revocations
 REVOKE_PROCESSES = 4
+SNAPSHOT_THREADS, SNAPSHOTS_PER_THREAD, SNAPSHOT_REVOKES = 6, 25, 60
+
+
+def make_record(serial: str, not_after: datetime) -> CertificateRecord:
+    return CertificateRecord(
+        ca="root",
+        serial=serial,
+        subject=f"CN={serial}",
+        sans=(),
+        profile="device",
+        requester="pytest",
+        not_before=not_after - timedelta(days=60),
+        not_after=not_after,
+        csr_sha256="0" * 64,
+        der=b"0",
+    )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -127,6 +146,54 @@ def test_revoke_and_crl_interleaved_at_every_step_of_crl(
     check_consistent(crls)
     revoked = {int(r.serial, 16) for r in other.inventory.list_certificates("root", "revoked", datetime.now(UTC))}
     assert {r.serial_number for r in crls[-1]} == revoked
+
+
+def test_snapshots_race_revocations_in_threads(inventory_url: str, tmp_path: Path) -> None:
+    """The inventory contract itself, under real concurrency: threads with their own connections."""
+    setup = open_inventory(inventory_url, tmp_path)
+    serials = [secrets.token_hex(19) for _ in range(SNAPSHOT_REVOKES)]
+    far = datetime.now(UTC) + timedelta(days=30)
+    setup.record_issued([make_record(serial, far) for serial in serials])
+    setup.close()
+    snapshots: list[CrlSnapshot] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(SNAPSHOT_THREADS + 2)
+
+    def snapshotter() -> None:
+        inventory = open_inventory(inventory_url, tmp_path)
+        try:
+            start.wait()
+            for _ in range(SNAPSHOTS_PER_THREAD):
+                snapshots.append(inventory.crl_snapshot("root", lambda: datetime.now(UTC)))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            inventory.close()
+
+    def revoker(mine: list[str]) -> None:
+        inventory = open_inventory(inventory_url, tmp_path)
+        try:
+            start.wait()
+            for serial in mine:
+                inventory.revoke("root", serial, datetime.now(UTC), "keyCompromise")
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            inventory.close()
+
+    threads = [threading.Thread(target=snapshotter) for _ in range(SNAPSHOT_THREADS)]
+    threads += [threading.Thread(target=revoker, args=(serials[i::2],)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    ordered = sorted(snapshots, key=lambda s: s.number)
+    assert [s.number for s in ordered] == list(range(1, len(ordered) + 1))
+    for lower, higher in itertools.pairwise(ordered):  # consecutive pairs imply all pairs
+        assert higher.this_update >= lower.this_update, (lower.number, higher.number)
+        assert {r.serial for r in lower.revoked} <= {r.serial for r in higher.revoked}, (lower.number, higher.number)
+    assert len(ordered[len(ordered) // 2].revoked) > 0 or len(ordered[-1].revoked) == len(serials)
 
 
 # ---------------------------------------------------------------------------------------------
