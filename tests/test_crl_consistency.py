@@ -148,6 +148,28 @@ def test_revoke_and_crl_interleaved_at_every_step_of_crl(
     assert {r.serial_number for r in crls[-1]} == revoked
 
 
+def test_snapshot_is_the_revoked_unexpired_set_at_its_this_update(inventory_url: str, tmp_path: Path) -> None:
+    inventory = open_inventory(inventory_url, tmp_path)
+    now = datetime(2031, 3, 4, 5, 6, 7, 891011, tzinfo=UTC)
+    live, valid = (make_record(secrets.token_hex(19), now + timedelta(days=30)) for _ in range(2))
+    expiring = make_record(secrets.token_hex(19), now + timedelta(days=1))
+    gone = make_record(secrets.token_hex(19), now - timedelta(seconds=1))
+    elsewhere = make_record(live.serial, now + timedelta(days=1))._replace(ca="other")
+    inventory.record_issued([live, expiring, valid, gone, elsewhere])
+    for record in (live, expiring, gone, elsewhere):
+        inventory.revoke(record.ca, record.serial, now - timedelta(days=2), "keyCompromise")
+
+    first = inventory.crl_snapshot("root", lambda: now)
+    assert (first.number, first.this_update) == (1, now.replace(microsecond=0))
+    assert sorted(r.serial for r in first.revoked) == sorted([live.serial, expiring.serial])
+    assert inventory.next_crl_number("root") == 2  # one numbering, whichever way it is taken
+    later = now + timedelta(days=1)  # `expiring` has expired by then: RFC 5280 lets the CRL drop it
+    second = inventory.crl_snapshot("root", lambda: later)
+    assert (second.number, [r.serial for r in second.revoked]) == (3, [live.serial])
+    assert inventory.crl_snapshot("other", lambda: now).number == 1
+    inventory.close()
+
+
 def test_snapshots_race_revocations_in_threads(inventory_url: str, tmp_path: Path) -> None:
     """The inventory contract itself, under real concurrency: threads with their own connections."""
     setup = open_inventory(inventory_url, tmp_path)
