@@ -253,10 +253,12 @@ class CertificateAuthority:
         return serial_hex(certificate.serial_number)
 
     def issued_record(self, certificate: x509.Certificate, what: str = "certificate") -> CertificateRecord:
-        """The row of a certificate this CA signed (signature checked), recorded with the same DER, not revoked.
+        """The row of a certificate this CA signed (signature checked), recorded with the same DER, not revoked,
+        while this CA itself is not revoked (a revoked CA's certificates vouch for nothing).
 
         The one check behind renewal (CLI and EST) and EST identity certificates.
         """
+        self.check_not_revoked()
         serial = self.serial_of(certificate)
         record = recorded(self.inventory, self.name, certificate)
         if record is None:

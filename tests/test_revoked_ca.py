@@ -95,6 +95,18 @@ def _enroll(server: EstServer, directory: Path, cn: str) -> tuple[int, bytes, Pa
     return result.status, result.body, path
 
 
+def test_identity_certificates_of_a_revoked_ca_authorize_nothing(est_server: EstServer, tmp_path: Path) -> None:
+    """IoT Edge enrolls with an EST identity certificate; once the identity CA is revoked, that is a 403."""
+    from tests import test_serve_edge_identity as edge
+
+    id_pem, id_key, _ = edge.est_identity(est_server, tmp_path, "edge-dev-9")
+    _, csr = make_key_csr(tmp_path, "dev9", "/CN=edge-dev-9")
+    assert edge.post(est_server, "default", csr, id_pem, id_key).status == 200
+    identity_ca = write(tmp_path / "est-identity.pem", est_server.kvpki("get-ca", "--ca", "est-identity").stdout)
+    est_server.kvpki("revoke", "--cert", str(identity_ca), "--ca", "root", "--reason", "cACompromise")
+    edge.refused(edge.post(est_server, "default", csr, id_pem, id_key), 403, b"revoked")
+
+
 def test_est_refuses_enrollment_under_a_revoked_ca_and_keeps_publishing(est_server: EstServer, tmp_path: Path) -> None:
     status, _, device = _enroll(est_server, tmp_path, "before-revocation")
     assert status == 200
