@@ -316,7 +316,7 @@ def init_ca(
 ) -> list[x509.Certificate]:
     """Create a root (or, with ``parent``, a subordinate) CA; never overwrites an existing one."""
     check_ca_name(name)
-    if settings.metadata_path(name).exists():
+    if (settings.ca_directory(name) / "ca.json").exists():
         raise AlreadyExists(f"CA {name!r} already exists")
     if path_length is not None and path_length < 0:
         raise UsageError("--path-length must not be negative")
@@ -371,7 +371,7 @@ def init_ca(
         if parent_ca is not None:
             parent_ca.inventory.record_issued([new_record(parent_ca.name, template, certificate, "init-ca", None)])
     except BaseException:
-        settings.metadata_path(name).unlink(missing_ok=True)
+        (settings.ca_directory(name) / "ca.json").unlink(missing_ok=True)
         keystore.discard()
         raise
     return chain

@@ -32,14 +32,6 @@ def default_home() -> Path:
     return (Path(data) if data else Path.home() / ".local" / "share") / "kvpki"
 
 
-CAS_DIR = "cas"
-
-
-def ca_directory(home: Path, name: str) -> Path:
-    """The one place that says where a CA's files live: ``$KVPKI_HOME/cas/<name>``."""
-    return home / CAS_DIR / name
-
-
 def check_ca_name(name: str) -> str:
     if not CA_NAME.match(name):
         raise UsageError(f"invalid CA name {name!r} (letters, digits, '-' and '_', up to 63 characters)")
@@ -101,15 +93,15 @@ class Settings:
             raise UsageError(f"unknown profile {name!r} (one of: {', '.join(self.profiles)})") from None
 
     def ca_directory(self, name: str) -> Path:
-        return ca_directory(self.home, name)
+        """Where CA ``name``'s metadata (and, on the local store, its key and chain) live."""
+        return self.home / "cas" / check_ca_name(name)
 
-    def metadata_path(self, name: str) -> Path:
-        """``ca.json``: its presence is what makes a CA exist."""
+    def _metadata_path(self, name: str) -> Path:
         return self.ca_directory(name) / "ca.json"
 
     def ca_names(self) -> list[str]:
         names = set(self.file_config.get("ca", {}))
-        cas_dir = self.home / CAS_DIR
+        cas_dir = self.home / "cas"
         if cas_dir.is_dir():
             names.update(p.parent.name for p in cas_dir.glob("*/ca.json"))
         return sorted(names)
@@ -118,7 +110,7 @@ class Settings:
         """Merge metadata, config file, environment and flags for CA ``name``."""
         check_ca_name(name)
         merged: dict[str, Any] = {}
-        meta_path = self.metadata_path(name)
+        meta_path = self._metadata_path(name)
         if meta_path.exists():
             try:
                 merged.update(json.loads(meta_path.read_text()))
@@ -168,7 +160,7 @@ class Settings:
 
     def save_ca_metadata(self, ca: CaConfig) -> None:
         """Persist what later commands need to find the CA's key (no secrets)."""
-        path = self.metadata_path(ca.name)
+        path = self._metadata_path(ca.name)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         document = {
             "store": ca.store,

@@ -17,7 +17,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from kvpki_cli.config import ca_directory
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
 from kvpki_cli.fileutil import write_file_atomic
 from kvpki_cli.keystores.base import CAPrivateKey, CAPublicKey, KeyStore, KeyType
@@ -52,7 +51,7 @@ class LocalKeyStore(KeyStore):
         self.ca_name = ca_name
         self._settings = settings
         directory = settings.get("directory")
-        self.directory = Path(directory).expanduser() if directory else ca_directory(home, ca_name)
+        self.directory = Path(directory).expanduser() if directory else home / "cas" / ca_name
         self.key_path = self.directory / "key.pem"
         self.chain_path = self.directory / "chain.pem"
         self._key: CAPrivateKey | None = None

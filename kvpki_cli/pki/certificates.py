@@ -33,11 +33,6 @@ def new_serial_number() -> int:
     return int.from_bytes(os.urandom(20), "big") >> 2 | (1 << 158)
 
 
-def serial_hex(serial: int) -> str:
-    """A serial number as the inventory keys it and every message shows it: lowercase hex, no prefix."""
-    return format(serial, "x")
-
-
 def signing_hash(key: CAPrivateKey | CertificatePublicKeyTypes) -> hashes.SHA256 | hashes.SHA384:
     """SHA-384 for P-384 keys, SHA-256 otherwise."""
     if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and key.curve.key_size >= 384:
@@ -134,6 +129,11 @@ def self_signed_certificate(template: Template, serial: int, signer: CAPrivateKe
     ski = x509.SubjectKeyIdentifier.from_public_key(template.public_key)
     aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
     return _base_builder(template, serial, template.subject, aki).sign(signer, signing_hash(signer))
+
+
+def serial_hex(serial: int) -> str:
+    """A serial number as the inventory keys it and every message shows it: lowercase hex, no prefix."""
+    return format(serial, "x")
 
 
 def describe(cert: x509.Certificate) -> dict[str, object]:

@@ -25,7 +25,7 @@ from cryptography.x509 import ocsp
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.errors import KvpkiError, UsageError
 from kvpki_cli.keystores.base import CAPrivateKey
-from kvpki_cli.pki.certificates import serial_hex, signing_hash
+from kvpki_cli.pki.certificates import signing_hash
 from kvpki_cli.pki.crl import REASONS
 from kvpki_cli.serve.config import OcspSignerConfig
 from kvpki_cli.serve.wire import HttpRefusal, media_type, text_response
@@ -100,7 +100,7 @@ def build_response(
         return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED).public_bytes(
             serialization.Encoding.DER
         )
-    record = ca.inventory.get(ca.name, serial_hex(serial))
+    record = ca.inventory.get(ca.name, format(serial, "x"))
     now = datetime.now(UTC).replace(microsecond=0)
     if record is None:
         status, revoked_at, reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
