@@ -201,9 +201,6 @@ class CertificateAuthority:
                 self._sign(request, template, new_serial_number(), signer)
                 for request, template in zip(requests, templates, strict=True)
             ]
-            for request, item in zip(requests, issued, strict=True):
-                if request.renews is not None:
-                    check_same_constraints(request.renews, item.certificate)
             try:
                 self.inventory.record_issued([item.record for item in issued])
             except SerialCollision:
@@ -213,6 +210,8 @@ class CertificateAuthority:
 
     def _sign(self, request: SigningRequest, template: Template, serial: int, signer: CAPrivateKey) -> Issued:
         certificate = issue_certificate(template, serial, self.certificate, signer, self.config.urls)
+        if request.renews is not None:  # signed but not recorded: a refusal here still leaves no trace
+            check_same_constraints(request.renews, certificate)
         record = new_record(self.name, template, certificate, request.requester, request.csr_der)
         return Issued(certificate, self.chain, record, template.notes)
 
