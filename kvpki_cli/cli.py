@@ -204,7 +204,10 @@ def revoke_command(obj: Context, serial: str | None, cert_file: str | None, ca_n
     from kvpki_cli.authority import utcnow
 
     _write_stdout((json.dumps(record.as_json(utcnow()), indent=2) + "\n").encode())
-    sys.stderr.write(f"kvpki: revoked {record.serial} ({record.reason}); publish a new CRL with 'kvpki crl'\n")
+    sys.stderr.write(
+        f"kvpki: revoked {record.serial} ({record.reason}); a running 'kvpki serve' re-signs its CRL and"
+        " answers OCSP by itself; 'kvpki crl' writes a new CRL file for any other place you publish it\n"
+    )
 
 
 @cli.command("renew")

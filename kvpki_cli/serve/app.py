@@ -75,14 +75,14 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
         raise UsageError('serve config: define at least one EST label, e.g. [est.default] ca = "issuing"')
     chains: dict[str, list[x509.Certificate]] = {}
     for label in config.labels.values():
-        settings.profile(label.profile)
+        label.check_profile(label.profile, settings.profile(label.profile).is_ca)
         for profile in label.identity_profiles:
             settings.profile(profile)
         for name in (label.ca, *label.identity_cas):
             if name not in chains:
                 chains[name] = CertificateAuthority.open(settings, name).chain
     labels = {
-        name: EstLabel(label, certs_only_body(chains[label.ca], config.base64_line_length))
+        name: EstLabel(label, certs_only_body(chains[label.ca], label.base64_line_length))
         for name, label in config.labels.items()
     }
     client_cas = {

@@ -79,6 +79,6 @@ class Publisher:
         try:
             der = await self.workers.run(name, job)
         except KvpkiError as error:
-            refusal = HttpRefusal.from_error(error, self.retry_after)
+            refusal = HttpRefusal.from_error(error, self.retry_after, f"publishing {content_type} of CA {name}")
             return text_response(refusal.status, refusal.reason, refusal.headers)
         return web.Response(body=der, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})

@@ -176,7 +176,7 @@ class EstService:
             describe_subject(certificate),
             identity.requester,
         )
-        return pkcs7_response(certs_only_body([certificate], self.config.base64_line_length))
+        return pkcs7_response(certs_only_body([certificate], label.config.base64_line_length))
 
     def _issue(self, ca: CertificateAuthority, body: bytes, label: EstLabel, identity: Identity) -> x509.Certificate:
         """Worker thread: parse and verify the CSR, apply the label's policy, issue and record."""
@@ -194,4 +194,5 @@ class EstService:
             request = SigningRequest(csr_der, csr, profile=label.config.profile, requester=identity.requester)
             return ca.issue(request).certificate
         except KvpkiError as error:
-            raise HttpRefusal.from_error(error, self.config.retry_after) from None
+            context = f"enrollment on label {label.config.name}"
+            raise HttpRefusal.from_error(error, self.config.retry_after, context) from None

@@ -167,7 +167,6 @@ class OcspResponder:
                 name, lambda ca: build_response(ca, der, self.delegates.get(name), self.validity)
             )
         except KvpkiError as error:
-            refusal = HttpRefusal.from_error(error, self.retry_after)
-            log.warning("ocsp ca=%s failed: %s", name, refusal.reason)
+            refusal = HttpRefusal.from_error(error, self.retry_after, f"OCSP for CA {name}")
             return text_response(refusal.status, refusal.reason, refusal.headers)
         return web.Response(body=body, headers={"Content-Type": OCSP_RESPONSE})
