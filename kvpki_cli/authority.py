@@ -45,6 +45,8 @@ class SigningRequest(NamedTuple):
     subject: x509.Name | None = None
     sans: Sequence[x509.GeneralName] | None = None
     path_length: int | None = None
+    identity_cn: str | None = None  # fills {cn} in a CA profile's name constraints (EST identity's CN)
+    name_constraints: x509.NameConstraints | None = None  # kept from a renewed CA certificate
 
 
 class Issued(NamedTuple):
@@ -134,6 +136,8 @@ class CertificateAuthority:
             subject=request.subject,
             sans=request.sans,
             path_length=request.path_length,
+            identity_cn=request.identity_cn,
+            constraints=request.name_constraints,
         )
 
     def issue(self, request: SigningRequest) -> Issued:

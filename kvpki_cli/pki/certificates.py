@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from kvpki_cli.keystores.base import CAPrivateKey
-from kvpki_cli.pki.policy import Template
-from kvpki_cli.pki.profiles import Profile
+from kvpki_cli.pki.policy import Template, subject_cn
+from kvpki_cli.pki.profiles import Profile, name_constraints
 
 
 class PublicationUrls(NamedTuple):
@@ -103,6 +103,9 @@ def _base_builder(
     )
     if profile.extended_key_usage:
         builder = builder.add_extension(x509.ExtendedKeyUsage(list(profile.extended_key_usage)), critical=False)
+    if template.name_constraints is not None:
+        # RFC 5280 4.2.1.10: conforming CAs MUST mark this extension critical.
+        builder = builder.add_extension(template.name_constraints, critical=True)
     if template.sans:
         # RFC 5280 4.2.1.6: with an empty subject the SAN extension must be critical.
         builder = builder.add_extension(
@@ -119,6 +122,8 @@ def issue_certificate(
     urls: PublicationUrls | None = None,
 ) -> x509.Certificate:
     """Sign ``template`` with the issuing CA's key."""
+    if template.name_constraints is None and template.profile.constrains_names:  # e.g. init-ca --parent
+        template = template._replace(name_constraints=name_constraints(template.profile, subject_cn(template.subject)))
     builder = _base_builder(template, serial, issuer.subject, authority_key_identifier(issuer))
     builder = _publication_extensions(builder, urls or PublicationUrls())
     return builder.sign(signer, signing_hash(signer))

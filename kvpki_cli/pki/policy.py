@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from kvpki_cli.errors import PolicyViolation
 from kvpki_cli.pki.csr import check_key_policy
 from kvpki_cli.pki.names import check_sans, check_subject
-from kvpki_cli.pki.profiles import Profile
+from kvpki_cli.pki.profiles import Profile, name_constraints
 
 
 class Template(NamedTuple):
@@ -30,6 +30,7 @@ class Template(NamedTuple):
     profile: Profile
     path_length: int | None
     notes: tuple[str, ...] = ()
+    name_constraints: x509.NameConstraints | None = None  # CA profiles only, emitted critical
 
 
 def requested_sans(csr: x509.CertificateSigningRequest) -> tuple[x509.GeneralName, ...]:
@@ -105,8 +106,14 @@ def approve(
     subject: x509.Name | None = None,
     sans: Sequence[x509.GeneralName] | None = None,
     path_length: int | None = None,
+    identity_cn: str | None = None,
+    constraints: x509.NameConstraints | None = None,
 ) -> Template:
-    """Apply every rule of ``profile``; return the template or raise ``PolicyViolation``."""
+    """Apply every rule of ``profile``; return the template or raise ``PolicyViolation``.
+
+    ``identity_cn`` fills ``{cn}`` in the profile's name constraints (default: the subject's
+    CN); ``constraints`` (a renewed certificate's) replaces them.
+    """
     notes: list[str] = []
     if requests_ca(csr) and not profile.is_ca:
         raise PolicyViolation(
@@ -123,6 +130,8 @@ def approve(
     if not list(final_subject) and not final_sans:
         raise PolicyViolation("certificate would have neither a subject nor a subjectAltName")
     chosen_path_length = child_path_length(profile, issuer, path_length) if profile.is_ca else None
+    if profile.is_ca and constraints is None:
+        constraints = name_constraints(profile, identity_cn or subject_cn(final_subject))
     wanted = validity or profile.default_validity
     if wanted > profile.max_validity:
         notes.append(f"validity capped at the {profile.name} profile maximum of {profile.max_validity.days} days")
@@ -139,4 +148,11 @@ def approve(
         profile=profile,
         path_length=chosen_path_length,
         notes=tuple(notes),
+        name_constraints=constraints if profile.is_ca else None,
     )
+
+
+def subject_cn(subject: x509.Name) -> str | None:
+    """The single CN of ``subject`` as text, or None."""
+    cns = subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(cns[0].value) if len(cns) == 1 else None

@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, NamedTuple
 
+from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from kvpki_cli.durations import parse_duration
-from kvpki_cli.errors import UsageError
+from kvpki_cli.errors import PolicyViolation, UsageError
 
 # Characters Azure IoT Hub accepts in a device id (which is the device certificate's CN).
 IOT_HUB_DEVICE_ID = r"[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}"
@@ -40,6 +41,16 @@ class Profile(NamedTuple):
     cn_pattern: str | None = None
     dns_suffixes: tuple[str, ...] = ()
     ip_ranges: tuple[IpNetwork, ...] = ()
+    # Name constraints of CA profiles (RFC 5280 4.2.1.10), emitted critical; DNS entries may
+    # contain "{cn}" (see name_constraints).  With DNS subtrees and no IP setting, every IP is excluded.
+    permitted_dns: tuple[str, ...] = ()
+    excluded_dns: tuple[str, ...] = ()
+    permitted_ip: tuple[IpNetwork, ...] = ()
+    excluded_ip: tuple[IpNetwork, ...] = ()
+
+    @property
+    def constrains_names(self) -> bool:
+        return bool(self.permitted_dns or self.excluded_dns or self.permitted_ip or self.excluded_ip)
 
     def matches_cn(self, common_name: str) -> bool:
         return self.cn_pattern is None or re.fullmatch(self.cn_pattern, common_name) is not None
@@ -91,6 +102,71 @@ BUILTIN_PROFILES: dict[str, Profile] = {
 }
 
 
+CN_PLACEHOLDER = "{cn}"
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+NAME_CONSTRAINT_KEYS = ("permitted_dns", "excluded_dns", "permitted_ip", "excluded_ip")
+ALL_IPS: tuple[IpNetwork, ...] = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+def _dns_subtree(name: str) -> str | None:
+    """``name`` lowercased if it is a DNS name usable as a dNSName subtree (RFC 5280 4.2.1.10), else None.
+
+    At least two labels, the last one starting with a letter (as linters expect of a domain name).
+    """
+    lowered = name.lower()
+    labels = lowered.split(".")
+    if len(lowered) > 253 or len(labels) < 2 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        return None
+    if len(labels[-1]) < 2 or not labels[-1][0].isalpha():
+        return None
+    return lowered
+
+
+def _dns_templates(profile: str, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"config: profile {profile} {key} must be a list of DNS names")
+    for template in value:
+        if template.count(CN_PLACEHOLDER) > 1 or _dns_subtree(template.replace(CN_PLACEHOLDER, "cn")) is None:
+            raise UsageError(
+                f"config: profile {profile} {key}: {template!r} is not a domain name of two or more labels"
+                ' (optionally with one {cn}, e.g. "{cn}.local")'
+            )
+    return tuple(t.lower() for t in value)
+
+
+def name_constraints(profile: Profile, cn: str | None) -> x509.NameConstraints | None:
+    """The NameConstraints extension of a CA profile, ``{cn}`` replaced by ``cn``; None if it has none.
+
+    ``cn`` is the CN of the enrolling identity (EST identity certificates), else the issued
+    certificate's own CN.  A substitution that is not a DNS name is refused, never dropped.
+    """
+    if not profile.is_ca or not profile.constrains_names:
+        return None
+
+    def subtrees(templates: tuple[str, ...]) -> list[x509.GeneralName]:
+        names: list[x509.GeneralName] = []
+        for template in templates:
+            if CN_PLACEHOLDER in template:
+                if not cn:
+                    raise PolicyViolation(f"profile {profile.name!r} name constraint {template!r} needs a CN")
+                name = _dns_subtree(template.replace(CN_PLACEHOLDER, cn))
+                if name is None:
+                    raise PolicyViolation(
+                        f"profile {profile.name!r} name constraint {template!r}: CN {cn!r} does not make a DNS name"
+                    )
+            else:
+                name = template
+            names.append(x509.DNSName(name))
+        return names
+
+    permitted_ip, excluded_ip = profile.permitted_ip, profile.excluded_ip
+    if profile.permitted_dns and not permitted_ip and not excluded_ip:
+        excluded_ip = ALL_IPS  # a DNS-constrained CA must not certify IP addresses behind our back
+    permitted = subtrees(profile.permitted_dns) + [x509.IPAddress(n) for n in permitted_ip]
+    excluded = subtrees(profile.excluded_dns) + [x509.IPAddress(n) for n in excluded_ip]
+    return x509.NameConstraints(permitted_subtrees=permitted or None, excluded_subtrees=excluded or None)
+
+
 def load_profiles(config: Mapping[str, Any]) -> dict[str, Profile]:
     """Built-in profiles overlaid with ``[profiles.NAME]`` tables (``base = "device"`` for new names)."""
     profiles = dict(BUILTIN_PROFILES)
@@ -125,6 +201,17 @@ def _apply_overrides(profile: Profile, table: Mapping[str, Any]) -> Profile:
                 changes[key] = tuple(ipaddress.ip_network(str(r), strict=False) for r in value)
             except ValueError as exc:
                 raise UsageError(f"config: profile {profile.name} ip_ranges: {exc}") from None
+        elif key in NAME_CONSTRAINT_KEYS and not profile.is_ca:
+            raise UsageError(f"config: profile {profile.name} is not a CA profile and cannot have {key}")
+        elif key in ("permitted_dns", "excluded_dns"):
+            changes[key] = _dns_templates(profile.name, key, value)
+        elif key in ("permitted_ip", "excluded_ip"):
+            if not isinstance(value, list):
+                raise UsageError(f"config: profile {profile.name} {key} must be a list of networks")
+            try:
+                changes[key] = tuple(ipaddress.ip_network(str(r), strict=True) for r in value)
+            except ValueError as exc:
+                raise UsageError(f"config: profile {profile.name} {key}: {exc}") from None
         elif key in ("require_cn", "require_san", "allow_wildcard"):
             changes[key] = bool(value)
         elif key == "path_length" and profile.is_ca:
