@@ -119,7 +119,9 @@ class Authenticator:
                 raise HttpRefusal(403, "simplereenroll needs the certificate being renewed as TLS client certificate")
             assert cert is not None
             return Identity(f"est-cert:{describe_subject(cert)}", renewing=cert)
-        if credentials is not None:
+        if credentials is not None and (label.users or cert is None):
+            # A label without Basic users ignores a password sent alongside a certificate (IoT
+            # Edge sends its password up front on every request, also where its identity counts).
             user, password = credentials
             if not await self._check_user(user, password):
                 raise self.unauthorised("invalid user name or password")
