@@ -195,7 +195,9 @@ class CertificateAuthority:
     def renewal_request(
         self, old: x509.Certificate, csr_der: bytes, csr: x509.CertificateSigningRequest, requester: str
     ) -> SigningRequest:
-        """Same subject, SANs and profile as ``old``; the key comes from the CSR (rotated or not)."""
+        """Same subject, SANs, profile and name constraints as ``old``; the key comes from the CSR (rotated or not)."""
+        from kvpki_cli.pki.policy import certificate_name_constraints
+
         record = self.issued_record(old)
         return SigningRequest(
             csr_der=csr_der,
@@ -204,6 +206,7 @@ class CertificateAuthority:
             requester=requester,
             subject=old.subject,
             sans=certificate_sans(old) or None,
+            name_constraints=certificate_name_constraints(old),
         )
 
     def crl(self, next_update: timedelta) -> x509.CertificateRevocationList:

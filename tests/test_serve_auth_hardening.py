@@ -157,6 +157,24 @@ def test_users_file_is_replaced_atomically_with_mode_0600(tmp_path: Path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["users"]  # and no stray temp file
 
 
+def test_concurrent_serve_passwd_runs_keep_every_user(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    names = [f"user{i}" for i in range(8)]
+    processes = [
+        subprocess.Popen([*KVPKI, "serve-passwd", str(path), name, "--password-stdin"], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        for name in names
+    ]  # fmt: skip
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write(b"same-secret-1\n")
+        process.stdin.close()
+    assert [process.wait(60) for process in processes] == [0] * len(names)
+    assert sorted(read_users(path)) == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users"]
+
+
 def test_running_server_fails_closed_on_a_broken_users_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -519,6 +537,10 @@ def test_edge_ca_from_est_identity_is_name_constrained_to_its_device(server: Est
     _, renew_csr = make_key_csr(tmp_path, "edge2", "/CN=aziot-edge CA gw-7", *EDGE_CA_EXT)
     status, renewed, _ = edge_enroll(server, "edge-ca", renew_csr, None, edge_pem, edge_key)
     assert status == 200 and name_constraints(renewed[0]).value == ext.value
+    # So does `kvpki renew`, although the Edge CA's own CN ("aziot-edge CA gw-7") makes no DNS name.
+    (tmp_path / "edge2.der").write_bytes(renew_csr)
+    pem = server.kvpki("renew", str(edge_pem), str(tmp_path / "edge2.der"), "--ca", "issuing").stdout
+    assert name_constraints(x509.load_pem_x509_certificate(pem)).value == ext.value
 
 
 def test_cli_name_constraints_refuse_a_cn_that_is_no_dns_name(server: EstServer, tmp_path: Path) -> None:

@@ -48,6 +48,13 @@ def certificate_sans(certificate: x509.Certificate) -> tuple[x509.GeneralName, .
         return ()
 
 
+def certificate_name_constraints(certificate: x509.Certificate) -> x509.NameConstraints | None:
+    try:
+        return certificate.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+
+
 def requests_ca(csr: x509.CertificateSigningRequest) -> bool:
     try:
         return bool(csr.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)

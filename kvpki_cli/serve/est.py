@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kvpki_cli.authority import CertificateAuthority, SigningRequest
 from kvpki_cli.errors import KvpkiError
 from kvpki_cli.pki.csr import decode_csr_bytes, parse_csr
-from kvpki_cli.pki.policy import certificate_sans, requested_sans, subject_cn
+from kvpki_cli.pki.policy import certificate_name_constraints, certificate_sans, requested_sans, subject_cn
 from kvpki_cli.serve.auth import Authenticator, Identity, currently_valid, describe_subject, directly_issued
 from kvpki_cli.serve.config import DEFAULT_LABEL, IDENTITY_CN_PLACEHOLDER, LabelConfig, ServeConfig
 from kvpki_cli.serve.wire import PKCS10, HttpRefusal, certs_only_body, media_type, pkcs7_response, text_response
@@ -48,13 +48,6 @@ def check_renewal(
         raise HttpRefusal(403, "re-enrollment must keep the subject of the certificate being renewed")
     if set(requested_sans(csr)) != set(certificate_sans(old)):
         raise HttpRefusal(403, "re-enrollment must keep the subjectAltNames of the certificate being renewed")
-
-
-def name_constraints_of(cert: x509.Certificate) -> x509.NameConstraints | None:
-    try:
-        return cert.extensions.get_extension_for_class(x509.NameConstraints).value
-    except x509.ExtensionNotFound:
-        return None
 
 
 def _is_client_auth_end_entity(cert: x509.Certificate) -> bool:
@@ -195,7 +188,7 @@ class EstService:
             identity_cn, constraints = None, None
             if renewing is not None and (authority is None or renews_own_profile(ca, renewing, profile)):
                 check_renewal(ca, renewing, csr, profile)
-                constraints = name_constraints_of(renewing)  # a renewed CA keeps its name constraints
+                constraints = certificate_name_constraints(renewing)  # a renewed CA keeps its name constraints
             elif authority is not None:
                 if identity.authority_ca is None:  # fail closed: an authority always names its CA
                     raise HttpRefusal(403, "identity certificate without a configured identity CA")

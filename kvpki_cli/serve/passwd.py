@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -23,6 +25,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from kvpki_cli.errors import UsageError
@@ -116,16 +119,32 @@ def set_user(path: Path, user: str, password: str | None) -> None:
         raise UsageError(
             f"invalid user name {user!r} (1 to {MAX_USER_LENGTH} of letters, digits and _.@+-; no ':' or spaces)"
         )
-    users = read_users(path)
-    if password is None:
-        users.pop(user, None)
-    else:
-        if len(password) < 8:
-            raise UsageError("password must have at least 8 characters")
-        users[user] = hash_password(password)
-    data = "".join(f"{name}:{encoded}\n" for name, encoded in sorted(users.items()))
-    parse_users(data, str(path))  # never write a file the server cannot read back
-    write_file_atomic(path, data.encode("ascii"), mode=0o600)
+    if password is not None and len(password) < 8:
+        raise UsageError("password must have at least 8 characters")
+    with _directory_lock(path.parent) as directory_fd:  # concurrent edits never lose each other's users
+        users = read_users(path)
+        if password is None:
+            users.pop(user, None)
+        else:
+            users[user] = hash_password(password)
+        data = "".join(f"{name}:{encoded}\n" for name, encoded in sorted(users.items()))
+        parse_users(data, str(path))  # never write a file the server cannot read back
+        write_file_atomic(path, data.encode("ascii"), mode=0o600)
+        os.fsync(directory_fd)  # the rename itself survives a crash
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[int]:
+    """An exclusive flock on the users file's directory (no lock file left behind)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise UsageError(f"cannot open directory {directory}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class UserDirectory:
