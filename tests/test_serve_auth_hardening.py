@@ -639,6 +639,27 @@ def test_revoke_says_serve_re_signs_and_crl_publishes(server: EstServer, tmp_pat
     assert "kvpki serve" in stderr and "re-signs" in stderr and "kvpki crl" in stderr
 
 
+@pytest.mark.skipif(shutil.which("pki") is None, reason="strongSwan pki is not installed")
+def test_strongswan_enroll_as_documented_trusts_the_issued_certificate(server: EstServer, tmp_path: Path) -> None:
+    """The documented --cacert set (TLS root + the --estca chain) makes strongSwan trust what it gets."""
+    url, root = server.url, str(server.root_pem)
+
+    def pki(*args: str) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run(["pki", *args], capture_output=True, timeout=60)
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        return result
+
+    pki("--estca", "--url", url, "--cacert", root, "--caout", str(tmp_path / "ca.pem"), "--outform", "pem")
+    _, csr = make_key_csr(tmp_path, "ss", "/CN=strongswan-doc-1")
+    (tmp_path / "ss.der").write_bytes(csr)
+    enroll = ["--est", "--url", url, "--in", str(tmp_path / "ss.der"), "--userpass", "alice:alice-secret-1"]
+    root_only = pki(*enroll, "--cacert", root)
+    documented = pki(*enroll, "--cacert", root, "--cacert", str(tmp_path / "ca.pem"),
+                     "--cacert", str(tmp_path / "ca-1.pem"))  # fmt: skip
+    assert b"Issued certificate is not trusted" in root_only.stderr  # what the old README example got
+    assert b"Issued certificate is trusted" in documented.stderr
+
+
 def _toml_blocks(text: str) -> list[str]:
     return re.findall(r"```toml\n(.*?)```", text, flags=re.S)
 
