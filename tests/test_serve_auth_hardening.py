@@ -99,6 +99,12 @@ def test_serve_passwd_refuses_names_that_would_break_the_file(tmp_path: Path, us
 BREAKERS = ["\n", "\r", "\r\n", ":", " ", "\t", "\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u202e", "#", "é"]
 
 
+def test_serve_passwd_refuses_undecodable_passwords_cleanly(tmp_path: Path) -> None:
+    result = serve_passwd(tmp_path / "users", "alice", b"abc\xff\xfedefgh\n")
+    assert result.returncode == 2 and result.stderr == b"kvpki: error: password must be valid UTF-8 text\n"
+    assert not (tmp_path / "users").exists()
+
+
 @settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     user=st.one_of(

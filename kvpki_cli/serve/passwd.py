@@ -119,8 +119,13 @@ def set_user(path: Path, user: str, password: str | None) -> None:
         raise UsageError(
             f"invalid user name {user!r} (1 to {MAX_USER_LENGTH} of letters, digits and _.@+-; no ':' or spaces)"
         )
-    if password is not None and len(password) < 8:
-        raise UsageError("password must have at least 8 characters")
+    if password is not None:
+        if len(password) < 8:
+            raise UsageError("password must have at least 8 characters")
+        try:
+            password.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes on stdin: no client could ever send them
+            raise UsageError("password must be valid UTF-8 text") from None
     with _directory_lock(path.parent) as directory_fd:  # concurrent edits never lose each other's users
         users = read_users(path)
         if password is None:
