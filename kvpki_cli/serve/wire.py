@@ -45,7 +45,7 @@ class HttpRefusal(Exception):
         """
         if isinstance(error, CLIENT_ERRORS) and 400 <= error.http_status < 500:
             return cls(error.http_status, str(error))
-        log.error("%s failed: %s: %s", context, type(error).__name__, error)
+        log.error("%s failed: %s: %r", context, type(error).__name__, str(error))  # repr: one escaped line
         if isinstance(error, BackendError):
             wait = error.retry_after
             seconds = max(1, round(wait)) if wait and 0 < wait < 86400 else retry_after
