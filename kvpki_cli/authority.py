@@ -20,9 +20,9 @@ from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, NotFound
 from kvpki_cli.inventory import open_inventory
 from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
 from kvpki_cli.keystores import open_keystore
-from kvpki_cli.keystores.base import CAPrivateKey, KeyStore, KeyType
+from kvpki_cli.keystores.base import KeyStore
 from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate
-from kvpki_cli.pki.lean import Encoding
+from kvpki_cli.pki.keys import CAPrivateKey, Encoding, KeyType
 from kvpki_cli.pki.policy import Template, approve, certificate_sans, child_path_length, validity_window
 
 ROOT_DEFAULT_VALIDITY = timedelta(days=3650)

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
 from kvpki_cli.fileutil import write_file_atomic
-from kvpki_cli.keystores.base import CAPrivateKey, CAPublicKey, KeyStore, KeyType
+from kvpki_cli.keystores.base import KeyStore
 from kvpki_cli.messages import warn
-from kvpki_cli.pki.lean import Encoding, load_pem_private_key
+from kvpki_cli.pki.keys import CAPrivateKey, CAPublicKey, Encoding, KeyType, load_pem_private_key
 
 PASSPHRASE_ENV = "KVPKI_LOCAL_PASSPHRASE"
 PASSPHRASE_FILE_ENV = "KVPKI_LOCAL_PASSPHRASE_FILE"
