@@ -262,6 +262,7 @@ def init_ca(
         chosen_path_length = path_length
         window = (now - config.backdate, now + (validity or ROOT_DEFAULT_VALIDITY))
 
+    settings.make_ca_directory(name)  # KVPKI_HOME, cas/ and cas/<name> 0700 whatever the umask
     public_key = keystore.create_key(key_type)
     try:
         template = Template(
