@@ -198,17 +198,19 @@ def read_config_file(path: Path, *, required: bool) -> Mapping[str, Any]:
     import tomllib
 
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: a FIFO planted as the config file must not hang kvpki (it is refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         if required:
             raise UsageError(f"config file {path} (KVPKI_CONFIG) does not exist") from None
         return {}
     except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UsageError(f"config file {path} is not a regular file")
     with os.fdopen(fd, "rb") as handle:
-        st = os.fstat(handle.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"config file {path} is not a regular file")
         check_trusted(path, st, "config file")
         check_trusted_path(path.parent, "config directory", allow_sticky=True)
         try:

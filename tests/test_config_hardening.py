@@ -58,6 +58,15 @@ def test_missing_kvpki_config_is_a_usage_error(ca_home: Kvpki, make_csr, tmp_pat
     assert ca_home.inventory("root") == []
 
 
+def test_config_that_is_not_a_regular_file_is_refused_without_hanging(ca_home: Kvpki, tmp_path: Path) -> None:
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo, 0o600)
+    for config in (fifo, tmp_path):
+        ca_home.env = dict(ca_home.env, KVPKI_CONFIG=str(config))
+        result = ca_home.run("crl", "--ca", "root", timeout=20)
+        assert result.returncode == 2 and "not a regular file" in one_error_line(result)
+
+
 MISSPELLINGS = [
     # (config text, words the one error line must contain)
     ('[profile.device]\nbase = "sub-ca"\n', ["[profile]", "'profiles'"]),
