@@ -195,8 +195,6 @@ def validate_file_config(document: Mapping[str, Any], source: str) -> None:
 
 def read_config_file(path: Path, *, required: bool) -> Mapping[str, Any]:
     """Parse and validate one trusted config file ({} when an optional one is absent)."""
-    import tomllib
-
     try:
         # O_NONBLOCK: a FIFO planted as the config file must not hang kvpki (it is refused below)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -219,6 +217,8 @@ def read_config_file(path: Path, *, required: bool) -> Mapping[str, Any]:
             raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise UsageError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    import tomllib  # only when there is a file: not on the start-up path of a config-less sign-csr
+
     try:
         document = tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

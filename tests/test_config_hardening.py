@@ -331,7 +331,7 @@ UNSAFE = [
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
-@pytest.mark.parametrize(("tamper", "where", "words"), UNSAFE)
+@pytest.mark.parametrize(("tamper", "where", "words"), UNSAFE, ids=[f"{w}:{m.split()[0]}" for _, w, m in UNSAFE])
 def test_files_others_could_write_are_refused(ca_home: Kvpki, make_csr, tamper, where: str, words: str) -> None:
     config = ca_home.home / "config.toml"
     config.write_text('[defaults]\nbackdate = "5m"\n')
