@@ -20,9 +20,9 @@ from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, NotFound
 from kvpki_cli.inventory import open_inventory
 from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
 from kvpki_cli.keystores import open_keystore
-from kvpki_cli.keystores.base import CAPrivateKey, KeyStore, KeyType
+from kvpki_cli.keystores.base import KeyStore
 from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate
-from kvpki_cli.pki.lean import Encoding
+from kvpki_cli.pki.keys import CAPrivateKey, Encoding, KeyType
 from kvpki_cli.pki.policy import Template, approve, certificate_sans, child_path_length, validity_window
 
 ROOT_DEFAULT_VALIDITY = timedelta(days=3650)
@@ -269,6 +269,7 @@ def init_ca(
         chosen_path_length = path_length
         window = (now - config.backdate, now + (validity or ROOT_DEFAULT_VALIDITY))
 
+    settings.make_ca_directory(name)  # KVPKI_HOME, cas/ and cas/<name> 0700 whatever the umask
     public_key = keystore.create_key(key_type)
     try:
         template = Template(

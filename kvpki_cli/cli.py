@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kvpki_cli.errors import EXIT_USAGE, InvalidInput, KvpkiError, UsageError
-from kvpki_cli.keystores.base import KeyType
 from kvpki_cli.messages import warn
 from kvpki_cli.pki.crl import REASONS
+from kvpki_cli.pki.keys import KeyType
 
 if TYPE_CHECKING:
     from kvpki_cli.authority import CertificateAuthority
@@ -95,8 +95,8 @@ def init_ca_command(
     """Create a self-signed root CA, or a subordinate CA under --parent; print its certificate."""
     from kvpki_cli.authority import init_ca
     from kvpki_cli.durations import parse_duration
-    from kvpki_cli.keystores.base import KeyType
     from kvpki_cli.pki.encoding import encode_certificates
+    from kvpki_cli.pki.keys import KeyType
     from kvpki_cli.pki.names import parse_subject
 
     chain = init_ca(
@@ -272,7 +272,7 @@ def _load_certificate(data: bytes) -> Any:
 def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str) -> None:
     """Print a CRL signed by the CA key listing every revoked, unexpired certificate."""
     from kvpki_cli.durations import parse_duration
-    from kvpki_cli.pki.lean import Encoding
+    from kvpki_cli.pki.keys import Encoding
 
     crl = obj.authority(ca_name).crl(parse_duration(next_update, what="--next-update"))
     _write_stdout(crl.public_bytes(Encoding.PEM if fmt == "pem" else Encoding.DER))

@@ -10,12 +10,9 @@ from datetime import datetime
 from typing import NamedTuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from kvpki_cli.keystores.base import CAPrivateKey
+from kvpki_cli.pki.keys import CAPrivateKey, signing_hash
 from kvpki_cli.pki.policy import Template, subject_cn
 from kvpki_cli.pki.profiles import Profile, name_constraints
 
@@ -31,13 +28,6 @@ class PublicationUrls(NamedTuple):
 def new_serial_number() -> int:
     """20 octets, positive, 158 random bits from the OS CSPRNG (RFC 5280 4.1.2.2)."""
     return int.from_bytes(os.urandom(20), "big") >> 2 | (1 << 158)
-
-
-def signing_hash(key: CAPrivateKey | CertificatePublicKeyTypes) -> hashes.SHA256 | hashes.SHA384:
-    """SHA-384 for P-384 keys, SHA-256 otherwise."""
-    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and key.curve.key_size >= 384:
-        return hashes.SHA384()
-    return hashes.SHA256()
 
 
 def _key_usage(names: frozenset[str]) -> x509.KeyUsage:

@@ -173,7 +173,11 @@ def load_profiles(config: Mapping[str, Any]) -> dict[str, Profile]:
     for name, table in config.items():
         if not isinstance(table, Mapping):
             raise UsageError(f"config: [profiles.{name}] must be a table")
-        base_name = str(table.get("base", name))
+        base_name = table.get("base", name)
+        if not isinstance(base_name, str):
+            raise UsageError(f"config: profile {name} base must be a profile name, not {base_name!r}")
+        if name in BUILTIN_PROFILES and base_name != name:
+            raise UsageError(f"config: built-in profile {name!r} can be tightened but not re-based on {base_name!r}")
         base = profiles.get(base_name)
         if base is None:
             raise UsageError(f"config: profile {name!r} needs 'base' = one of {', '.join(BUILTIN_PROFILES)}")
@@ -181,9 +185,49 @@ def load_profiles(config: Mapping[str, Any]) -> dict[str, Profile]:
     return profiles
 
 
+# The value type of every [profiles.NAME] setting: TOML gives exactly these, anything else is a usage error.
+SETTING_TYPES: dict[str, type] = {
+    "base": str,
+    "max_validity": str,
+    "default_validity": str,
+    "cn_pattern": str,
+    "dns_suffixes": list,
+    "ip_ranges": list,
+    "require_cn": bool,
+    "require_san": bool,
+    "allow_wildcard": bool,
+    "path_length": int,
+}
+_LIST_OF_STRINGS = ("dns_suffixes", "ip_ranges")
+
+
+def _check_type(profile: str, key: str, value: Any) -> None:
+    """Wrong TOML types are usage errors (``require_cn = "false"`` must not mean true)."""
+    expected = SETTING_TYPES.get(key)
+    if expected is None:
+        return  # a setting handled below without an entry here
+    wrong = not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+    if key in _LIST_OF_STRINGS and not wrong:
+        wrong = not all(isinstance(item, str) for item in value)
+    if key == "path_length" and not wrong:
+        wrong = value < 0
+    if wrong:
+        kind = {str: "a string", bool: "true or false", int: "a non-negative integer", list: "a list of strings"}
+        raise UsageError(f"config: profile {profile} {key} must be {kind.get(expected, expected)}, not {value!r:.60}")
+
+
+def _unknown(profile: str, key: str) -> UsageError:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(SETTING_TYPES), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return UsageError(f"config: profile {profile} has unknown setting {key!r}{hint}")
+
+
 def _apply_overrides(profile: Profile, table: Mapping[str, Any]) -> Profile:
     changes: dict[str, Any] = {}
     for key, value in table.items():
+        _check_type(profile.name, key, value)
         if key == "base":
             continue
         if key in ("max_validity", "default_validity"):
@@ -217,7 +261,7 @@ def _apply_overrides(profile: Profile, table: Mapping[str, Any]) -> Profile:
         elif key == "path_length" and profile.is_ca:
             changes[key] = None if value is None else int(value)
         else:
-            raise UsageError(f"config: profile {profile.name} has unknown setting {key!r}")
+            raise _unknown(profile.name, key)
     updated = profile._replace(**changes)
     if updated.default_validity > updated.max_validity:
         updated = updated._replace(default_validity=updated.max_validity)

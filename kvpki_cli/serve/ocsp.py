@@ -24,9 +24,8 @@ from cryptography.x509 import ocsp
 
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.errors import KvpkiError, UsageError
-from kvpki_cli.keystores.base import CAPrivateKey
-from kvpki_cli.pki.certificates import signing_hash
 from kvpki_cli.pki.crl import REASONS
+from kvpki_cli.pki.keys import CAPrivateKey, signing_hash
 from kvpki_cli.serve.config import OcspSignerConfig
 from kvpki_cli.serve.wire import HttpRefusal, media_type, text_response
 from kvpki_cli.serve.workers import CaWorkers
