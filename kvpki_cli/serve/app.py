@@ -146,7 +146,8 @@ async def _start(
     limits: ConnectionLimits,
 ) -> web.AppRunner:
     timeouts = Timeouts(config.tls_handshake_timeout, config.idle_timeout, config.request_timeout)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=config.idle_timeout)
+    backstop = config.idle_timeout + config.request_timeout + 1  # aiohttp's own idle close; ours come first
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=backstop)
     await runner.setup()
     await GatedSite(runner, config.host, port, ssl_context=context, limits=limits, timeouts=timeouts).start()
     bound = runner.addresses[0]

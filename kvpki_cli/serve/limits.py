@@ -2,9 +2,9 @@
 
 aiohttp's ``TCPSite`` accepts every connection and waits for it forever (no TLS
 handshake timeout, no cap, no deadline for a request that trickles in).  Here a
-listener accepts plain TCP, counts the connection against a per-server and a
-per-client-address cap and closes the excess at once (before any TLS work), runs
-the TLS handshake itself with a deadline, then hands the connection to aiohttp's
+listener accepts plain TCP itself, counts the connection against a per-server and
+a per-client-address cap and closes the excess at once (before any TLS work), runs
+the TLS handshake with a deadline, then hands the connection to aiohttp's
 protocol through a wrapper that enforces:
 
 * ``idle_timeout``: a connection without a request in progress (after the
@@ -19,11 +19,14 @@ limit at start, so ``accept()`` never fails with EMFILE.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import resource
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -72,6 +75,7 @@ class ConnectionLimits:
         self._by_address: dict[str, int] = {}
         self.refused = 0
         self.timed_out = 0
+        self.accept_errors = 0
 
     def admit(self, address: str) -> bool:
         held = self._by_address.get(address, 0)
@@ -91,78 +95,18 @@ class ConnectionLimits:
             del self._by_address[address]
 
 
-class _Gate(asyncio.Protocol):
-    """The protocol ``create_server`` installs: admit or close, then hand over (plain or after TLS)."""
-
-    def __init__(self, listener: Listener) -> None:
-        self.listener = listener
-        self.connection: Connection | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        peer = transport.get_extra_info("peername")
-        address = str(peer[0]) if peer else "?"
-        if not self.listener.limits.admit(address):
-            transport.abort()  # refused right after accept: no TLS, no buffers, fd freed at once
-            return
-        connection = Connection(self.listener, address)
-        if self.listener.context is None:
-            transport.set_protocol(connection)
-            connection.connection_made(transport)
-        else:
-            self.connection = connection
-            transport.pause_reading()  # the ClientHello waits for start_tls
-            connection.handshake_task = asyncio.get_running_loop().create_task(connection.handshake(transport))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Only reached when the client left before start_tls took the transport over."""
-        if self.connection is not None:
-            self.connection.abandon()
-
-
 class Connection(asyncio.Protocol):
     """aiohttp's protocol plus the per-connection deadlines and the slot it holds."""
 
     def __init__(self, listener: Listener, address: str) -> None:
         self.listener = listener
         self.address = address
-        self.handshake_task: asyncio.Task[None] | None = None
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._released = False
         self._busy = 0
         self._waiting_for_request = True  # True: the idle deadline runs; False: the request deadline
         self._timer: asyncio.TimerHandle | None = None
-        self._early: list[bytes] = []  # TLS data that arrived before start_tls returned
-
-    async def handshake(self, raw: asyncio.Transport) -> None:
-        loop = asyncio.get_running_loop()
-        timeouts = self.listener.timeouts
-        try:
-            transport = await loop.start_tls(
-                raw,
-                self,
-                self.listener.context,  # type: ignore[arg-type]
-                server_side=True,
-                ssl_handshake_timeout=timeouts.tls_handshake,
-                ssl_shutdown_timeout=min(timeouts.tls_handshake, 5.0),
-            )
-        except BaseException as exc:  # handshake failed, timed out, or the server is stopping
-            raw.abort()
-            self._release()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            if not isinstance(exc, (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError)):
-                log.warning("TLS handshake with %s failed: %r", self.address, exc)
-            return
-        if transport is None or self._released:  # lost between handshake and now
-            return
-        self.connection_made(transport)
-
-    def abandon(self) -> None:
-        if self.handshake_task is not None:
-            self.handshake_task.cancel()
-        self._release()
 
     # --- asyncio.Protocol, delegated to aiohttp ---
 
@@ -172,14 +116,9 @@ class Connection(asyncio.Protocol):
         self._inner = self.listener.factory()
         self._inner.connection_made(transport)
         self._arm(self.listener.timeouts.idle)
-        early, self._early = self._early, []
-        for data in early:
-            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
-        if self._inner is None:  # start_tls delivers data from the handshake's last read before it returns
-            self._early.append(data)
-            return
+        assert self._inner is not None
         if self._waiting_for_request and not self._busy:
             self._waiting_for_request = False
             self._arm(self.listener.timeouts.request)
@@ -198,7 +137,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        self._release()
+        self.release()
         if self._inner is not None:
             self._inner.connection_lost(exc)
 
@@ -231,7 +170,7 @@ class Connection(asyncio.Protocol):
         self.listener.limits.timed_out += 1
         self._transport.abort()  # abort, not close: a TLS close would wait for the peer's close_notify
 
-    def _release(self) -> None:
+    def release(self) -> None:
         if not self._released:
             self._released = True
             self.listener.limits.release(self.address)
@@ -259,8 +198,27 @@ async def request_deadline(
         connection.request_finished()
 
 
+def client_key(peer: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """What the per-client cap counts: the IPv4 address, or the IPv6 /64 (one host's usual share)."""
+    host = str(peer[0]).split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class Listener:
-    """One listening socket (HTTPS or plain HTTP) feeding an aiohttp server."""
+    """One listening socket (HTTPS or plain HTTP) feeding an aiohttp server.
+
+    Its own accept loop takes one connection at a time and closes it at once when
+    over a cap, before any transport or TLS state exists (asyncio's own loop
+    accepts up to ``backlog`` sockets in a burst before any protocol sees them).
+    """
 
     def __init__(
         self,
@@ -273,10 +231,67 @@ class Listener:
         self.context = context
         self.limits = limits
         self.timeouts = timeouts
+        self.sockets: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int, backlog: int) -> asyncio.AbstractServer:
+    async def start(self, host: str, port: int, backlog: int) -> Listener:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=backlog)
+        sock.setblocking(False)
+        self.sockets = [sock]
+        self._spawn(self._accept(sock))
+        return self
+
+    def close(self) -> None:
+        """Stop accepting and drop connections still in their TLS handshake (aiohttp closes the others)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: _Gate(self), host, port, backlog=backlog, reuse_address=True)
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and friends: the caps should prevent it; never spin
+                self.limits.accept_errors += 1
+                if self.limits.accept_errors == 1:
+                    log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            address = client_key(peer)
+            if not self.limits.admit(address):
+                conn.close()
+                continue
+            self._spawn(self._connect(conn, address))
+
+    async def _connect(self, conn: socket.socket, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        connection = Connection(self, address)
+        try:
+            if self.context is None:
+                await loop.connect_accepted_socket(lambda: connection, conn)
+            else:
+                await loop.connect_accepted_socket(
+                    lambda: connection,
+                    conn,
+                    ssl=self.context,
+                    ssl_handshake_timeout=self.timeouts.tls_handshake,
+                    ssl_shutdown_timeout=min(self.timeouts.tls_handshake, 5.0),
+                )
+        except BaseException as exc:  # handshake failed or timed out, or the server is stopping
+            conn.close()
+            connection.release()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if not isinstance(exc, OSError):
+                log.warning("connection from %s failed: %r", address, exc)
 
 
 class GatedSite(web.BaseSite):
@@ -310,19 +325,21 @@ class GatedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         listener = Listener(server, self._ssl_context, self._limits, self._timeouts)
-        self._server = await listener.start(self._host, self._port, self._backlog)
+        self._server = await listener.start(self._host, self._port, self._backlog)  # type: ignore[assignment]
 
 
 async def log_summaries(limits: ConnectionLimits) -> None:
     """Once a minute, one line when connections were refused or timed out (never one line per attacker)."""
     while True:
         await asyncio.sleep(SUMMARY_INTERVAL_S)
-        if limits.refused or limits.timed_out:
+        if limits.refused or limits.timed_out or limits.accept_errors:
             log.warning(
-                "connections: %d refused over the limits, %d closed by timeouts in the last %ds (%d open)",
+                "connections in the last %ds: %d refused over the limits, %d closed by timeouts,"
+                " %d accept errors (%d open)",
+                SUMMARY_INTERVAL_S,
                 limits.refused,
                 limits.timed_out,
-                SUMMARY_INTERVAL_S,
+                limits.accept_errors,
                 limits.open,
             )
-            limits.refused = limits.timed_out = 0
+            limits.refused = limits.timed_out = limits.accept_errors = 0

@@ -1,0 +1,433 @@
+"""`kvpki serve` stays available: idle, slow and numerous connections, and a locked inventory.
+
+The server runs as a subprocess with its open-file limit pinned at 1024 (soft = hard,
+so raising it at start does not help).  Attackers connect from 127.0.0.1, legitimate
+clients from other loopback addresses (the per-client cap is per address).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import os
+import resource
+import select
+import socket
+import sqlite3
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
+
+from tests.servekit import KVPKI, PASSWORDS, REPO, EstServer, _prepare, free_port
+
+FD_LIMIT = 1024
+HANDSHAKE_S, IDLE_S, REQUEST_S = 2.0, 2.0, 3.0
+PER_CLIENT = 40
+ATTACKER, LEGIT = "127.0.0.1", "127.0.0.2"
+AVAILABILITY_CONFIG = f"""
+tls_handshake_timeout = {HANDSHAKE_S}
+idle_timeout = {IDLE_S}
+request_timeout = {REQUEST_S}
+max_connections_per_client = {PER_CLIENT}
+"""
+
+
+def _pin_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
+    home = tmp_path_factory.mktemp("avail")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVPKI_", "AZURE_"))}
+    env.update({"KVPKI_HOME": str(home), "PYTHONPATH": str(REPO), "NO_PROXY": "*", "no_proxy": "*"})
+    port, http_port = free_port(), free_port()
+    _prepare(home, env, port, http_port)
+    config = home / "serve.toml"
+    text = config.read_text()
+    config.write_text(text.replace("max_body_bytes = 65536\n", "max_body_bytes = 65536\n" + AVAILABILITY_CONFIG))
+    log_path = home / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*KVPKI, "serve", "--config", str(config)], stdout=log, stderr=log, env=env, cwd=home,
+            preexec_fn=_pin_fd_limit,
+        )  # fmt: skip
+    server = EstServer(home, env, port, http_port, process, log_path)
+    deadline = time.monotonic() + 20
+    while "listening on https" not in server.log():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"kvpki serve did not start: {server.log()}")
+        time.sleep(0.05)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the attackers need more than 1024 sockets
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        yield server
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+# --- a legitimate client ---------------------------------------------------------------------
+
+
+def tls_client_context(server: EstServer) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(server.root_pem))
+
+
+def request(
+    server: EstServer,
+    method: str,
+    path: str,
+    *,
+    tls: bool = True,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    source: str = LEGIT,
+    timeout: float = 10,
+) -> tuple[int, bytes, float]:
+    """One request on a fresh connection from ``source``: (status, body, seconds)."""
+    start = time.monotonic()
+    connection: http.client.HTTPConnection
+    if tls:
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", server.port, context=tls_client_context(server), timeout=timeout, source_address=(source, 0)
+        )
+    else:
+        connection = http.client.HTTPConnection(
+            "127.0.0.1", server.http_port, timeout=timeout, source_address=(source, 0)
+        )
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+        return response.status, data, time.monotonic() - start
+    finally:
+        connection.close()
+
+
+def make_csr(cn: str) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+    return base64.b64encode(csr.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+
+
+def enroll_headers() -> dict[str, str]:
+    token = base64.b64encode(f"alice:{PASSWORDS['alice']}".encode()).decode()
+    return {"Content-Type": "application/pkcs10", "Authorization": f"Basic {token}"}
+
+
+def ocsp_request_for_server_certificate(server: EstServer) -> bytes:
+    chain = x509.load_pem_x509_certificates((server.home / "server-chain.pem").read_bytes())
+    builder = ocsp.OCSPRequestBuilder().add_certificate(chain[0], chain[1], hashes.SHA1())
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+@dataclass
+class Probe:
+    name: str
+    call: Callable[[], tuple[int, bytes, float]]
+    check: Callable[[int, bytes], bool]
+    latencies: list[float] = field(default_factory=list)
+
+
+def legit_probes(server: EstServer, source: str = LEGIT) -> list[Probe]:
+    ocsp_der = ocsp_request_for_server_certificate(server)
+    counter = iter(range(10_000))
+
+    def ocsp_ok(status: int, body: bytes) -> bool:
+        return status == 200 and ocsp.load_der_ocsp_response(body).certificate_status == ocsp.OCSPCertStatus.GOOD
+
+    return [
+        Probe("cacerts", lambda: request(server, "GET", "/.well-known/est/cacerts", source=source),
+              lambda s, b: s == 200 and len(b) > 100),
+        Probe("crl", lambda: request(server, "GET", "/crl/issuing.crl", tls=False, source=source),
+              lambda s, b: s == 200 and x509.load_der_x509_crl(b) is not None),
+        Probe("ocsp", lambda: request(server, "POST", "/ocsp/issuing", tls=False, body=ocsp_der, source=source,
+                                      headers={"Content-Type": "application/ocsp-request"}), ocsp_ok),
+        Probe("enroll", lambda: request(server, "POST", "/.well-known/est/simpleenroll", source=source,
+                                        body=make_csr(f"avail-{next(counter)}"), headers=enroll_headers()),
+              lambda s, b: s == 200),
+    ]  # fmt: skip
+
+
+# --- attackers ---------------------------------------------------------------------------------
+
+
+def connect(port: int, source: str = ATTACKER) -> socket.socket:
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    poller = select.poll()  # select() cannot take descriptors above 1023
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
+        return False
+    try:
+        if isinstance(sock, ssl.SSLSocket):  # TLS records (session tickets) may be readable: not an EOF
+            return sock.recv(4096) == b""
+        return sock.recv(4096, socket.MSG_PEEK) == b""
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return False
+    except OSError:
+        return True
+
+
+def tls_connect(server: EstServer, source: str = ATTACKER) -> ssl.SSLSocket | None:
+    """A TLS connection whose handshake completed (None if the server refused it)."""
+    raw = socket.socket()
+    raw.bind((source, 0))
+    raw.settimeout(5)
+    try:
+        raw.connect(("127.0.0.1", server.port))
+        sock = tls_client_context(server).wrap_socket(raw, server_hostname="127.0.0.1")
+    except OSError:
+        raw.close()
+        return None
+    sock.setblocking(False)
+    return sock
+
+
+class Attack:
+    """~1,050 idle connections (TLS port, HTTP port, completed handshakes) plus slow tricklers.
+
+    Every second closed connections are reopened, so the pressure lasts as long as the attack.
+    """
+
+    TRICKLE = b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 200
+
+    def __init__(self, server: EstServer, idle_tls: int = 1000, idle_http: int = 40, handshaken: int = 5,
+                 tricklers: int = 5) -> None:  # fmt: skip
+        self.server = server
+        self.counts = {"handshaken": handshaken, "trickle": tricklers, "http": idle_http, "tls": idle_tls}
+        self.sockets: dict[str, list[socket.socket | None]] = {kind: [] for kind in self.counts}
+        self.trickle_offset: dict[int, int] = {}
+        self.reopened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self, kind: str) -> socket.socket | None:
+        if kind in ("handshaken", "trickle"):
+            return tls_connect(self.server)
+        try:
+            return connect(self.server.port if kind == "tls" else self.server.http_port)
+        except OSError:
+            return None
+
+    def _sweep(self) -> None:
+        for kind, wanted in self.counts.items():
+            sockets = self.sockets[kind]
+            while len(sockets) < wanted:
+                sockets.append(None)
+            for i, sock in enumerate(sockets):
+                if sock is not None and not closed_by_peer(sock):
+                    continue
+                if sock is not None:
+                    sock.close()
+                    self.reopened += 1
+                sockets[i] = self._open(kind)
+                if kind == "trickle" and sockets[i] is not None:
+                    self.trickle_offset[id(sockets[i])] = 0
+
+    def _trickle(self) -> None:
+        for sock in self.sockets["trickle"]:
+            if sock is None:
+                continue
+            offset = self.trickle_offset.get(id(sock), 0)
+            try:
+                sock.send(self.TRICKLE[offset % len(self.TRICKLE) : offset % len(self.TRICKLE) + 1])
+            except (OSError, ssl.SSLError):
+                continue
+            self.trickle_offset[id(sock)] = offset + 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sweep()
+            self._trickle()
+            self._stop.wait(1.0)
+
+    def __enter__(self) -> Attack:
+        self._sweep()  # the first wave is fully in place before the test measures anything
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for sockets in self.sockets.values():
+            for sock in sockets:
+                if sock is not None:
+                    sock.close()
+
+    def held(self) -> int:
+        return sum(1 for sockets in self.sockets.values() for sock in sockets if sock is not None)
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_legit_requests_answer_within_2s_under_idle_and_slow_connection_flood(server: EstServer) -> None:
+    """Issue 7.1: 1,050 idle/slow connections under `ulimit -n 1024` do not take the server down."""
+    probes = legit_probes(server)
+    for probe in probes:  # warm-up outside the attack: everything works at all
+        status, body, _ = probe.call()
+        assert probe.check(status, body), (probe.name, status, body[:200])
+    with Attack(server) as attack:
+        assert attack.held() >= 1000
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for probe in probes:
+                status, body, seconds = probe.call()
+                assert probe.check(status, body), (probe.name, status, body[:200])
+                probe.latencies.append(seconds)
+            time.sleep(0.3)
+        reopened = attack.reopened
+    worst = {probe.name: round(max(probe.latencies), 3) for probe in probes}
+    print(f"worst latencies under attack (s): {worst}; attacker connections reopened: {reopened}")
+    assert all(seconds < 2.0 for seconds in worst.values()), worst
+    assert reopened > 1000  # the server did close the excess and the idle ones
+    assert server.process.poll() is None
+    assert "Too many open files" not in server.log()
+
+
+def test_idle_and_slow_connections_are_closed_after_their_timeouts(server: EstServer) -> None:
+    """No handshake, no request, a request trickling in: each closed after its configured timeout."""
+    source = "127.0.0.3"
+    start = time.monotonic()
+    groups: dict[str, list[socket.socket]] = {
+        "no handshake": [connect(server.port, source) for _ in range(10)],
+        "idle http": [connect(server.http_port, source) for _ in range(10)],
+    }
+    handshaken = [tls_connect(server, source) for _ in range(5)]
+    assert all(sock is not None for sock in handshaken)
+    groups["idle after handshake"] = [sock for sock in handshaken if sock is not None]
+    keepalive = [tls_connect(server, source) for _ in range(3)]
+    for sock in keepalive:  # one complete request, then the keep-alive connection stays idle
+        assert sock is not None
+        sock.setblocking(True)
+        sock.sendall(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.setblocking(False)
+    groups["idle keep-alive"] = [sock for sock in keepalive if sock is not None]
+    trickle = [tls_connect(server, source) for _ in range(3)]
+    groups["trickle"] = [sock for sock in trickle if sock is not None]
+    expected = {"no handshake": HANDSHAKE_S, "idle http": IDLE_S, "idle after handshake": IDLE_S,
+                "idle keep-alive": IDLE_S, "trickle": IDLE_S - 0.5 + REQUEST_S}  # fmt: skip
+    closed_at: dict[int, float] = {}
+    sent = 0
+    while time.monotonic() - start < max(expected.values()) + 3 and len(closed_at) < sum(map(len, groups.values())):
+        elapsed = time.monotonic() - start
+        if elapsed > IDLE_S - 0.5 and elapsed >= sent + IDLE_S - 0.5:  # trickle starts just before idle expires
+            for sock in groups["trickle"]:
+                if id(sock) not in closed_at:
+                    with contextlib.suppress(OSError):
+                        sock.send(Attack.TRICKLE[sent : sent + 1])
+            sent += 1
+        for sock in (s for group in groups.values() for s in group):
+            if id(sock) not in closed_at and closed_by_peer(sock):
+                closed_at[id(sock)] = time.monotonic() - start
+        time.sleep(0.05)
+    report = {name: sorted(round(closed_at.get(id(s), -1), 2) for s in socks) for name, socks in groups.items()}
+    print(f"closed after (s): {report}")
+    for name, socks in groups.items():
+        for sock in socks:
+            assert id(sock) in closed_at, f"{name}: still open after {max(expected.values()) + 3} s: {report}"
+            assert expected[name] - 0.6 <= closed_at[id(sock)] <= expected[name] + 1.5, (name, report)
+            sock.close()
+
+
+def test_connections_over_the_per_client_cap_are_closed_at_once(server: EstServer) -> None:
+    source = "127.0.0.4"
+    socks = [connect(server.http_port, source) for _ in range(PER_CLIENT + 10)]
+    time.sleep(0.5)
+    closed = [sock for sock in socks if closed_by_peer(sock)]
+    assert len(closed) == 10
+    other = connect(server.http_port, "127.0.0.5")  # another address is not affected
+    time.sleep(0.3)
+    assert not closed_by_peer(other)
+    for sock in [*socks, other]:
+        sock.close()
+
+
+def test_requests_without_database_do_not_queue_behind_issuance(server: EstServer) -> None:
+    """Issue 7.2: with the inventory's write lock held and every signing worker stuck on it,
+    CA certificates, /cacerts, the cached CRL and cached OCSP answers still come at once."""
+    source = "127.0.0.6"
+    ocsp_der = ocsp_request_for_server_certificate(server)
+    ocsp_headers = {"Content-Type": "application/ocsp-request"}
+    for path in ("/crl/issuing.crl", "/ca/issuing.crt"):  # warm the caches
+        assert request(server, "GET", path, tls=False, source=source)[0] == 200
+    status, _, _ = request(server, "POST", "/ocsp/issuing", tls=False, body=ocsp_der, headers=ocsp_headers,
+                           source=source)  # fmt: skip
+    assert status == 200
+    lock = sqlite3.connect(server.home / "inventory.sqlite3", isolation_level=None, timeout=10)
+    lock.execute("BEGIN IMMEDIATE")
+    results: list[int] = []
+
+    def enroll(n: int) -> None:
+        status, _, _ = request(server, "POST", "/.well-known/est/simpleenroll", body=make_csr(f"locked-{n}"),
+                               headers=enroll_headers(), source="127.0.0.7", timeout=60)  # fmt: skip
+        results.append(status)
+
+    enrollments = [threading.Thread(target=enroll, args=(n,)) for n in range(6)]  # 4 signing workers
+    try:
+        for thread in enrollments:
+            thread.start()
+        time.sleep(1.0)
+        checks = {
+            "ca.crt (https)": lambda: request(server, "GET", "/ca/issuing.crt", source=source, timeout=5),
+            "ca.crt (http)": lambda: request(server, "GET", "/ca/issuing.crt", tls=False, source=source, timeout=5),
+            "cacerts": lambda: request(server, "GET", "/.well-known/est/cacerts", source=source, timeout=5),
+            "crl": lambda: request(server, "GET", "/crl/issuing.crl", tls=False, source=source, timeout=5),
+            "ocsp": lambda: request(server, "POST", "/ocsp/issuing", tls=False, body=ocsp_der,
+                                    headers=ocsp_headers, source=source, timeout=5),
+        }  # fmt: skip
+        worst: dict[str, float] = {}
+        for _ in range(3):
+            for name, call in checks.items():
+                status, _, seconds = call()
+                assert status == 200, name
+                worst[name] = max(worst.get(name, 0.0), seconds)
+            time.sleep(1.0)
+        assert not results and all(thread.is_alive() for thread in enrollments)  # issuance really was stuck
+        print(f"worst latencies with the inventory locked (s): {worst}")
+        assert all(seconds < 1.0 for seconds in worst.values()), worst
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+        for thread in enrollments:
+            thread.join(60)
+    assert results == [200] * 6
+
+
+def test_open_file_soft_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None:
+    script = (
+        "import resource\n"
+        "from kvpki_cli.serve.limits import raise_fd_limit, connection_cap\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "print(raise_fd_limit() == hard == resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "print(connection_cap(1024, 1024), connection_cap(1024, 100000), connection_cap(5000, 4096))\n"
+    )
+    out = subprocess.run([*KVPKI[:1], "-c", script], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.split("\n")[:2] == ["True", "896 1024 3584"]
