@@ -3,7 +3,7 @@
 aiohttp's ``TCPSite`` accepts every connection and waits for it forever (no TLS
 handshake timeout, no cap, no deadline for a request that trickles in).  Here a
 listener accepts plain TCP itself, counts the connection against a per-server and
-a per-client-address cap and closes the excess at once (before any TLS work), runs
+a per-client-address cap (see ``ConnectionLimits``) before any TLS work, runs
 the TLS handshake with a deadline, then hands the connection to aiohttp's
 protocol through a wrapper that enforces:
 
@@ -33,6 +33,7 @@ from aiohttp import web
 log = logging.getLogger("kvpki.serve")
 
 FD_RESERVE_MIN = 64  # files, database, log, key-store connections: never given to clients
+CLOSING_SLACK = 32  # sockets of replaced connections still closing, on top of the cap (inside the reserve)
 SUMMARY_INTERVAL_S = 60.0
 
 
@@ -66,33 +67,67 @@ def connection_cap(configured: int, fd_limit: int) -> int:
 
 
 class ConnectionLimits:
-    """Counts open connections per server and per client address (shared by all listeners)."""
+    """Open connections per server and per client address (shared by all listeners).
+
+    Over the per-client cap a new connection is refused.  When the server is full, a
+    new connection replaces an idle one (not inside a request handler): the oldest of
+    the client holding the most connections if it holds at least two more than the
+    newcomer would, else the oldest overall; with no idle connection it is refused.
+    So a crowd of idle connections from many addresses cannot lock out a client
+    that is about to send a request.
+    """
 
     def __init__(self, total: int, per_client: int) -> None:
         self.total = total
         self.per_client = per_client
-        self.open = 0
-        self._by_address: dict[str, int] = {}
+        self._all: dict[Connection, None] = {}  # insertion order = age
+        self._by_address: dict[str, dict[Connection, None]] = {}
+        self.sockets = 0  # admitted sockets not yet closed (a replaced connection closes a moment later)
         self.refused = 0
+        self.evicted = 0
         self.timed_out = 0
         self.accept_errors = 0
 
-    def admit(self, address: str) -> bool:
-        held = self._by_address.get(address, 0)
-        if self.open >= self.total or held >= self.per_client:
+    @property
+    def open(self) -> int:
+        return len(self._all)
+
+    def admit(self, connection: Connection) -> bool:
+        held = self._by_address.get(connection.address, {})
+        if len(held) >= self.per_client:
             self.refused += 1
             return False
-        self.open += 1
-        self._by_address[address] = held + 1
+        if len(self._all) >= self.total:
+            victim = self._victim(len(held) + 1)
+            if victim is None:
+                self.refused += 1
+                return False
+            self.evicted += 1
+            victim.evict()
+        self._all[connection] = None
+        self._by_address.setdefault(connection.address, {})[connection] = None
+        self.sockets += 1
         return True
 
-    def release(self, address: str) -> None:
-        self.open -= 1
-        held = self._by_address[address] - 1
-        if held:
-            self._by_address[address] = held
-        else:
-            del self._by_address[address]
+    def may_accept(self) -> bool:
+        """False while replaced connections are still closing: accepting more could exceed the file limit."""
+        return self.sockets < self.total + CLOSING_SLACK
+
+    def _victim(self, newcomer_count: int) -> Connection | None:
+        largest = max(self._by_address.values(), key=len)
+        if len(largest) > newcomer_count:
+            victim = next((c for c in largest if not c.busy), None)
+            if victim is not None:
+                return victim
+        return next((c for c in self._all if not c.busy), None)
+
+    def release(self, connection: Connection) -> None:
+        self._all.pop(connection, None)
+        held = self._by_address.get(connection.address)
+        if held is not None:
+            held.pop(connection, None)
+            if not held:
+                del self._by_address[connection.address]
 
 
 class Connection(asyncio.Protocol):
@@ -107,6 +142,8 @@ class Connection(asyncio.Protocol):
         self._busy = 0
         self._waiting_for_request = True  # True: the idle deadline runs; False: the request deadline
         self._timer: asyncio.TimerHandle | None = None
+        self._socket_open = True
+        self.task: asyncio.Task[None] | None = None  # accepting it (TLS handshake)
 
     # --- asyncio.Protocol, delegated to aiohttp ---
 
@@ -138,6 +175,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self.release()
+        self.socket_closed()
         if self._inner is not None:
             self._inner.connection_lost(exc)
 
@@ -170,10 +208,27 @@ class Connection(asyncio.Protocol):
         self.listener.limits.timed_out += 1
         self._transport.abort()  # abort, not close: a TLS close would wait for the peer's close_notify
 
+    @property
+    def busy(self) -> bool:
+        return self._busy > 0
+
+    def evict(self) -> None:
+        """Make room for a newer connection: give back the slot now, then drop the connection."""
+        self.release()
+        if self._transport is not None:
+            self._transport.abort()
+        elif self.task is not None:  # still in the TLS handshake
+            self.task.cancel()
+
+    def socket_closed(self) -> None:
+        if self._socket_open:
+            self._socket_open = False
+            self.listener.limits.sockets -= 1
+
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.listener.limits.release(self.address)
+            self.listener.limits.release(self)
 
 
 @web.middleware
@@ -249,14 +304,18 @@ class Listener:
         for sock in self.sockets:
             sock.close()
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if not self.limits.may_accept():
+                await asyncio.sleep(0.005)
+                continue
             try:
                 conn, peer = await loop.sock_accept(sock)
             except OSError as exc:  # EMFILE and friends: the caps should prevent it; never spin
@@ -265,15 +324,15 @@ class Listener:
                     log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            address = client_key(peer)
-            if not self.limits.admit(address):
+            connection = Connection(self, client_key(peer))
+            if not self.limits.admit(connection):
                 conn.close()
                 continue
-            self._spawn(self._connect(conn, address))
+            connection.task = self._spawn(self._connect(conn, connection))
+            await asyncio.sleep(0)  # sock_accept does not yield while connections are pending: let others run
 
-    async def _connect(self, conn: socket.socket, address: str) -> None:
+    async def _connect(self, conn: socket.socket, connection: Connection) -> None:
         loop = asyncio.get_running_loop()
-        connection = Connection(self, address)
         try:
             if self.context is None:
                 await loop.connect_accepted_socket(lambda: connection, conn)
@@ -288,10 +347,13 @@ class Listener:
         except BaseException as exc:  # handshake failed or timed out, or the server is stopping
             conn.close()
             connection.release()
+            connection.socket_closed()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if not isinstance(exc, OSError):
-                log.warning("connection from %s failed: %r", address, exc)
+                log.warning("connection from %s failed: %r", connection.address, exc)
+        finally:
+            connection.task = None
 
 
 class GatedSite(web.BaseSite):
@@ -332,14 +394,15 @@ async def log_summaries(limits: ConnectionLimits) -> None:
     """Once a minute, one line when connections were refused or timed out (never one line per attacker)."""
     while True:
         await asyncio.sleep(SUMMARY_INTERVAL_S)
-        if limits.refused or limits.timed_out or limits.accept_errors:
+        if limits.refused or limits.evicted or limits.timed_out or limits.accept_errors:
             log.warning(
-                "connections in the last %ds: %d refused over the limits, %d closed by timeouts,"
-                " %d accept errors (%d open)",
+                "connections in the last %ds: %d refused over the limits, %d idle ones replaced by newer ones,"
+                " %d closed by timeouts, %d accept errors (%d open)",
                 SUMMARY_INTERVAL_S,
                 limits.refused,
+                limits.evicted,
                 limits.timed_out,
                 limits.accept_errors,
                 limits.open,
             )
-            limits.refused = limits.timed_out = limits.accept_errors = 0
+            limits.refused = limits.evicted = limits.timed_out = limits.accept_errors = 0
