@@ -448,3 +448,101 @@ def test_open_file_soft_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> Non
     )
     out = subprocess.run([*KVPKI[:1], "-c", script], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.split("\n")[:2] == ["True", "896 1024 3584"]
+
+
+def test_cached_ocsp_and_crl_answers_follow_a_revocation_at_once(server: EstServer) -> None:
+    """The caches of 7.2 never serve a stale status while the inventory answers."""
+    from tests.servekit import pkcs7_certificates
+
+    source = "127.0.0.8"
+    status, body, _ = request(server, "POST", "/.well-known/est/simpleenroll", body=make_csr("cached-then-revoked"),
+                              headers=enroll_headers(), source=source)  # fmt: skip
+    assert status == 200
+    cert = pkcs7_certificates(body)[0]
+    issuer = x509.load_pem_x509_certificates((server.home / "server-chain.pem").read_bytes())[1]
+    der = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build().public_bytes(
+        serialization.Encoding.DER
+    )  # no nonce: cacheable
+
+    def ocsp_status() -> tuple[ocsp.OCSPCertStatus, bytes]:
+        code, answer, _ = request(server, "POST", "/ocsp/issuing", tls=False, body=der, source=source,
+                                  headers={"Content-Type": "application/ocsp-request"})  # fmt: skip
+        assert code == 200
+        return ocsp.load_der_ocsp_response(answer).certificate_status, answer
+
+    def crl_lists(serial: int) -> bool:
+        code, crl, _ = request(server, "GET", "/crl/issuing.crl", tls=False, source=source)
+        assert code == 200
+        return x509.load_der_x509_crl(crl).get_revoked_certificate_by_serial_number(serial) is not None
+
+    first, first_body = ocsp_status()
+    second, second_body = ocsp_status()
+    assert first == second == ocsp.OCSPCertStatus.GOOD
+    assert first_body == second_body  # served from the cache
+    assert not crl_lists(cert.serial_number)
+    server.kvpki("revoke", format(cert.serial_number, "x"), "--ca", "issuing", "--reason", "keyCompromise")
+    assert ocsp_status()[0] == ocsp.OCSPCertStatus.REVOKED
+    assert crl_lists(cert.serial_number)
+
+
+def test_a_full_server_replaces_idle_connections_fairly() -> None:
+    """Unit: over the server cap, the client holding the most idle connections loses one; busy ones never."""
+    from kvpki_cli.serve.limits import ConnectionLimits
+
+    class Fake:
+        def __init__(self, limits: ConnectionLimits, address: str, busy: bool = False) -> None:
+            self.address, self.busy, self.limits, self.evicted = address, busy, limits, False
+
+        def evict(self) -> None:
+            self.evicted = True
+            self.limits.release(self)  # type: ignore[arg-type]
+
+    limits = ConnectionLimits(total=6, per_client=4)
+    hog = [Fake(limits, "10.0.0.1") for _ in range(4)]
+    others = [Fake(limits, "10.0.0.2", busy=True), Fake(limits, "10.0.0.3")]
+    for fake in [*hog, *others]:
+        assert limits.admit(fake)  # type: ignore[arg-type]
+    assert not limits.admit(Fake(limits, "10.0.0.1"))  # per-client cap: refused
+    newcomer = Fake(limits, "10.0.0.9")
+    assert limits.admit(newcomer)  # type: ignore[arg-type]
+    assert hog[0].evicted and not any(f.evicted for f in [*hog[1:], *others])
+    for fake in hog[1:]:
+        fake.busy = True
+    newcomer.busy = True
+    late = Fake(limits, "10.0.0.9")
+    assert limits.admit(late)  # type: ignore[arg-type]
+    assert others[1].evicted  # the oldest idle one overall once the biggest holder has only busy ones
+    latest = Fake(limits, "10.0.0.10")
+    assert limits.admit(latest) and late.evicted  # type: ignore[arg-type]
+    latest.busy = True
+    assert not limits.admit(Fake(limits, "10.0.0.11"))  # type: ignore[arg-type]  # all busy: refused
+    assert limits.open == 6
+
+
+def test_fresh_job_results_are_computed_after_the_caller_asked() -> None:
+    """Unit: concurrent callers share runs, and none gets a result that started before it asked."""
+    import asyncio
+
+    from kvpki_cli.serve.fresh import FreshJob
+
+    async def scenario() -> tuple[list[int], int]:
+        version = 0
+        runs = 0
+
+        async def job() -> int:
+            nonlocal runs
+            runs += 1
+            seen = version
+            await asyncio.sleep(0.05)
+            return seen
+
+        fresh: FreshJob[int] = FreshJob(job)
+        first = fresh.result()
+        await asyncio.sleep(0.01)  # the first run has started
+        version = 1  # "a revocation committed"
+        later = [fresh.result() for _ in range(20)]
+        return [await first, *[await f for f in later]], runs
+
+    results, runs = asyncio.run(scenario())
+    assert results[0] == 0 and all(r == 1 for r in results[1:])
+    assert runs == 2

@@ -40,7 +40,7 @@ from kvpki_cli.serve.wire import certs_only_body
 from kvpki_cli.serve.workers import CaWorkers
 
 log = logging.getLogger("kvpki.serve")
-PUBLISHING_THREADS = 2
+PUBLISHING_THREADS = 2  # at least; as many as signing workers otherwise (OCSP with nonces signs per request)
 
 
 def _load_certificates(path: Path) -> list[x509.Certificate]:
@@ -113,7 +113,7 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     context = tls_context(config, trusted)
 
     workers = CaWorkers(settings, config.signing_concurrency)
-    publishing = CaWorkers(settings, PUBLISHING_THREADS)
+    publishing = CaWorkers(settings, max(PUBLISHING_THREADS, config.signing_concurrency))
     auth = Authenticator(
         UserDirectory(config.users_file),
         config.realm,

@@ -239,7 +239,8 @@ async def request_deadline(
     connection = request.transport.get_protocol() if request.transport is not None else None
     if not isinstance(connection, Connection):
         return await handler(request)
-    if request.can_read_body:
+    length = request.content_length
+    if request.can_read_body and (length is None or length <= request.client_max_size):  # else: handler's 413
         try:
             await request.read()  # cached: the handler's own read() returns these bytes
         except web.HTTPRequestEntityTooLarge:
