@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import itertools
 import os
+import re
 import resource
 import select
 import socket
@@ -348,8 +349,13 @@ def test_idle_and_slow_connections_are_closed_after_their_timeouts(server: EstSe
     groups["idle keep-alive"] = [sock for sock in keepalive if sock is not None]
     trickle = [tls_connect(server, source) for _ in range(3)]
     groups["trickle"] = [sock for sock in trickle if sock is not None]
+    slow_body = [connect(server.http_port, source) for _ in range(3)]  # head at once, then the body trickles
+    for sock in slow_body:
+        sock.send(b"POST /ocsp/issuing HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n"
+                  b"Content-Length: 100\r\n\r\n0")  # fmt: skip
+    groups["slow body"] = slow_body
     expected = {"no handshake": HANDSHAKE_S, "idle http": IDLE_S, "idle after handshake": IDLE_S,
-                "idle keep-alive": IDLE_S, "trickle": IDLE_S - 0.5 + REQUEST_S}  # fmt: skip
+                "idle keep-alive": IDLE_S, "trickle": IDLE_S - 0.5 + REQUEST_S, "slow body": REQUEST_S}  # fmt: skip
     closed_at: dict[int, float] = {}
     sent = 0
     while time.monotonic() - start < max(expected.values()) + 3 and len(closed_at) < sum(map(len, groups.values())):
@@ -359,6 +365,10 @@ def test_idle_and_slow_connections_are_closed_after_their_timeouts(server: EstSe
                 if id(sock) not in closed_at:
                     with contextlib.suppress(OSError):
                         sock.send(Attack.TRICKLE[sent : sent + 1])
+            for sock in groups["slow body"]:
+                if id(sock) not in closed_at:
+                    with contextlib.suppress(OSError):
+                        sock.send(b"0")
             sent += 1
         for sock in (s for group in groups.values() for s in group):
             if id(sock) not in closed_at and closed_by_peer(sock):
@@ -517,6 +527,23 @@ def test_a_full_server_replaces_idle_connections_fairly() -> None:
     latest.busy = True
     assert not limits.admit(Fake(limits, "10.0.0.11"))  # type: ignore[arg-type]  # all busy: refused
     assert limits.open == 6
+
+
+def test_client_key_counts_ipv4_addresses_and_ipv6_64s() -> None:
+    from kvpki_cli.serve.limits import client_key
+
+    assert client_key(("192.0.2.7", 1)) == "192.0.2.7"
+    assert client_key(("::ffff:192.0.2.7", 1, 0, 0)) == "192.0.2.7"
+    assert client_key(("2001:db8:1:2:aaaa::1", 1, 0, 0)) == client_key(("2001:db8:1:2:bbbb::9%eth0", 1, 0, 0))
+    assert client_key(("2001:db8:1:2::1", 1, 0, 0)) != client_key(("2001:db8:1:3::1", 1, 0, 0))
+
+
+def test_a_port_in_use_is_a_usage_error(server: EstServer) -> None:
+    result = server.kvpki("serve", "--config", str(server.home / "serve.toml"), "--port", str(server.port), check=False)
+    assert result.returncode == 2 and result.stdout == b""
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(r"kvpki: error: serve: cannot listen on 127\.0\.0\.1:\d+: .*in use", lines[0])
 
 
 def test_fresh_job_results_are_computed_after_the_caller_asked() -> None:

@@ -30,6 +30,8 @@ from typing import Any
 
 from aiohttp import web
 
+from kvpki_cli.errors import UsageError
+
 log = logging.getLogger("kvpki.serve")
 
 FD_RESERVE_MIN = 64  # files, database, log, key-store connections: never given to clients
@@ -291,11 +293,29 @@ class Listener:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int, backlog: int) -> Listener:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=backlog)
-        sock.setblocking(False)
-        self.sockets = [sock]
-        self._spawn(self._accept(sock))
+        """Listen on every address ``host`` resolves to, as ``loop.create_server`` would."""
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except OSError as exc:
+            raise UsageError(f"serve: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(backlog)
+            except OSError as exc:
+                sock.close()
+                self.close()
+                raise UsageError(f"serve: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            sock.setblocking(False)
+            self.sockets.append(sock)
+        for sock in self.sockets:
+            self._spawn(self._accept(sock))
         return self
 
     def close(self) -> None:

@@ -156,21 +156,39 @@ class _Cached:
     created: float  # time.monotonic()
 
 
+CacheKey = tuple[str, str, bytes, bytes, int]
+
+
+def cache_key(ca_name: str, request_der: bytes) -> CacheKey | None:
+    """(CA, hash, issuer name hash, issuer key hash, serial): all a nonce-less answer depends on.
+
+    None for requests that cannot be cached (with a nonce) or parsed (the worker answers those).
+    """
+    try:
+        request = ocsp.load_der_ocsp_request(request_der)
+        if any(isinstance(ext.value, x509.OCSPNonce) for ext in request.extensions):
+            return None
+        algorithm = request.hash_algorithm.name
+        return (ca_name, algorithm, request.issuer_name_hash, request.issuer_key_hash, request.serial_number)
+    except (ValueError, NotImplementedError, UnsupportedAlgorithm, x509.UnsupportedGeneralNameType):
+        return None
+
+
 class OcspCache:
-    """Cacheable answers by (CA, request DER without nonce): a bounded LRU, fresh for half their validity."""
+    """Cacheable answers by certificate ID (``cache_key``): a bounded LRU, fresh for half their validity."""
 
     def __init__(self, validity: timedelta) -> None:
         self.max_age = validity.total_seconds() / 2
-        self._entries: OrderedDict[tuple[str, bytes], _Cached] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, _Cached] = OrderedDict()
 
-    def get(self, key: tuple[str, bytes]) -> OcspAnswer | None:
+    def get(self, key: CacheKey) -> OcspAnswer | None:
         cached = self._entries.get(key)
         if cached is None or time.monotonic() - cached.created > self.max_age:
             return None
         self._entries.move_to_end(key)
         return cached.answer
 
-    def put(self, key: tuple[str, bytes], answer: OcspAnswer) -> None:
+    def put(self, key: CacheKey, answer: OcspAnswer) -> None:
         self._entries[key] = _Cached(answer, time.monotonic())
         self._entries.move_to_end(key)
         while len(self._entries) > CACHE_ENTRIES:
@@ -215,8 +233,8 @@ class OcspResponder:
             return text_response(404, "unknown CA")
         if len(der) > MAX_REQUEST_BYTES:
             return text_response(413, "OCSP request too large")
-        key = (name, der)
-        cached = self.cache.get(key)
+        key = cache_key(name, der)
+        cached = self.cache.get(key) if key is not None else None
         if cached is not None and await self._still_current(name, cached):
             return web.Response(body=cached.body, headers={"Content-Type": OCSP_RESPONSE})
         try:
@@ -227,7 +245,7 @@ class OcspResponder:
             refusal = HttpRefusal.from_error(error, self.retry_after)
             log.warning("ocsp ca=%s failed: %s", name, refusal.reason)
             return text_response(refusal.status, refusal.reason, refusal.headers)
-        if answer.cacheable:
+        if answer.cacheable and key is not None:
             self.cache.put(key, answer)
         return web.Response(body=answer.body, headers={"Content-Type": OCSP_RESPONSE})
 
