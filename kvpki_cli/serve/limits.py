@@ -19,6 +19,7 @@ limit at start, so ``accept()`` never fails with EMFILE.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import resource
@@ -349,7 +350,8 @@ class Listener:
             if not self.limits.admit(connection):
                 conn.close()
                 continue
-            connection.task = self._spawn(self._connect(conn, connection))
+            connection.task = task = self._spawn(self._connect(conn, connection))
+            task.add_done_callback(functools.partial(_abandoned, conn=conn, connection=connection))
             await asyncio.sleep(0)  # sock_accept does not yield while connections are pending: let others run
 
     async def _connect(self, conn: socket.socket, connection: Connection) -> None:
@@ -375,6 +377,14 @@ class Listener:
                 log.warning("connection from %s failed: %r", connection.address, exc)
         finally:
             connection.task = None
+
+
+def _abandoned(task: asyncio.Task[None], conn: socket.socket, connection: Connection) -> None:
+    """A connect task cancelled before it ran its own cleanup (replaced at once): close and count here."""
+    if task.cancelled():
+        conn.close()
+        connection.release()
+        connection.socket_closed()
 
 
 class GatedSite(web.BaseSite):
