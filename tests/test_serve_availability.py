@@ -505,27 +505,27 @@ def test_a_full_server_replaces_idle_connections_fairly() -> None:
 
         def evict(self) -> None:
             self.evicted = True
-            self.limits.release(self)  # type: ignore[arg-type]
+            self.limits.release(self)
 
     limits = ConnectionLimits(total=6, per_client=4)
     hog = [Fake(limits, "10.0.0.1") for _ in range(4)]
     others = [Fake(limits, "10.0.0.2", busy=True), Fake(limits, "10.0.0.3")]
     for fake in [*hog, *others]:
-        assert limits.admit(fake)  # type: ignore[arg-type]
+        assert limits.admit(fake)
     assert not limits.admit(Fake(limits, "10.0.0.1"))  # per-client cap: refused
     newcomer = Fake(limits, "10.0.0.9")
-    assert limits.admit(newcomer)  # type: ignore[arg-type]
+    assert limits.admit(newcomer)
     assert hog[0].evicted and not any(f.evicted for f in [*hog[1:], *others])
     for fake in hog[1:]:
         fake.busy = True
     newcomer.busy = True
     late = Fake(limits, "10.0.0.9")
-    assert limits.admit(late)  # type: ignore[arg-type]
+    assert limits.admit(late)
     assert others[1].evicted  # the oldest idle one overall once the biggest holder has only busy ones
     latest = Fake(limits, "10.0.0.10")
-    assert limits.admit(latest) and late.evicted  # type: ignore[arg-type]
+    assert limits.admit(latest) and late.evicted
     latest.busy = True
-    assert not limits.admit(Fake(limits, "10.0.0.11"))  # type: ignore[arg-type]  # all busy: refused
+    assert not limits.admit(Fake(limits, "10.0.0.11"))  # all busy: refused
     assert limits.open == 6
 
 

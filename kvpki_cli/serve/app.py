@@ -25,15 +25,8 @@ from kvpki_cli.serve.auth import Authenticator
 from kvpki_cli.serve.config import ServeConfig
 from kvpki_cli.serve.crl import CrlCache, Publisher
 from kvpki_cli.serve.est import EstLabel, EstService
-from kvpki_cli.serve.limits import (
-    ConnectionLimits,
-    GatedSite,
-    Timeouts,
-    connection_cap,
-    log_summaries,
-    raise_fd_limit,
-    request_deadline,
-)
+from kvpki_cli.serve.limits import ConnectionLimits, connection_cap, log_summaries, raise_fd_limit
+from kvpki_cli.serve.listener import GatedSite, Timeouts, request_deadline
 from kvpki_cli.serve.ocsp import Delegate, OcspResponder, load_delegate
 from kvpki_cli.serve.passwd import UserDirectory
 from kvpki_cli.serve.wire import certs_only_body
