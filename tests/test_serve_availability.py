@@ -317,6 +317,7 @@ def test_legit_requests_answer_within_2s_under_idle_and_slow_connection_flood(se
     print(f"worst latencies under attack (s): {worst}; attacker connections reopened: {attack.reopened}")
     assert all(seconds < 2.0 for seconds in worst.values()), worst
     assert attack.reopened > 1000  # the server did close the excess and the idle ones
+    assert "max_connections lowered to 896: the open-file limit is 1024" in server.log()
 
 
 def test_many_addresses_cannot_fill_the_server(server: EstServer) -> None:
@@ -544,6 +545,29 @@ def test_a_port_in_use_is_a_usage_error(server: EstServer) -> None:
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1
     assert re.fullmatch(r"kvpki: error: serve: cannot listen on 127\.0\.0\.1:\d+: .*in use", lines[0])
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("idle_timeout = 0", "idle_timeout must be a number of seconds between 0.1 and 3600"),
+        ('request_timeout = "10s"', "request_timeout must be a number of seconds"),
+        ("tls_handshake_timeout = true", "tls_handshake_timeout must be a number of seconds"),
+        ("max_connections = 0", "max_connections must be an integer between 1 and"),
+        ("max_connections_per_client = 1.5", "max_connections_per_client must be an integer"),
+    ],
+)
+def test_availability_settings_are_validated(tmp_path: Path, setting: str, message: str) -> None:
+    from kvpki_cli.errors import UsageError
+    from kvpki_cli.serve.config import load_serve_config
+
+    path = tmp_path / "serve.toml"
+    path.write_text(f'[server]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n{setting}\n')
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_serve_config(path)
+    path.write_text('[server]\ntls_cert = "c.pem"\ntls_key = "k.pem"\nidle_timeout = 2.5\nmax_connections = 10\n')
+    config = load_serve_config(path)
+    assert (config.idle_timeout, config.max_connections, config.tls_handshake_timeout) == (2.5, 10, 10.0)
 
 
 def test_fresh_job_results_are_computed_after_the_caller_asked() -> None:
