@@ -45,6 +45,7 @@ def raise_fd_limit() -> int:
     except (ValueError, OSError) as exc:
         log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
         return soft
+    log.info("open-file limit raised from %d to %d", soft, target)
     return target
 
 
