@@ -39,12 +39,18 @@ class CachedCrl:
 
 
 class CrlCache:
-    """Per-CA signed CRLs; regeneration is serialised so a burst of fetches signs once."""
+    """Per-CA signed CRLs; regeneration is serialised per CA so a burst of fetches signs once
+    (and a CA whose re-signing waits on the inventory holds up no other CA)."""
 
     def __init__(self, validity: timedelta) -> None:
         self.validity = validity
-        self._lock = threading.Lock()
+        self._locks_lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
         self._cache: dict[str, CachedCrl] = {}
+
+    def _lock(self, name: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(name, threading.Lock())
 
     def usable(self, name: str) -> CachedCrl | None:
         """Event loop: the cached CRL of CA ``name`` if it is still well within its validity."""
@@ -55,7 +61,7 @@ class CrlCache:
 
     def der(self, ca: CertificateAuthority) -> bytes:
         """Publishing thread: the current CRL of ``ca`` in DER."""
-        with self._lock:
+        with self._lock(ca.name):
             count = ca.inventory.revocation_count(ca.name)
             cached = self._cache.get(ca.name)
             fresh = cached is not None and time.monotonic() - cached.created < self.validity.total_seconds() / 2
