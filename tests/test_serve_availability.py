@@ -597,3 +597,48 @@ def test_fresh_job_results_are_computed_after_the_caller_asked() -> None:
     results, runs = asyncio.run(scenario())
     assert results[0] == 0 and all(r == 1 for r in results[1:])
     assert runs == 2
+
+
+def test_a_slow_inventory_check_serves_the_cached_crl_and_ocsp_answer() -> None:
+    """Unit: when the freshness check does not answer within 0.5 s, the cached answer goes out at once."""
+    import asyncio
+    import datetime
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from kvpki_cli.serve.crl import CachedCrl, CrlCache, Publisher
+    from kvpki_cli.serve.ocsp import OcspAnswer, OcspResponder, cache_key
+
+    class StuckWorkers:
+        async def run(self, name: str, job: object) -> object:
+            await asyncio.sleep(30)
+            raise AssertionError("unreachable")
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "c")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(7).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))  # fmt: skip
+    request_der = ocsp.OCSPRequestBuilder().add_certificate(cert, cert, hashes.SHA1()).build().public_bytes(
+        serialization.Encoding.DER
+    )
+
+    async def scenario() -> tuple[float, bytes, float, bytes]:
+        crls = CrlCache(datetime.timedelta(days=1))
+        crls._cache["ca"] = CachedCrl(0, time.monotonic(), b"CACHED-CRL")
+        publisher = Publisher({"ca"}, StuckWorkers(), crls, 10)  # type: ignore[arg-type]
+        start = time.monotonic()
+        crl = await publisher.crl(make_mocked_request("GET", "/crl/ca.crl", match_info={"name": "ca.crl"}))
+        crl_seconds = time.monotonic() - start
+        responder = OcspResponder({"ca"}, StuckWorkers(), {}, datetime.timedelta(hours=1), 10)  # type: ignore[arg-type]
+        ocsp_key = cache_key("ca", request_der)
+        assert ocsp_key is not None
+        responder.cache.put(ocsp_key, OcspAnswer(b"CACHED-OCSP", True, 0))
+        start = time.monotonic()
+        answer = await responder._answer("ca", request_der)
+        return crl_seconds, bytes(crl.body), time.monotonic() - start, bytes(answer.body)  # type: ignore[arg-type]
+
+    crl_seconds, crl_body, ocsp_seconds, ocsp_body = asyncio.run(scenario())
+    assert crl_body == b"CACHED-CRL" and ocsp_body == b"CACHED-OCSP"
+    assert 0.4 < crl_seconds < 1.0 and 0.4 < ocsp_seconds < 1.0
