@@ -79,6 +79,12 @@ class ServeConfig:
     crl_validity: timedelta = timedelta(days=1)
     ocsp_validity: timedelta = timedelta(hours=1)
     retry_after: int = 10
+    # availability (docs/serve.md "Timeouts and connection limits"): seconds, connection counts
+    tls_handshake_timeout: float = 10.0
+    idle_timeout: float = 15.0
+    request_timeout: float = 15.0
+    max_connections: int = 1024
+    max_connections_per_client: int = 64
     labels: dict[str, LabelConfig] = field(default_factory=dict)
     ocsp_signers: dict[str, OcspSignerConfig] = field(default_factory=dict)
 
@@ -105,6 +111,13 @@ def _line_length(table: Mapping[str, Any], where: str, default: int) -> int:
             f"serve config: {where} base64_line_length must be 0 (no breaks) or a multiple of 4 up to 76, e.g. 64"
         )
     return value
+
+
+def _seconds(table: Mapping[str, Any], key: str, default: float) -> float:
+    value = table.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.1 <= value <= 3600:
+        raise UsageError(f"serve config: [server] {key} must be a number of seconds between 0.1 and 3600")
+    return float(value)
 
 
 def _label(base: Path, name: str, table: Any, line_length: int = 0) -> LabelConfig:
@@ -210,6 +223,11 @@ def load_serve_config(path: Path) -> ServeConfig:
         crl_validity=parse_duration(str(server.get("crl_validity", "1d")), what="crl_validity"),
         ocsp_validity=parse_duration(str(server.get("ocsp_validity", "1h")), what="ocsp_validity"),
         retry_after=_int(server, "retry_after", 10, 1, 3600),
+        tls_handshake_timeout=_seconds(server, "tls_handshake_timeout", 10.0),
+        idle_timeout=_seconds(server, "idle_timeout", 15.0),
+        request_timeout=_seconds(server, "request_timeout", 15.0),
+        max_connections=_int(server, "max_connections", 1024, 1, 1_000_000),
+        max_connections_per_client=_int(server, "max_connections_per_client", 64, 1, 1_000_000),
         labels=labels,
         ocsp_signers=signers,
     )
