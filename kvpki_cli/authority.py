@@ -24,6 +24,7 @@ from kvpki_cli.keystores.base import CAPrivateKey, KeyStore, KeyType
 from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate
 from kvpki_cli.pki.lean import Encoding
 from kvpki_cli.pki.policy import Template, approve, certificate_sans, child_path_length, validity_window
+from kvpki_cli.textsafe import escape
 
 ROOT_DEFAULT_VALIDITY = timedelta(days=3650)
 SUB_CA_DEFAULT_VALIDITY = timedelta(days=5 * 365)
@@ -64,7 +65,7 @@ def issued_record(
         subject=template.subject.rfc4514_string(),
         sans=tuple(str(getattr(n, "value", n)) for n in template.sans),
         profile=template.profile.name,
-        requester=requester,
+        requester=escape(requester),  # from a client certificate, --requester or $KVPKI_REQUESTER
         not_before=template.not_before,
         not_after=template.not_after,
         csr_sha256=hashlib.sha256(csr_der).hexdigest() if csr_der is not None else "",

@@ -13,7 +13,8 @@ from typing import NamedTuple
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
-from kvpki_cli.errors import PolicyViolation
+from kvpki_cli.durations import MAX_DURATION
+from kvpki_cli.errors import PolicyViolation, UsageError
 from kvpki_cli.pki.csr import check_key_policy
 from kvpki_cli.pki.names import check_sans, check_subject
 from kvpki_cli.pki.profiles import Profile
@@ -86,6 +87,8 @@ def validity_window(
     issuer: x509.Certificate, now: datetime, validity: timedelta, backdate: timedelta
 ) -> tuple[datetime, datetime]:
     """notBefore (backdated for skewed device clocks) and notAfter, both inside the issuer's validity."""
+    if not timedelta(0) <= backdate <= MAX_DURATION or not timedelta(0) < validity <= MAX_DURATION:
+        raise UsageError("validity and backdate must be positive and at most 100 years")
     not_after_issuer = issuer.not_valid_after_utc
     if not_after_issuer <= now:
         raise PolicyViolation("the CA certificate has expired")

@@ -20,6 +20,7 @@ from cryptography import x509
 from kvpki_cli.serve.config import LabelConfig
 from kvpki_cli.serve.passwd import UserDirectory
 from kvpki_cli.serve.wire import HttpRefusal
+from kvpki_cli.textsafe import escape
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,13 @@ def currently_valid(cert: x509.Certificate) -> bool:
 
 
 def describe_subject(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "(empty subject)"
+    """The subject for logs and the inventory's requester, escaped: a client certificate's subject
+    may hold newlines or terminal escapes (its CA need not be kvpki)."""
+    try:
+        text = cert.subject.rfc4514_string()
+    except ValueError:  # a subject cryptography cannot represent as text
+        return "(unreadable subject)"
+    return escape(text) or "(empty subject)"
 
 
 class Authenticator:
