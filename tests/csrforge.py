@@ -152,6 +152,29 @@ def _sign(key: PrivateKey, tbs: bytes) -> tuple[bytes, bytes]:
     return seq(oid("1.3.101.112")), key.sign(tbs)
 
 
+def request_info(
+    key: PrivateKey,
+    subject: bytes,
+    extensions: Sequence[bytes] = (),
+    *,
+    attributes: Sequence[bytes] = (),
+    spki: bytes | None = None,
+    version: int = 0,
+) -> bytes:
+    """The CertificationRequestInfo (what is signed); ``extensions`` go into one extensionRequest."""
+    attrs = list(attributes)
+    if extensions:
+        attrs.append(seq(oid(OID_EXTENSION_REQUEST), set_of(seq(*extensions))))
+    key_info = spki if spki is not None else spki_of(key)
+    return seq(integer(version), subject, key_info, context(0, b"".join(attrs), constructed=True))
+
+
+def sign_info(key: PrivateKey, info: bytes) -> bytes:
+    """A PKCS#10 request: ``info`` signed with ``key``, whatever ``info`` holds."""
+    algorithm, signature = _sign(key, info)
+    return seq(info, algorithm, tlv(BIT_STRING, b"\x00" + signature))
+
+
 def csr(
     key: PrivateKey,
     subject: bytes,
@@ -161,11 +184,6 @@ def csr(
     spki: bytes | None = None,
     version: int = 0,
 ) -> bytes:
-    """A signed PKCS#10 request; ``extensions`` go into one extensionRequest attribute (none if empty)."""
-    attrs = list(attributes)
-    if extensions:
-        attrs.append(seq(oid(OID_EXTENSION_REQUEST), set_of(seq(*extensions))))
-    key_info = spki if spki is not None else spki_of(key)
-    info = seq(integer(version), subject, key_info, context(0, b"".join(attrs), constructed=True))
-    algorithm, signature = _sign(key, info)
-    return seq(info, algorithm, tlv(BIT_STRING, b"\x00" + signature))
+    """A signed PKCS#10 request (proof of possession holds unless ``spki`` swaps the key)."""
+    info = request_info(key, subject, extensions, attributes=attributes, spki=spki, version=version)
+    return sign_info(key, info)
