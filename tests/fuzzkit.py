@@ -197,11 +197,21 @@ def _build(parts: tuple[PoolKey, bytes, list[bytes], list[bytes], int]) -> Gener
 
 
 def generated_csrs() -> st.SearchStrategy[Generated]:
-    """Requests built from hostile parts, really signed (so parsing gets past proof of possession)."""
+    """Requests built from hostile parts, really signed (so parsing gets past proof of possession);
+    one in three is plausible (a good key and name, SANs from good hosts) so issuance is exercised too."""
     pool = key_pool()
     keys = st.one_of(st.sampled_from(pool[:5]), st.sampled_from(pool))  # half the time a key policy allows
     versions = st.sampled_from((0,) * 12 + (1, 3, -1, 2**40))
-    return st.tuples(keys, names, st.lists(extensions, max_size=3), attributes, versions).map(_build)
+    hostile = st.tuples(keys, names, st.lists(extensions, max_size=3), attributes, versions).map(_build)
+    good_sans = st.lists(st.sampled_from(GOOD_HOSTS).map(lambda host: f.gn_dns(host.encode())), min_size=1, max_size=3)
+    plausible = st.tuples(
+        st.sampled_from(pool[:5]),
+        st.sampled_from(_GOOD_NAMES),
+        st.lists(good_sans.map(lambda sans: f.extension(f.OID_SAN, f.san(*sans))), max_size=1),
+        st.just([]),
+        st.just(0),
+    ).map(_build)
+    return st.one_of(hostile, hostile, plausible)
 
 
 # --- operator overrides (the CLI's --san, --subject, --validity) ----------------------------------
