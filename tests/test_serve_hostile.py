@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, load_pem_private_key
 from cryptography.x509.oid import NameOID
 
+from kvpki_cli.textsafe import first_unsafe
 from tests import csrforge as forge
 from tests import servekit
 from tests.servekit import (
@@ -197,3 +198,33 @@ def test_client_certificate_subject_cannot_forge_log_lines_or_requester(est_serv
     requester = str(row["requester"])
     assert requester.startswith("est-cert:CN=boot-1\\x0akvpki serve: issued") and requester.endswith("\\x1b[2J\\x85")
     assert not any(c in requester for c in "\n\x1b\x85")
+
+
+def test_server_log_escapes_messages_and_tracebacks() -> None:
+    """Whatever a handler logs (fields, exception messages quoting a request) stays on its own lines."""
+    import io
+    import logging
+
+    from kvpki_cli.serve.logsafe import server_log
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("kvpki serve: %(message)s"))
+    log = server_log()
+    log.addHandler(handler)
+    try:
+        log.warning("refused path=%s", f"/x\n{FORGED_LINE}\x1b[2J")
+        try:
+            raise ValueError(f"bad input\n{FORGED_LINE}\u202e")
+        except ValueError:
+            log.exception("internal error in %s", "POST /\r\nkvpki serve: x")
+    finally:
+        log.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert [line for line in lines if line.startswith("kvpki serve:")] == [
+        f"kvpki serve: refused path=/x\\x0a{FORGED_LINE}\\x1b[2J",
+        "kvpki serve: internal error in POST /\\x0d\\x0akvpki serve: x",
+    ]
+    assert all(line.startswith("  ") for line in lines[2:])  # the traceback, indented: no forged line at column 0
+    assert lines[-1] == f"  {FORGED_LINE}\\u202e"
+    assert first_unsafe(stream.getvalue().replace("\n", "")) is None

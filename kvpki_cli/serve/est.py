@@ -146,6 +146,11 @@ class EstService:
             name = label.config.name if label else request.match_info.get("label", "?")
             log.info("refused %s %s label=%s peer=%s: %s", refusal.status, op, name, request.remote, refusal.reason)
             return text_response(refusal.status, refusal.reason, refusal.headers)
+        except web.HTTPException:
+            raise
+        except Exception:  # a bug: the details (escaped) go to the log, the client learns nothing
+            log.exception("internal error in %s %s from %s", request.method, request.path, request.remote)
+            return text_response(500, "internal error")
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes

@@ -16,12 +16,22 @@ LOGGER_NAME = "kvpki.serve"
 
 
 class EscapingFilter(logging.Filter):
-    """Replace a record's message by its escaped, already formatted form."""
+    """Replace a record's message by its escaped, already formatted form.
+
+    A traceback (``log.exception``) keeps its lines, each escaped and indented, so an
+    exception message quoting a request still cannot start a line of its own.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = escape(record.getMessage())
         record.args = None
+        if record.exc_info and not record.exc_text:
+            text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_text = "\n".join("  " + escape(line) for line in text.splitlines())
         return True
+
+
+_TRACEBACKS = logging.Formatter()
 
 
 def server_log() -> logging.Logger:
