@@ -14,7 +14,9 @@ from kvpki_cli.errors import InvalidInput
 
 # A PEM block starts at the beginning of a line; text before it (``openssl pkcs7 -print_certs``
 # writes "subject=..." and "issuer=..." lines) and after it is ignored, as openssl ignores it.
-_PEM_BLOCK = re.compile(rb"^-----BEGIN ([A-Z0-9 ]{1,64})-----[ \t]*\r?$(.*?)^-----END \1-----", re.S | re.M)
+_PEM_BLOCK = re.compile(
+    rb"^[ \t]*-----BEGIN ([A-Z0-9 ]{1,64})-----[ \t]*\r?$(.*?)^[ \t]*-----END \1-----", re.S | re.M
+)
 _PEM_HEADER = re.compile(rb"^[ \t]*-----BEGIN ", re.M)
 _WHITESPACE = re.compile(rb"\s+")
 
