@@ -181,6 +181,7 @@ CASES: dict[str, Case] = {
     "CSR email SAN ending in a newline": Case([], _forged(_san(forge.gn_email(b"ops@example.com\n"))), POLICY),
     "wildcard under a TLD": Case(["--profile", "server", "--san", "DNS:*.com"], GOOD, POLICY),
     "wildcard under a registry suffix": Case(["--profile", "server", "--san", "DNS:*.co.uk"], GOOD, POLICY),
+    "IP address as a DNS SAN": Case(["--profile", "server", "--san", "DNS:10.0.0.1"], GOOD, POLICY),
     "CSR wildcard under a TLD": Case(["--profile", "server"], _forged(_san(forge.gn_dns(b"*.com"))), POLICY),
     "bidi override in CN": Case(
         ["--profile", "server", "--san", "DNS:a.example"], _raw_subject_csr((CN, "moc.\u202eexample")), INVALID

@@ -161,6 +161,8 @@ def wildcard_problem(name: str) -> str | None:
 def _check_dns(name: str, profile: Profile) -> None:
     if len(name) > 253 or not name.isascii() or not _DNS_NAME.fullmatch(name):
         raise PolicyViolation(f"SAN DNS name {name!r} is not a valid host name")
+    if name.rpartition(".")[2].isdigit():  # no top-level domain is numeric (RFC 3696 2): an address in disguise
+        raise PolicyViolation(f"SAN DNS name {name!r} looks like an IP address (use IP:{name})")
     if name.startswith("*."):
         if not profile.allow_wildcard:
             raise PolicyViolation(f"wildcard SAN {name!r} is not allowed by profile {profile.name!r}")
