@@ -320,3 +320,10 @@ def test_what_is_issued_at_the_edges_lints_clean(ready: Kvpki, tmp_path: Path) -
     assert wide.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.DNSName
     ) == ["*.example.com", "*.example.co.uk"]
+
+
+def test_requester_is_recorded_escaped(ready: Kvpki) -> None:
+    """--requester and KVPKI_REQUESTER reach the inventory through the same escaping as EST's requesters."""
+    ready.ok("sign-csr", "--ca", "issuing", "--requester", "ops\nkvpki: forged\x1b[2J\u202e", input=GOOD)
+    (row,) = ready.inventory("issuing")
+    assert row["requester"] == "ops\\x0akvpki: forged\\x1b[2J\\u202e"
