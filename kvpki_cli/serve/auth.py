@@ -44,7 +44,14 @@ def peer_certificate(request: web.Request) -> x509.Certificate | None:
     transport = request.transport
     ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object") if transport else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    return x509.load_der_x509_certificate(der) if der else None
+    if not der:
+        return None
+    try:  # OpenSSL accepted it; cryptography may still refuse parts of it (duplicate extensions, ...)
+        cert = x509.load_der_x509_certificate(der)
+        _ = (cert.subject, list(cert.extensions))
+    except (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise HttpRefusal(403, "the client certificate cannot be parsed") from None
+    return cert
 
 
 def basic_credentials(header: str | None) -> tuple[str, str] | None:
