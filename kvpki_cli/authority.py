@@ -23,7 +23,14 @@ from kvpki_cli.keystores import open_keystore
 from kvpki_cli.keystores.base import CAPrivateKey, KeyStore, KeyType
 from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate
 from kvpki_cli.pki.lean import Encoding
-from kvpki_cli.pki.policy import Template, approve, certificate_sans, child_path_length, validity_window
+from kvpki_cli.pki.policy import (
+    Template,
+    approve,
+    certificate_sans,
+    check_path_length,
+    child_path_length,
+    validity_window,
+)
 from kvpki_cli.textsafe import escape
 
 ROOT_DEFAULT_VALIDITY = timedelta(days=3650)
@@ -239,6 +246,7 @@ def init_ca(
         raise AlreadyExists(f"CA {name!r} already exists")
     if path_length is not None and path_length < 0:
         raise UsageError("--path-length must not be negative")
+    check_path_length(path_length)
     config = settings.ca(
         name,
         must_exist=False,

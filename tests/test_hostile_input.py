@@ -181,6 +181,7 @@ CASES: dict[str, Case] = {
     "CSR email SAN ending in a newline": Case([], _forged(_san(forge.gn_email(b"ops@example.com\n"))), POLICY),
     "wildcard under a TLD": Case(["--profile", "server", "--san", "DNS:*.com"], GOOD, POLICY),
     "wildcard under a registry suffix": Case(["--profile", "server", "--san", "DNS:*.co.uk"], GOOD, POLICY),
+    "--path-length beyond any encoding": Case(["--profile", "sub-ca", "--path-length", str(2**64)], GOOD, USAGE),
     "IP address as a DNS SAN": Case(["--profile", "server", "--san", "DNS:10.0.0.1"], GOOD, POLICY),
     "CSR wildcard under a TLD": Case(["--profile", "server"], _forged(_san(forge.gn_dns(b"*.com"))), POLICY),
     "bidi override in CN": Case(
@@ -237,6 +238,7 @@ def test_hostile_csr_corpus(ready: Kvpki, tmp_path: Path) -> None:
         (["init-ca", "--name", "x2", "--subject", "CN=x", "--parent", "ghost"], NOT_FOUND),
         (["init-ca", "--name", "x3", "--subject", "CN=x", "--parent", "issuing"], POLICY),
         (["init-ca", "--name", "x4", "--subject", "CN=x", "--key-type", "dsa-1024"], USAGE),
+        (["init-ca", "--name", "x6", "--subject", "CN=x", "--path-length", "99999999999999999999999"], USAGE),
     ],
 )
 def test_hostile_arguments(ready: Kvpki, args: list[str], code: int) -> None:

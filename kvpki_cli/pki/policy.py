@@ -19,6 +19,14 @@ from kvpki_cli.pki.csr import check_key_policy
 from kvpki_cli.pki.names import check_sans, check_subject
 from kvpki_cli.pki.profiles import Profile
 
+MAX_PATH_LENGTH = 255  # far beyond any real hierarchy; keeps the value inside what X.509 libraries encode
+
+
+def check_path_length(value: int | None) -> None:
+    """A pathLenConstraint given by an operator: 0..MAX_PATH_LENGTH."""
+    if value is not None and not 0 <= value <= MAX_PATH_LENGTH:
+        raise UsageError(f"--path-length must be between 0 and {MAX_PATH_LENGTH}")
+
 
 class Template(NamedTuple):
     """An approved certificate, minus serial and signature."""
@@ -68,6 +76,7 @@ def issuer_path_length(issuer: x509.Certificate) -> int | None:
 
 def child_path_length(profile: Profile, issuer: x509.Certificate, requested: int | None) -> int | None:
     """pathLenConstraint for a CA certificate, which must fit under the issuer's."""
+    check_path_length(requested)
     limit = issuer_path_length(issuer)
     if limit is not None and limit <= 0:
         raise PolicyViolation("issuer's path length constraint (0) forbids issuing CA certificates")
