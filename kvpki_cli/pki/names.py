@@ -58,14 +58,14 @@ def parse_san(text: str) -> x509.GeneralName:
 
 def _ascii_hint(prefix: str, value: str) -> str:
     """Certificates carry host names as A-labels (RFC 5280 7.2); suggest the right spelling."""
-    host = value.rpartition("@")[2] if prefix == "email" else value
+    local, _, host = value.rpartition("@") if prefix == "email" else ("", "", value)
+    if prefix not in ("DNS", "email") or not local.isascii():
+        return "certificates hold ASCII only"
     try:
         a_label = host.encode("idna").decode()
     except UnicodeError:
         return "certificates hold ASCII only"
-    if prefix not in ("DNS", "email"):
-        return "certificates hold ASCII only"
-    suggestion = value.replace(host, a_label) if prefix == "email" else a_label
+    suggestion = f"{local}@{a_label}" if prefix == "email" else a_label
     return f"certificates hold the A-label form of an international name, e.g. {prefix}:{suggestion}"
 
 
