@@ -23,7 +23,15 @@ from kvpki_cli.keystores import open_keystore
 from kvpki_cli.keystores.base import KeyStore
 from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate
 from kvpki_cli.pki.keys import CAPrivateKey, Encoding, KeyType
-from kvpki_cli.pki.policy import Template, approve, certificate_sans, child_path_length, validity_window
+from kvpki_cli.pki.policy import (
+    Template,
+    approve,
+    certificate_sans,
+    check_path_length,
+    child_path_length,
+    validity_window,
+)
+from kvpki_cli.textsafe import escape
 
 ROOT_DEFAULT_VALIDITY = timedelta(days=3650)
 SUB_CA_DEFAULT_VALIDITY = timedelta(days=5 * 365)
@@ -66,7 +74,7 @@ def issued_record(
         subject=template.subject.rfc4514_string(),
         sans=tuple(str(getattr(n, "value", n)) for n in template.sans),
         profile=template.profile.name,
-        requester=requester,
+        requester=escape(requester),  # from a client certificate, --requester or $KVPKI_REQUESTER
         not_before=template.not_before,
         not_after=template.not_after,
         csr_sha256=hashlib.sha256(csr_der).hexdigest() if csr_der is not None else "",
@@ -245,6 +253,7 @@ def init_ca(
         raise AlreadyExists(f"CA {name!r} already exists")
     if path_length is not None and path_length < 0:
         raise UsageError("--path-length must not be negative")
+    check_path_length(path_length)
     config = settings.ca(
         name,
         must_exist=False,

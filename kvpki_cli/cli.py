@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kvpki_cli.errors import EXIT_USAGE, InvalidInput, KvpkiError, UsageError
+from kvpki_cli.errors import EXIT_USAGE, KvpkiError, UsageError
 from kvpki_cli.messages import warn
 from kvpki_cli.pki.crl import REASONS
 from kvpki_cli.pki.keys import KeyType
@@ -254,14 +254,9 @@ def renew_command(
 
 
 def _load_certificate(data: bytes) -> Any:
-    from cryptography import x509
+    from kvpki_cli.pki.pem import load_certificate
 
-    try:
-        if data.lstrip().startswith(b"-----BEGIN CERTIFICATE-----"):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except ValueError:
-        raise InvalidInput("not a PEM or DER X.509 certificate") from None
+    return load_certificate(data)
 
 
 @cli.command("crl")

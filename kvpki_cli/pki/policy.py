@@ -13,10 +13,19 @@ from typing import NamedTuple
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
-from kvpki_cli.errors import PolicyViolation
+from kvpki_cli.durations import MAX_DURATION
+from kvpki_cli.errors import PolicyViolation, UsageError
 from kvpki_cli.pki.csr import check_key_policy
 from kvpki_cli.pki.names import check_sans, check_subject
 from kvpki_cli.pki.profiles import Profile, name_constraints
+
+MAX_PATH_LENGTH = 255  # far beyond any real hierarchy; keeps the value inside what X.509 libraries encode
+
+
+def check_path_length(value: int | None) -> None:
+    """A pathLenConstraint given by an operator: 0..MAX_PATH_LENGTH."""
+    if value is not None and not 0 <= value <= MAX_PATH_LENGTH:
+        raise UsageError(f"--path-length must be between 0 and {MAX_PATH_LENGTH}")
 
 
 class Template(NamedTuple):
@@ -75,6 +84,7 @@ def issuer_path_length(issuer: x509.Certificate) -> int | None:
 
 def child_path_length(profile: Profile, issuer: x509.Certificate, requested: int | None) -> int | None:
     """pathLenConstraint for a CA certificate, which must fit under the issuer's."""
+    check_path_length(requested)
     limit = issuer_path_length(issuer)
     if limit is not None and limit <= 0:
         raise PolicyViolation("issuer's path length constraint (0) forbids issuing CA certificates")
@@ -94,6 +104,8 @@ def validity_window(
     issuer: x509.Certificate, now: datetime, validity: timedelta, backdate: timedelta
 ) -> tuple[datetime, datetime]:
     """notBefore (backdated for skewed device clocks) and notAfter, both inside the issuer's validity."""
+    if not timedelta(0) <= backdate <= MAX_DURATION or not timedelta(0) < validity <= MAX_DURATION:
+        raise UsageError("validity and backdate must be positive and at most 100 years")
     not_after_issuer = issuer.not_valid_after_utc
     if not_after_issuer <= now:
         raise PolicyViolation("the CA certificate has expired")

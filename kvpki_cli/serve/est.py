@@ -7,7 +7,6 @@ only after the core committed its inventory row.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -21,10 +20,11 @@ from kvpki_cli.pki.csr import decode_csr_bytes, parse_csr
 from kvpki_cli.pki.policy import certificate_name_constraints, certificate_sans, requested_sans, subject_cn
 from kvpki_cli.serve.auth import Authenticator, Identity, currently_valid, describe_subject, directly_issued
 from kvpki_cli.serve.config import DEFAULT_LABEL, IDENTITY_CN_PLACEHOLDER, LabelConfig, ServeConfig
+from kvpki_cli.serve.logsafe import server_log
 from kvpki_cli.serve.wire import PKCS10, HttpRefusal, certs_only_body, media_type, pkcs7_response, text_response
 from kvpki_cli.serve.workers import CaWorkers
 
-log = logging.getLogger("kvpki.serve")
+log = server_log()  # every line escaped: subjects, user names and paths are attacker controlled
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ class EstService:
         self.labels = labels
         self.auth = auth
         self.workers = workers
+        self.retry_after = config.retry_after
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -140,10 +141,16 @@ class EstService:
             if op in ("cacerts", "csrattrs", "simpleenroll", "simplereenroll"):
                 raise HttpRefusal(405, f"method {request.method} is not allowed for {op}", {"Allow": "GET, POST"})
             raise HttpRefusal(404, f"unknown EST operation {op!r}")
-        except HttpRefusal as refusal:
+        except (HttpRefusal, KvpkiError) as caught:  # every expected failure has its status; only a bug is a 500
+            refusal = caught if isinstance(caught, HttpRefusal) else HttpRefusal.from_error(caught, self.retry_after)
             name = label.config.name if label else request.match_info.get("label", "?")
             log.info("refused %s %s label=%s peer=%s: %s", refusal.status, op, name, request.remote, refusal.reason)
             return text_response(refusal.status, refusal.reason, refusal.headers)
+        except web.HTTPException:
+            raise
+        except Exception:  # a bug: the details (escaped) go to the log, the client learns nothing
+            log.exception("internal error in %s %s from %s", request.method, request.path, request.remote)
+            return text_response(500, "internal error")
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
