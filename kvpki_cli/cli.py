@@ -178,6 +178,19 @@ def get_ca_command(obj: Context, ca_name: str, with_chain: bool, fmt: str) -> No
     _write_stdout(encode_certificates(chain if with_chain else chain[:1], fmt))
 
 
+@cli.command("get-cert")
+@click.argument("serial")
+@click.option("--ca", "ca_name", required=True, help="Name of the issuing CA.")
+@click.option("--chain", "with_chain", is_flag=True, help="Append the CA chain (CA certificate first).")
+@click.option("--format", "fmt", type=click.Choice(("pem", "der", "pkcs7", "json")), default="pem", show_default=True)
+@click.pass_obj
+def get_cert_command(obj: Context, serial: str, ca_name: str, with_chain: bool, fmt: str) -> None:
+    """Print a certificate the CA issued, from the inventory (e.g. one whose output was lost)."""
+    from kvpki_cli.signing import stored_certificate
+
+    _write_stdout(stored_certificate(obj.authority(ca_name), serial, fmt, with_chain))
+
+
 @cli.command("revoke")
 @click.argument("serial", required=False)
 @click.option("--cert", "cert_file", help="Revoke the certificate in this PEM/DER file instead of a serial.")
