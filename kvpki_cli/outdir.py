@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -47,6 +48,19 @@ PREFIX = ".kvpki-batch-"
 
 #: ``lookup(ca, serial)``: is that serial committed in the inventory?
 Lookup = Callable[[str, str], bool]
+
+
+_CRASH_AT = os.environ.get("KVPKI_TEST_CRASH_AT")
+
+
+def crash_point(name: str) -> None:
+    """Test hook: ``KVPKI_TEST_CRASH_AT=<name>`` kills this process right here, as ``kill -9`` would.
+
+    The durability tests use it to hit every step of the protocol exactly;
+    they also kill at random moments from outside.
+    """
+    if name == _CRASH_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Entry(NamedTuple):
@@ -143,6 +157,7 @@ class Batch:
             # a concurrent recovery may have settled (removed) the empty manifest before we locked it
             with contextlib.suppress(FileNotFoundError):
                 if os.path.samestat(os.stat(path, follow_symlinks=False), os.fstat(fd)):
+                    crash_point("begin")
                     return cls(directory, batch_id, fd, ca, inventory)
             os.close(fd)
         raise BackendError(f"cannot create a batch manifest in {directory}")
@@ -159,17 +174,21 @@ class Batch:
                 temp = self._temp(index)
                 self.entries.append(Entry(serial, temp.name, target.name))
                 _write_synced(temp, data, 0o644)
+                crash_point(f"stage:{index}")
             document = {
                 "version": 1,
                 "ca": self.ca,
                 "inventory": self.inventory,
                 "entries": [list(entry) for entry in self.entries],
             }
-            payload = json.dumps(document).encode()
+            payload = memoryview(json.dumps(document).encode())
             os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, payload, 0)
+            offset = 0
+            while offset < len(payload):  # a short write on a filling disk: the next one raises ENOSPC
+                offset += os.pwrite(self._fd, payload[offset:], offset)
             os.fsync(self._fd)
             _fsync_dir(self.directory)
+            crash_point("staged")
         except OSError as exc:
             self._remove_temps()
             with contextlib.suppress(OSError):
@@ -179,7 +198,12 @@ class Batch:
 
     def publish(self) -> list[str]:
         """After the commit: link every temp file to its target. Returns the serials that could not be placed."""
-        unplaced = [entry.serial for entry in self.entries if not self._place(entry)]
+        crash_point("committed")
+        unplaced = []
+        for index, entry in enumerate(self.entries):
+            if not self._place(entry):
+                unplaced.append(entry.serial)
+            crash_point(f"publish:{index}")
         self.close(remove_manifest=True)
         return unplaced
 
@@ -189,6 +213,7 @@ class Batch:
             placed = _link_into_place(temp, target)
         except OSError:
             return False  # the temp file stays for the next run to settle (its serial is committed)
+        crash_point(f"linked:{entry.target}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         return placed
