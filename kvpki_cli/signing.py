@@ -222,8 +222,10 @@ def prepare_out_dir(out_dir: str) -> Path:
     directory = Path(out_dir)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create --out-dir {out_dir}: {exc.strerror}") from None
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"--out-dir {out_dir} is not a directory") from None
+    except OSError as exc:  # the same exit as an existing directory that cannot be written
+        raise BackendError(f"cannot create --out-dir {out_dir}: {exc.strerror}") from None
     return directory
 
 

@@ -107,6 +107,8 @@ def test_unwritable_directory_issues_nothing(ca: Kvpki, tmp_path: Path) -> None:
         result = ca.run("sign-csr", *files, "--ca", "batch", "--out-dir", str(out), "--requester", "ro")
         assert_refused_cleanly(result, 6, ca, "ro")
         assert b"cannot write" in result.stderr and os.listdir(out) == []
+        result = ca.run("sign-csr", *files, "--ca", "batch", "--out-dir", str(out / "new"), "--requester", "ro")
+        assert_refused_cleanly(result, 6, ca, "ro")  # a directory that cannot be created: the same exit
 
 
 @pytest.mark.parametrize("size_kib", [8, 24, 64])
