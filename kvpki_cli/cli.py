@@ -49,10 +49,11 @@ class Context:
         return CertificateAuthority.open(self.settings, name)
 
 
-def _write_stdout(data: bytes) -> None:
+def _write_stdout(data: bytes, issued: tuple[str, str] | None = None) -> None:
+    """Write the result; ``issued`` = (serial, CA) of a certificate just committed, named if stdout fails."""
     from kvpki_cli.signing import write_stdout
 
-    write_stdout(data)
+    write_stdout(data, issued)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -260,7 +261,7 @@ def renew_command(
             authority.revoke(format(old.serial_number, "x"), "superseded")
     for note in issued.notes:
         warn(note)
-    _write_stdout(encode_issued(issued, fmt, with_chain))
+    _write_stdout(encode_issued(issued, fmt, with_chain), issued=(issued.record.serial, authority.name))
 
 
 def _load_certificate(data: bytes) -> Any:

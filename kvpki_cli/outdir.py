@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from kvpki_cli.errors import BackendError, UsageError
+from kvpki_cli.fileutil import fsync_directory
 from kvpki_cli.messages import warn
 
 PREFIX = ".kvpki-batch-"
@@ -86,14 +87,6 @@ def check_targets(directory: Path, names: Sequence[str]) -> list[Path]:
             kind = " (a symlink)" if target.is_symlink() else ""
             raise UsageError(f"refusing to overwrite {target}{kind}")
     return targets
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_synced(path: Path, data: bytes, mode: int) -> None:
@@ -187,7 +180,7 @@ class Batch:
             while offset < len(payload):  # a short write on a filling disk: the next one raises ENOSPC
                 offset += os.pwrite(self._fd, payload[offset:], offset)
             os.fsync(self._fd)
-            _fsync_dir(self.directory)
+            fsync_directory(self.directory)
             crash_point("staged")
         except OSError as exc:
             self._remove_temps()
@@ -252,9 +245,9 @@ class Batch:
             return
         with contextlib.suppress(OSError):
             if remove_manifest and not any(self.directory.glob(f"{PREFIX}{self.id}.*.tmp")):
-                _fsync_dir(self.directory)
+                fsync_directory(self.directory)
                 self.manifest.unlink(missing_ok=True)
-                _fsync_dir(self.directory)
+                fsync_directory(self.directory)
         os.close(self._fd)
         self._fd = -1
 
@@ -272,13 +265,16 @@ def recover(directory: Path, inventory: str, lookup: Lookup) -> int:
         raise BackendError(f"cannot read --out-dir {directory}: {exc.strerror}") from None
     placed = 0
     manifests = {name[len(PREFIX) : -len(".json")] for name in names if name.endswith(".json")}
-    for batch_id in sorted(manifests):
-        placed += _recover_batch(directory, batch_id, inventory, lookup)
-    for name in names:  # temp files whose manifest is gone: their batch committed nothing
-        batch_id = name[len(PREFIX) :].split(".", 1)[0]
-        if name.endswith(".tmp") and batch_id not in manifests:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(directory / name)
+    try:
+        for batch_id in sorted(manifests):
+            placed += _recover_batch(directory, batch_id, inventory, lookup)
+        for name in names:  # temp files whose manifest is gone: their batch committed nothing
+            batch_id = name[len(PREFIX) :].split(".", 1)[0]
+            if name.endswith(".tmp") and batch_id not in manifests:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(directory / name)
+    except OSError as exc:
+        raise BackendError(f"cannot settle an interrupted batch in {directory}: {exc.strerror}") from None
     return placed
 
 

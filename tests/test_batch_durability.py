@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from kvpki_cli.outdir import PREFIX
 from tests.conftest import KVPKI, Kvpki
-from tests.helpers import load_cert, openssl
+from tests.helpers import load_cert, openssl, write
 
 BATCH = 200
 
@@ -259,6 +259,20 @@ def test_live_batch_is_left_alone_by_a_concurrent_run(ca: Kvpki, tmp_path: Path)
     assert again.returncode == 0 and b"another inventory" in again.stderr and sorted(stray(out)) == staged
 
 
+def test_a_name_taken_after_the_check_loses_nothing(tmp_path: Path) -> None:
+    """publish never overwrites: a name that appeared after the check leaves that file alone and reports the serial."""
+    from kvpki_cli.outdir import Batch
+
+    out = tmp_path / "out"
+    out.mkdir()
+    batch = Batch.begin(out, "batch", "inventory")
+    batch.stage([("a1", out / "a.pem", b"cert a"), ("b2", out / "b.pem", b"cert b")])
+    (out / "b.pem").write_bytes(b"someone else's")
+    assert batch.publish() == ["b2"]
+    assert (out / "a.pem").read_bytes() == b"cert a" and (out / "b.pem").read_bytes() == b"someone else's"
+    assert stray(out) == []
+
+
 def test_orphan_temp_files_of_our_prefix_are_removed(ca: Kvpki, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -301,8 +315,12 @@ def test_issued_certificates_can_be_fetched_again(ca: Kvpki, tmp_path: Path) -> 
     assert ca.run("get-cert", "xyz", "--ca", "batch").returncode == 3
 
 
+def _csr(tmp_path: Path, stem: str) -> bytes:
+    return Path(write_csrs(tmp_path / stem, 1, stem=stem)[0]).read_bytes()
+
+
 def _sign_to(ca: Kvpki, tmp_path: Path, stdout: int) -> subprocess.CompletedProcess[bytes]:
-    csr = Path(write_csrs(tmp_path / "csrs", 1, stem="out")[0]).read_bytes()
+    csr = _csr(tmp_path, "out")
     return subprocess.run(
         [*KVPKI, "sign-csr", "--ca", "batch", "--requester", "stdout"],
         input=csr,
@@ -344,6 +362,21 @@ def test_closed_pipe_names_the_serial(ca: Kvpki, tmp_path: Path, fast_path: bool
         os.close(write_end)
     _assert_recoverable(ca, result)
     assert "stdout was closed" in result.stderr.decode()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_renew_to_full_stdout_names_the_new_serial(ca: Kvpki, tmp_path: Path) -> None:
+    old = write(tmp_path / "old.pem", ca.ok("sign-csr", "--ca", "batch", input=_csr(tmp_path, "renew-old")))
+    csr = write(tmp_path / "new.csr", _csr(tmp_path, "renew-new"))
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [*KVPKI, "renew", str(old), str(csr), "--ca", "batch", "--requester", "stdout"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=ca.env,
+            timeout=60,
+        )
+    _assert_recoverable(ca, result)
 
 
 def test_closed_pipe_on_other_commands_is_one_line(ca: Kvpki) -> None:
