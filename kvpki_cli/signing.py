@@ -1,8 +1,10 @@
 """The `sign-csr` command's work, shared by the click command and the start-up fast path.
 
-Reads CSRs, validates all of them before issuing anything, issues them in one
-inventory transaction, then writes the results (stdout, or one file each in an
-output directory, never overwriting).
+Reads CSRs and checks all of them (and every output name) before issuing
+anything, encodes and stages the results before the one inventory transaction,
+then writes them: to stdout (a failure there names the committed serial), or
+one file each into an output directory with the crash-safe protocol of
+``kvpki_cli.outdir``.
 """
 
 from __future__ import annotations
