@@ -8,7 +8,7 @@ rich, aiohttp or the Azure SDK; it only talks to the ``KeyStore`` and
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
@@ -151,11 +151,15 @@ class CertificateAuthority:
     def issue(self, request: SigningRequest) -> Issued:
         return self.issue_many([request])[0]
 
-    def issue_many(self, requests: Sequence[SigningRequest]) -> list[Issued]:
+    def issue_many(
+        self, requests: Sequence[SigningRequest], before_commit: Callable[[list[Issued]], None] | None = None
+    ) -> list[Issued]:
         """Approve every request first (a refusal issues nothing), sign, then commit all rows at once.
 
         The rows are committed before any certificate is returned, so nothing
-        leaves kvpki without an inventory record.
+        leaves kvpki without an inventory record.  ``before_commit`` sees each
+        signed batch before its commit (to stage output files); raising there
+        commits nothing.
         """
         now = utcnow()
         templates = [self.approve(request, now) for request in requests]
@@ -165,6 +169,8 @@ class CertificateAuthority:
                 self._sign(request, template, new_serial_number(), signer)
                 for request, template in zip(requests, templates, strict=True)
             ]
+            if before_commit is not None:
+                before_commit(issued)
             try:
                 self.inventory.record_issued([item.record for item in issued])
             except SerialCollision:

@@ -49,10 +49,11 @@ class Context:
         return CertificateAuthority.open(self.settings, name)
 
 
-def _write_stdout(data: bytes) -> None:
+def _write_stdout(data: bytes, issued: tuple[str, str] | None = None) -> None:
+    """Write the result; ``issued`` = (serial, CA) of a certificate just committed, named if stdout fails."""
     from kvpki_cli.signing import write_stdout
 
-    write_stdout(data)
+    write_stdout(data, issued)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -178,6 +179,19 @@ def get_ca_command(obj: Context, ca_name: str, with_chain: bool, fmt: str) -> No
     _write_stdout(encode_certificates(chain if with_chain else chain[:1], fmt))
 
 
+@cli.command("get-cert")
+@click.argument("serial")
+@click.option("--ca", "ca_name", required=True, help="Name of the issuing CA.")
+@click.option("--chain", "with_chain", is_flag=True, help="Append the CA chain (CA certificate first).")
+@click.option("--format", "fmt", type=click.Choice(("pem", "der", "pkcs7", "json")), default="pem", show_default=True)
+@click.pass_obj
+def get_cert_command(obj: Context, serial: str, ca_name: str, with_chain: bool, fmt: str) -> None:
+    """Print a certificate the CA issued, from the inventory (e.g. one whose output was lost)."""
+    from kvpki_cli.signing import stored_certificate
+
+    _write_stdout(stored_certificate(obj.authority(ca_name), serial, fmt, with_chain))
+
+
 @cli.command("revoke")
 @click.argument("serial", required=False)
 @click.option("--cert", "cert_file", help="Revoke the certificate in this PEM/DER file instead of a serial.")
@@ -250,7 +264,7 @@ def renew_command(
             authority.revoke(format(old.serial_number, "x"), "superseded")
     for note in issued.notes:
         warn(note)
-    _write_stdout(encode_issued(issued, fmt, with_chain))
+    _write_stdout(encode_issued(issued, fmt, with_chain), issued=(issued.record.serial, authority.name))
 
 
 def _load_certificate(data: bytes) -> Any:
