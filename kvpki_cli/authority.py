@@ -8,7 +8,7 @@ rich, aiohttp or the Azure SDK; it only talks to the ``KeyStore`` and
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
@@ -21,10 +21,18 @@ from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, NotFound
 from kvpki_cli.inventory import open_inventory
 from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
 from kvpki_cli.keystores import open_keystore
-from kvpki_cli.keystores.base import CAPrivateKey, KeyStore, KeyType
+from kvpki_cli.keystores.base import KeyStore
 from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate, serial_hex
-from kvpki_cli.pki.lean import Encoding
-from kvpki_cli.pki.policy import Template, approve, certificate_sans, child_path_length, validity_window
+from kvpki_cli.pki.keys import CAPrivateKey, Encoding, KeyType
+from kvpki_cli.pki.policy import (
+    Template,
+    approve,
+    certificate_sans,
+    check_path_length,
+    child_path_length,
+    validity_window,
+)
+from kvpki_cli.textsafe import escape
 
 ROOT_DEFAULT_VALIDITY = timedelta(days=3650)
 SUB_CA_DEFAULT_VALIDITY = timedelta(days=5 * 365)
@@ -57,6 +65,8 @@ class SigningRequest(NamedTuple):
     sans: Sequence[x509.GeneralName] | None = None
     path_length: int | None = None
     renews: x509.Certificate | None = None  # the new certificate must keep every constraint of this one
+    identity_cn: str | None = None  # fills {cn} in a CA profile's name constraints (EST identity's CN)
+    name_constraints: x509.NameConstraints | None = None  # kept from a renewed CA certificate
 
 
 class Issued(NamedTuple):
@@ -76,7 +86,7 @@ def new_record(
         subject=template.subject.rfc4514_string(),
         sans=tuple(str(getattr(n, "value", n)) for n in template.sans),
         profile=template.profile.name,
-        requester=requester,
+        requester=escape(requester),  # from a client certificate, --requester or $KVPKI_REQUESTER
         not_before=template.not_before,
         not_after=template.not_after,
         csr_sha256=hashlib.sha256(csr_der).hexdigest() if csr_der is not None else "",
@@ -181,16 +191,22 @@ class CertificateAuthority:
             subject=request.subject,
             sans=request.sans,
             path_length=path_length,
+            identity_cn=request.identity_cn,
+            constraints=request.name_constraints,
         )
 
     def issue(self, request: SigningRequest) -> Issued:
         return self.issue_many([request])[0]
 
-    def issue_many(self, requests: Sequence[SigningRequest]) -> list[Issued]:
+    def issue_many(
+        self, requests: Sequence[SigningRequest], before_commit: Callable[[list[Issued]], None] | None = None
+    ) -> list[Issued]:
         """Approve every request first (a refusal issues nothing), sign, then commit all rows at once.
 
         The rows are committed before any certificate is returned, so nothing
-        leaves kvpki without an inventory record.
+        leaves kvpki without an inventory record.  ``before_commit`` sees each
+        signed batch before its commit (to stage output files); raising there
+        commits nothing.
         """
         self.check_not_revoked()
         now = utcnow()
@@ -201,6 +217,8 @@ class CertificateAuthority:
                 self._sign(request, template, new_serial_number(), signer)
                 for request, template in zip(requests, templates, strict=True)
             ]
+            if before_commit is not None:
+                before_commit(issued)
             try:
                 self.inventory.record_issued([item.record for item in issued])
             except SerialCollision:
@@ -270,6 +288,8 @@ class CertificateAuthority:
         self, old: x509.Certificate, csr_der: bytes, csr: x509.CertificateSigningRequest, requester: str
     ) -> SigningRequest:
         """Same subject, SANs, profile and constraints as ``old``; the key comes from the CSR (rotated or not)."""
+        from kvpki_cli.pki.policy import certificate_name_constraints
+
         record = self.issued_record(old)
         return SigningRequest(
             csr_der=csr_der,
@@ -279,6 +299,7 @@ class CertificateAuthority:
             subject=old.subject,
             sans=certificate_sans(old) or None,
             renews=old,
+            name_constraints=certificate_name_constraints(old),
         )
 
     def crl(self, next_update: timedelta) -> x509.CertificateRevocationList:
@@ -319,6 +340,7 @@ def init_ca(
         raise AlreadyExists(f"CA {name!r} already exists")
     if path_length is not None and path_length < 0:
         raise UsageError("--path-length must not be negative")
+    check_path_length(path_length)
     config = settings.ca(
         name,
         must_exist=False,
@@ -345,6 +367,7 @@ def init_ca(
         chosen_path_length = path_length
         window = (now - config.backdate, now + (validity or ROOT_DEFAULT_VALIDITY))
 
+    settings.make_ca_directory(name)  # KVPKI_HOME, cas/ and cas/<name> 0700 whatever the umask
     public_key = keystore.create_key(key_type)
     try:
         template = Template(

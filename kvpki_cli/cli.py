@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kvpki_cli.errors import EXIT_USAGE, InvalidInput, KvpkiError, UsageError
-from kvpki_cli.keystores.base import KeyType
+from kvpki_cli.errors import EXIT_USAGE, KvpkiError, UsageError
 from kvpki_cli.messages import warn
 from kvpki_cli.pki.crl import REASONS
+from kvpki_cli.pki.keys import KeyType
 
 if TYPE_CHECKING:
     from kvpki_cli.authority import CertificateAuthority
@@ -49,10 +49,11 @@ class Context:
         return CertificateAuthority.open(self.settings, name)
 
 
-def _write_stdout(data: bytes) -> None:
+def _write_stdout(data: bytes, issued: tuple[str, str] | None = None) -> None:
+    """Write the result; ``issued`` = (serial, CA) of a certificate just committed, named if stdout fails."""
     from kvpki_cli.signing import write_stdout
 
-    write_stdout(data)
+    write_stdout(data, issued)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,8 +96,8 @@ def init_ca_command(
     """Create a self-signed root CA, or a subordinate CA under --parent; print its certificate."""
     from kvpki_cli.authority import init_ca
     from kvpki_cli.durations import parse_duration
-    from kvpki_cli.keystores.base import KeyType
     from kvpki_cli.pki.encoding import encode_certificates
+    from kvpki_cli.pki.keys import KeyType
     from kvpki_cli.pki.names import parse_subject
 
     chain = init_ca(
@@ -178,6 +179,19 @@ def get_ca_command(obj: Context, ca_name: str, with_chain: bool, fmt: str) -> No
     _write_stdout(encode_certificates(chain if with_chain else chain[:1], fmt))
 
 
+@cli.command("get-cert")
+@click.argument("serial")
+@click.option("--ca", "ca_name", required=True, help="Name of the issuing CA.")
+@click.option("--chain", "with_chain", is_flag=True, help="Append the CA chain (CA certificate first).")
+@click.option("--format", "fmt", type=click.Choice(("pem", "der", "pkcs7", "json")), default="pem", show_default=True)
+@click.pass_obj
+def get_cert_command(obj: Context, serial: str, ca_name: str, with_chain: bool, fmt: str) -> None:
+    """Print a certificate the CA issued, from the inventory (e.g. one whose output was lost)."""
+    from kvpki_cli.signing import stored_certificate
+
+    _write_stdout(stored_certificate(obj.authority(ca_name), serial, fmt, with_chain))
+
+
 @cli.command("revoke")
 @click.argument("serial", required=False)
 @click.option("--cert", "cert_file", help="Revoke the certificate in this PEM/DER file instead of a serial.")
@@ -204,7 +218,10 @@ def revoke_command(obj: Context, serial: str | None, cert_file: str | None, ca_n
     from kvpki_cli.authority import utcnow
 
     _write_stdout((json.dumps(record.as_json(utcnow()), indent=2) + "\n").encode())
-    sys.stderr.write(f"kvpki: revoked {record.serial} ({record.reason}); publish a new CRL with 'kvpki crl'\n")
+    sys.stderr.write(
+        f"kvpki: revoked {record.serial} ({record.reason}); a running 'kvpki serve' re-signs its CRL and"
+        " answers OCSP by itself; 'kvpki crl' writes a new CRL file for any other place you publish it\n"
+    )
 
 
 @cli.command("renew")
@@ -247,18 +264,13 @@ def renew_command(
             authority.revoke(authority.serial_of(old), "superseded")
     for note in issued.notes:
         warn(note)
-    _write_stdout(encode_issued(issued, fmt, with_chain))
+    _write_stdout(encode_issued(issued, fmt, with_chain), issued=(issued.record.serial, authority.name))
 
 
 def _load_certificate(data: bytes) -> Any:
-    from cryptography import x509
+    from kvpki_cli.pki.pem import load_certificate
 
-    try:
-        if data.lstrip().startswith(b"-----BEGIN CERTIFICATE-----"):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except ValueError:
-        raise InvalidInput("not a PEM or DER X.509 certificate") from None
+    return load_certificate(data)
 
 
 @cli.command("crl")
@@ -269,7 +281,7 @@ def _load_certificate(data: bytes) -> Any:
 def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str) -> None:
     """Print a CRL signed by the CA key listing every revoked, unexpired certificate."""
     from kvpki_cli.durations import parse_duration
-    from kvpki_cli.pki.lean import Encoding
+    from kvpki_cli.pki.keys import Encoding
 
     crl = obj.authority(ca_name).crl(parse_duration(next_update, what="--next-update"))
     _write_stdout(crl.public_bytes(Encoding.PEM if fmt == "pem" else Encoding.DER))

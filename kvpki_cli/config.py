@@ -2,6 +2,11 @@
 
 Precedence: command-line flags > ``KVPKI_*`` environment > ``config.toml`` >
 ``cas/<name>/ca.json`` (written by ``init-ca``) > built-in defaults.
+
+The config file fails closed: an unknown table or key, a value of the wrong
+type, or a missing ``KVPKI_CONFIG`` file is a usage error naming the file and
+the key (a misspelt policy must never be silently ignored), and a file or CA
+directory that another user could have written is refused (``safepaths``).
 """
 
 from __future__ import annotations
@@ -9,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+import stat
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,10 +24,14 @@ from kvpki_cli.durations import parse_duration
 from kvpki_cli.errors import NotFound, UsageError
 from kvpki_cli.fileutil import write_file_atomic
 from kvpki_cli.pki.certificates import PublicationUrls
+from kvpki_cli.pki.keys import KeyType
 from kvpki_cli.pki.profiles import Profile
+from kvpki_cli.safepaths import check_trusted, check_trusted_path, make_private_dir
 
-CA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+# ASCII letters, digits, '-' and '_': CA names go into file paths and CRL DP/OCSP/caIssuers URLs.
+CA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}", re.ASCII)
 DEFAULT_BACKDATE = "5m"
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def default_home() -> Path:
@@ -33,9 +43,188 @@ def default_home() -> Path:
 
 
 def check_ca_name(name: str) -> str:
-    if not CA_NAME.match(name):
-        raise UsageError(f"invalid CA name {name!r} (letters, digits, '-' and '_', up to 63 characters)")
+    """Refuse names outside the safe charset (newlines, controls, '/', '.', non-ASCII, too long)."""
+    if not isinstance(name, str) or not CA_NAME.fullmatch(name):
+        shown = repr(name[:80]) if isinstance(name, str) else type(name).__name__
+        raise UsageError(f"invalid CA name {shown} (letters, digits, '-' and '_', up to 63 characters)")
     return name
+
+
+# --- config file schema -------------------------------------------------------------------------
+
+# A check returns None when the value is acceptable, else what it should have been.
+Check = Callable[[Any], str | None]
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[!-~]+")
+STORE_NAMES = ("local", "azure")
+KEY_TYPES = tuple(key_type.value for key_type in KeyType)
+
+
+def _string(value: Any) -> str | None:
+    return None if isinstance(value, str) and value else "a non-empty string"
+
+
+def _boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
+def _seconds(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6
+    return None if ok else "a positive number of seconds"
+
+
+def _url(value: Any) -> str | None:
+    ok = isinstance(value, str) and _URL.fullmatch(value) is not None
+    return None if ok else "an absolute URL (scheme://...) without spaces or control characters"
+
+
+def _duration(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return 'a duration string such as "5m"'
+    if value.strip() in ("0", "0s"):
+        return None
+    try:
+        parse_duration(value)
+    except UsageError:
+        return 'a duration string such as "5m"'
+    return None
+
+
+def _choice(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else "one of " + ", ".join(choices)
+
+    return check
+
+
+def _ca_name(value: Any) -> str | None:
+    ok = isinstance(value, str) and CA_NAME.fullmatch(value) is not None
+    return None if ok else "a CA name (letters, digits, '-' and '_')"
+
+
+DEFAULTS_KEYS: dict[str, Check] = {"backdate": _duration, "base_url": _url}
+INVENTORY_KEYS: dict[str, Check] = {"url": _string}
+CA_KEYS: dict[str, Check] = {
+    "store": _choice(*STORE_NAMES),
+    "store_settings": lambda value: None,  # a table, checked against STORE_SETTINGS
+    "key_type": _choice(*KEY_TYPES),
+    "parent": _ca_name,
+    "backdate": _duration,
+    "base_url": _url,
+    "crl_url": _url,
+    "ocsp_url": _url,
+    "ca_issuers_url": _url,
+}
+# What each key store reads from [ca.NAME.store_settings]; a store that gains a setting adds it here.
+STORE_SETTINGS: dict[str, dict[str, Check]] = {
+    "local": {"directory": _string, "passphrase_file": _string},
+    "azure": {
+        "vault_url": _url,
+        "key_name": _string,
+        "hsm": _boolean,
+        "ca_bundle": _string,
+        "deadline": _seconds,
+        "cache_ttl": _seconds,
+        "create_timeout": _seconds,
+    },
+}
+TOP_LEVEL = ("defaults", "inventory", "ca", "profiles")
+
+
+def _key_path(*parts: str) -> str:
+    """A TOML table path for messages, quoting (and escaping) anything that is not a bare key."""
+    bare = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
+    return ".".join(p if bare.fullmatch(p) else json.dumps(p) for p in parts)
+
+
+def _suggest(key: str, known: Any) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
+
+
+def _check_table(
+    source: str, where: tuple[str, ...], table: Any, schema: Mapping[str, Check], context: str = ""
+) -> None:
+    if not isinstance(table, Mapping):
+        raise UsageError(f"{source}: [{_key_path(*where)}] must be a table")
+    for key, value in table.items():
+        check = schema.get(key)
+        if check is None:
+            raise UsageError(
+                f"{source}: unknown key {key!r} in [{_key_path(*where)}]{context}{_suggest(key, schema)}"
+            )
+        expected = check(value)
+        if expected is not None:
+            shown = repr(value)[:60]
+            raise UsageError(f"{source}: {_key_path(*where, key)} must be {expected}, not {shown}")
+
+
+def store_settings_schema(store: str | None) -> dict[str, Check]:
+    """The settings one store reads; every store's settings when the store is not known yet."""
+    if store in STORE_SETTINGS:
+        return STORE_SETTINGS[store]
+    return {key: check for checks in STORE_SETTINGS.values() for key, check in checks.items()}
+
+
+def validate_file_config(document: Mapping[str, Any], source: str) -> None:
+    """Refuse anything the config file says that kvpki would not act on exactly as written."""
+    for key, value in document.items():
+        if key not in TOP_LEVEL:
+            kind = "table" if isinstance(value, Mapping) else "key"
+            shown = f"[{_key_path(key)}]" if kind == "table" else repr(key)
+            close = _suggest(key, TOP_LEVEL)
+            raise UsageError(f"{source}: unknown {kind} {shown}{close}")
+        if not isinstance(value, Mapping):
+            raise UsageError(f"{source}: [{_key_path(key)}] must be a table")
+    _check_table(source, ("defaults",), document.get("defaults", {}), DEFAULTS_KEYS)
+    _check_table(source, ("inventory",), document.get("inventory", {}), INVENTORY_KEYS)
+    for name, table in document.get("ca", {}).items():
+        if CA_NAME.fullmatch(name) is None:
+            raise UsageError(f"{source}: [{_key_path('ca', name)}]: invalid CA name")
+        _check_table(source, ("ca", name), table, CA_KEYS)
+        store = table.get("store")
+        schema = store_settings_schema(store)
+        context = f" for the {store} store" if store else ""
+        _check_table(source, ("ca", name, "store_settings"), table.get("store_settings", {}), schema, context)
+    for name, table in document.get("profiles", {}).items():
+        if not isinstance(table, Mapping):
+            raise UsageError(f"{source}: [{_key_path('profiles', name)}] must be a table")
+
+
+def read_config_file(path: Path, *, required: bool) -> Mapping[str, Any]:
+    """Parse and validate one trusted config file ({} when an optional one is absent)."""
+    try:
+        # O_NONBLOCK: a FIFO planted as the config file must not hang kvpki (it is refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        if required:
+            raise UsageError(f"config file {path} (KVPKI_CONFIG) does not exist") from None
+        return {}
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UsageError(f"config file {path} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        check_trusted(path, st, "config file")
+        check_trusted_path(path.parent, "config directory", allow_sticky=True)
+        try:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UsageError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    import tomllib  # only when there is a file: not on the start-up path of a config-less sign-csr
+
+    try:
+        document = tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    validate_file_config(document, f"config file {path}")
+    return document
 
 
 class CaConfig(NamedTuple):
@@ -53,26 +242,25 @@ class CaConfig(NamedTuple):
 class Settings:
     """The loaded configuration for one kvpki invocation."""
 
-    def __init__(self, home: Path, file_config: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, home: Path, file_config: Mapping[str, Any] | None = None, source: str = "config") -> None:
         self.home = home
         self.file_config: Mapping[str, Any] = file_config or {}
+        self.source = source  # how messages name the config file
         self._profiles: dict[str, Profile] | None = None
 
     @classmethod
     def load(cls, home: Path | None = None) -> Settings:
         home = home or default_home()
-        path = Path(os.environ.get("KVPKI_CONFIG") or home / "config.toml")
-        file_config: Mapping[str, Any] = {}
-        if path.exists():
-            import tomllib
-
-            try:
-                file_config = tomllib.loads(path.read_text())
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
-            except OSError as exc:
-                raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
-        return cls(home=home, file_config=file_config)
+        explicit = os.environ.get("KVPKI_CONFIG")
+        path = Path(explicit).expanduser() if explicit else home / "config.toml"
+        file_config = read_config_file(path, required=bool(explicit))
+        settings = cls(home=home, file_config=file_config, source=f"config file {path}")
+        if file_config.get("profiles"):
+            try:  # eagerly, so a wrong profile fails every command, not only the one that uses it
+                settings.profiles  # noqa: B018
+            except UsageError as exc:
+                raise UsageError(f"{settings.source}: {str(exc).removeprefix('config: ')}") from None
+        return settings
 
     @property
     def inventory_url(self) -> str | None:
@@ -99,11 +287,30 @@ class Settings:
     def _metadata_path(self, name: str) -> Path:
         return self.ca_directory(name) / "ca.json"
 
+    def make_ca_directory(self, name: str) -> Path:
+        """Create KVPKI_HOME, cas/ and the CA's directory as 0700 whatever the umask (init-ca)."""
+        directory = self.ca_directory(name)
+        make_private_dir(directory, "CA directory")
+        self.check_ca_directory(name)
+        return directory
+
+    def check_ca_directory(self, name: str) -> None:
+        """Refuse a CA whose metadata another user could have written (ssh-style, like the config file)."""
+        directory = self.ca_directory(name)
+        for path, what in (
+            (self.home, "KVPKI_HOME"),
+            (directory.parent, "CA directory"),
+            (directory, "CA directory"),
+            (directory / "ca.json", "CA metadata"),
+        ):
+            if not check_trusted_path(path, what):
+                return
+
     def ca_names(self) -> list[str]:
         names = set(self.file_config.get("ca", {}))
         cas_dir = self.home / "cas"
         if cas_dir.is_dir():
-            names.update(p.parent.name for p in cas_dir.glob("*/ca.json"))
+            names.update(p.parent.name for p in cas_dir.glob("*/ca.json") if CA_NAME.fullmatch(p.parent.name))
         return sorted(names)
 
     def ca(self, name: str, *, must_exist: bool = True, overrides: Mapping[str, Any] | None = None) -> CaConfig:
@@ -111,11 +318,9 @@ class Settings:
         check_ca_name(name)
         merged: dict[str, Any] = {}
         meta_path = self._metadata_path(name)
+        self.check_ca_directory(name)
         if meta_path.exists():
-            try:
-                merged.update(json.loads(meta_path.read_text()))
-            except (ValueError, OSError) as exc:
-                raise UsageError(f"CA metadata {meta_path} is unreadable: {exc}") from None
+            merged.update(_read_metadata(meta_path))
         elif must_exist:
             raise NotFound(f"unknown CA {name!r} (create it with 'kvpki init-ca --name {name}')")
         table = self.file_config.get("ca", {}).get(name, {})
@@ -132,12 +337,20 @@ class Settings:
         env_store = os.environ.get("KVPKI_STORE")
         if env_store and not meta_path.exists():
             merged.setdefault("store", env_store)
+        store = str(merged.get("store", "local"))
+        schema = store_settings_schema(store)
+        for key in table.get("store_settings", {}):
+            if key not in schema:
+                raise UsageError(
+                    f"{self.source}: unknown key {key!r} in [{_key_path('ca', name, 'store_settings')}] "
+                    f"for the {store} store{_suggest(key, schema)}"
+                )
         backdate = str(
             os.environ.get("KVPKI_BACKDATE") or merged.get("backdate") or self._default("backdate") or DEFAULT_BACKDATE
         )
         return CaConfig(
             name=name,
-            store=str(merged.get("store", "local")),
+            store=store,
             store_settings=store_settings,
             key_type=merged.get("key_type"),
             parent=merged.get("parent"),
@@ -161,7 +374,7 @@ class Settings:
     def save_ca_metadata(self, ca: CaConfig) -> None:
         """Persist what later commands need to find the CA's key (no secrets)."""
         path = self._metadata_path(ca.name)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(path.parent, "CA directory")
         document = {
             "store": ca.store,
             "store_settings": dict(ca.store_settings),
@@ -169,3 +382,25 @@ class Settings:
             "parent": ca.parent,
         }
         write_file_atomic(path, (json.dumps(document, indent=2) + "\n").encode(), mode=0o644)
+
+
+_METADATA_TYPES: dict[str, tuple[type, ...]] = {
+    "store": (str,),
+    "store_settings": (dict,),
+    "key_type": (str, type(None)),
+    "parent": (str, type(None)),
+}
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """ca.json, written by init-ca; keys this version does not know are kept, known ones type-checked."""
+    try:
+        document = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"CA metadata {path} is unreadable: {exc}") from None
+    if not isinstance(document, dict):
+        raise UsageError(f"CA metadata {path} is not a JSON object")
+    for key, types in _METADATA_TYPES.items():
+        if key in document and not isinstance(document[key], types):
+            raise UsageError(f"CA metadata {path}: {key!r} has the wrong type")
+    return document

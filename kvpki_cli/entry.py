@@ -6,12 +6,13 @@ commands (and anything the fast path does not recognise) go through click.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from kvpki_cli.errors import EXIT_INTERNAL, KvpkiError
+from kvpki_cli.errors import EXIT_BACKEND, EXIT_INTERNAL, KvpkiError
 from kvpki_cli.messages import error_line
 
 
@@ -42,9 +43,13 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             traceback.print_exc()
         sys.stderr.write(error_line(str(exc)))
         code = exc.exit_code
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_INTERNAL
+    except BrokenPipeError:  # output written outside write_stdout (e.g. a table on a closed stderr pipe)
+        from kvpki_cli.signing import discard_stdout
+
+        discard_stdout()
+        with contextlib.suppress(OSError):
+            sys.stderr.write(error_line("output closed (broken pipe)"))
+        code = EXIT_BACKEND
     except KeyboardInterrupt:
         sys.stderr.write(error_line("interrupted"))
         code = 130
@@ -55,5 +60,13 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             traceback.print_exc()
         sys.stderr.write(error_line(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)"))
         code = EXIT_INTERNAL
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        from kvpki_cli.signing import discard_stdout
+
+        discard_stdout()
+        with contextlib.suppress(OSError):
+            sys.stderr.write(error_line(f"cannot write to stdout: {exc.strerror or 'broken pipe'}"))
+        code = code or EXIT_BACKEND
     sys.exit(code)

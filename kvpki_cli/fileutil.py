@@ -43,3 +43,14 @@ def write_file_atomic(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+    if durable:
+        fsync_directory(directory)  # the new name itself survives a crash
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the entries created, renamed or removed in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

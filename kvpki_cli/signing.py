@@ -1,8 +1,10 @@
 """The `sign-csr` command's work, shared by the click command and the start-up fast path.
 
-Reads CSRs, validates all of them before issuing anything, issues them in one
-inventory transaction, then writes the results (stdout, or one file each in an
-output directory, never overwriting).
+Reads CSRs and checks all of them (and every output name) before issuing
+anything, encodes and stages the results before the one inventory transaction,
+then writes them: to stdout (a failure there names the committed serial), or
+one file each into an output directory with the crash-safe protocol of
+``kvpki_cli.outdir``.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from kvpki_cli.errors import InvalidInput, KvpkiError, UsageError
+from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, KvpkiError, NotFound, UsageError
 from kvpki_cli.messages import warn
 
 if TYPE_CHECKING:
-    from kvpki_cli.authority import Issued
+    from kvpki_cli.authority import CertificateAuthority, Issued, SigningRequest
+    from kvpki_cli.config import Settings
 
 OUTPUT_SUFFIX = {"pem": ".pem", "der": ".der", "pkcs7": ".p7b", "json": ".json"}
 
@@ -39,9 +42,38 @@ class SignOptions(NamedTuple):
     home: str | None = None
 
 
-def write_stdout(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+class OutputFailed(BackendError):
+    """stdout could not take the result (full disk, closed pipe); the line says how to recover what was issued."""
+
+
+def write_stdout(data: bytes, issued: tuple[str, str] | None = None) -> None:
+    """Write the result; on failure raise one error line, naming the (serial, CA) already committed if any.
+
+    The failed output is discarded (stdout now points at /dev/null), so the
+    interpreter's final flush cannot fail a second time with a traceback.
+    """
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except OSError as exc:
+        discard_stdout()
+        reason = "stdout was closed" if isinstance(exc, BrokenPipeError) else f"cannot write to stdout: {exc.strerror}"
+        if issued is None:
+            raise OutputFailed(reason) from None
+        serial, ca = issued
+        raise OutputFailed(
+            f"output failed after issuing serial {serial} ({reason});"
+            f" recover it with: kvpki get-cert {serial} --ca {ca}"
+        ) from None
+
+
+def discard_stdout() -> None:
+    """Point fd 1 at /dev/null so buffered output still pending is dropped quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def read_input(path: str) -> bytes:
@@ -74,7 +106,7 @@ def default_requester() -> str:
 
 
 def sign_csrs(options: SignOptions) -> None:
-    """Run `sign-csr`: every CSR is checked before any is signed; rows commit before output."""
+    """Run `sign-csr`: every CSR and output target is checked before any is signed; rows commit before output."""
     from kvpki_cli.authority import CertificateAuthority, SigningRequest
     from kvpki_cli.config import Settings
     from kvpki_cli.durations import parse_duration
@@ -90,7 +122,8 @@ def sign_csrs(options: SignOptions) -> None:
         raise UsageError(f"unknown format {options.fmt!r} (one of: {', '.join(OUTPUT_SUFFIX)})")
     if options.fmt == "der" and options.with_chain:
         raise UsageError("--chain needs --format pem, pkcs7 or json (DER holds one certificate)")
-    targets = output_targets(paths, options.out_dir, options.fmt) if options.out_dir else []
+    out_dir = prepare_out_dir(options.out_dir) if options.out_dir else None
+    names = output_names(paths, options.fmt)
     settings = Settings.load(Path(options.home).expanduser() if options.home else None)
     settings.profile(options.profile)  # unknown profile: a usage error before reading input
     common = {
@@ -112,40 +145,90 @@ def sign_csrs(options: SignOptions) -> None:
             raise
         requests.append(SigningRequest(csr_der=der, csr=csr, **common))  # type: ignore[arg-type]
 
+    if out_dir is not None:
+        _sign_into_directory(settings, options, requests, out_dir, names)
+        return
     authority = CertificateAuthority.open(settings, options.ca_name)
-    issued = authority.issue_many(requests)
+    outputs: list[bytes] = []
+
+    def encode(issued: list[Issued]) -> None:  # before the commit: nothing can fail between commit and write
+        outputs[:] = [encode_issued(item, options.fmt, options.with_chain) for item in issued]
+
+    issued = authority.issue_many(requests, before_commit=encode)
+    _warn_notes(issued)
+    write_stdout(outputs[0], issued=(issued[0].record.serial, authority.name))
+
+
+def _warn_notes(issued: Sequence[Issued]) -> None:
     for note in sorted({n for item in issued for n in item.notes}):
         warn(note)
-    outputs = [encode_issued(item, options.fmt, options.with_chain) for item in issued]
-    if not options.out_dir:
-        write_stdout(outputs[0])
-        return
-    from kvpki_cli.fileutil import write_file_atomic
-
-    for target, data in zip(targets, outputs, strict=True):
-        write_file_atomic(target, data, mode=0o644, overwrite=False, durable=False)
-    sys.stderr.write(f"kvpki: issued {len(outputs)} certificate(s) into {options.out_dir}\n")
 
 
-def output_targets(paths: Sequence[str], out_dir: str, fmt: str) -> list[Path]:
-    """One output file per input, checked before anything is issued (no clobbering, no duplicates)."""
-    directory = Path(out_dir)
+def _sign_into_directory(
+    settings: Settings, options: SignOptions, requests: Sequence[SigningRequest], directory: Path, names: list[str]
+) -> None:
+    """Issue into ``directory`` with the protocol of ``kvpki_cli.outdir``: files synced before the commit."""
+    from kvpki_cli.authority import CertificateAuthority
+    from kvpki_cli.inventory import open_inventory
+    from kvpki_cli.outdir import Batch, check_targets, inventory_fingerprint, recover
+
+    inventory = open_inventory(settings.inventory_url, settings.home)
+    fingerprint = inventory_fingerprint(settings.inventory_url or str((settings.home / "inventory.sqlite3").resolve()))
+
+    def committed(ca: str, serial: str) -> bool:
+        return inventory.get(ca, serial) is not None
+
+    placed = recover(directory, fingerprint, committed)
+    if placed:
+        warn(f"wrote {placed} certificate(s) of an interrupted earlier batch into {directory}")
+    targets = check_targets(directory, names)
+    authority = CertificateAuthority.open(settings, options.ca_name, inventory)
+    batch = Batch.begin(directory, authority.name, fingerprint)
+
+    def stage(issued: list[Issued]) -> None:
+        outputs = [encode_issued(item, options.fmt, options.with_chain) for item in issued]
+        batch.stage(
+            [(item.record.serial, target, out) for item, target, out in zip(issued, targets, outputs, strict=True)]
+        )
+
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create --out-dir {out_dir}: {exc.strerror}") from None
-    targets = []
+        issued = authority.issue_many(requests, before_commit=stage)
+    except BaseException:
+        try:
+            batch.settle(committed)  # an ambiguous commit error: what did commit is still written
+        except Exception:
+            batch.close(remove_manifest=False)  # the inventory cannot say: a later run settles it
+        raise
+    unplaced = batch.publish()
+    _warn_notes(issued)
+    if unplaced:
+        raise AlreadyExists(
+            f"{len(unplaced)} certificate(s) were issued but their file names in {directory} were taken meanwhile;"
+            f" recover with: kvpki get-cert {unplaced[0]} --ca {authority.name} (serials: {', '.join(unplaced)})"
+        )
+    sys.stderr.write(f"kvpki: issued {len(issued)} certificate(s) into {directory}\n")
+
+
+def output_names(paths: Sequence[str], fmt: str) -> list[str]:
+    """One output file name per input (the CSR file name with the format's suffix)."""
+    names = []
     for path in paths:
         name = "stdin" if path == "-" else Path(path).name
         for suffix in (".csr", ".pem", ".der", ".req", ".b64"):
             name = name.removesuffix(suffix)
-        targets.append(directory / f"{name}{OUTPUT_SUFFIX[fmt]}")
-    if len(set(targets)) != len(targets):
-        raise UsageError("two CSRs would write the same output file (their file names collide)")
-    existing = [str(t) for t in targets if t.exists()]
-    if existing:
-        raise UsageError(f"refusing to overwrite {existing[0]}")
-    return targets
+        names.append(f"{name}{OUTPUT_SUFFIX[fmt]}")
+    return names
+
+
+def prepare_out_dir(out_dir: str) -> Path:
+    directory = Path(out_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"--out-dir {out_dir} is not a directory") from None
+    except OSError as exc:  # the same exit as an existing directory that cannot be written
+        raise BackendError(f"cannot create --out-dir {out_dir}: {exc.strerror}") from None
+    return directory
 
 
 def encode_issued(item: Issued, fmt: str, with_chain: bool) -> bytes:
@@ -153,3 +236,23 @@ def encode_issued(item: Issued, fmt: str, with_chain: bool) -> bytes:
 
     certs = [item.certificate, *item.chain] if with_chain else [item.certificate]
     return encode_certificates(certs, fmt, {"profile": item.record.profile})
+
+
+def stored_certificate(authority: CertificateAuthority, serial: str, fmt: str, with_chain: bool) -> bytes:
+    """Any certificate ``authority`` issued, encoded from its inventory row (revoked and expired ones too)."""
+    from cryptography import x509
+
+    from kvpki_cli.authority import parse_serial, utcnow
+    from kvpki_cli.pki.encoding import encode_certificates
+
+    if fmt == "der" and with_chain:
+        raise UsageError("--chain needs --format pem, pkcs7 or json (DER holds one certificate)")
+    canonical = parse_serial(serial)
+    record = authority.inventory.get(authority.name, canonical)
+    if record is None:
+        raise NotFound(f"no certificate with serial {canonical} in the inventory of CA {authority.name!r}")
+    certificate = x509.load_der_x509_certificate(record.der)
+    certs = [certificate, *authority.chain] if with_chain else [certificate]
+    stored = record.as_json(utcnow())
+    extra = {key: stored[key] for key in ("profile", "status", "revoked_at", "reason", "requester")}
+    return encode_certificates(certs, fmt, extra)

@@ -88,7 +88,8 @@ def prepare(home: Path, env: dict[str, str], port: int, concurrency: int, vault_
     config = home / "serve.toml"
     config.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\ntls_cert = "server-chain.pem"\ntls_key = "server.key"\n'
-        f'users_file = "users"\nsigning_concurrency = {concurrency}\n\n'
+        f'users_file = "users"\nsigning_concurrency = {concurrency}\n'
+        "max_connections_per_client = 1024\n\n"  # every benchmark connection comes from 127.0.0.1
         '[est.default]\nca = "bench"\nprofile = "device"\nusers = ["bench"]\n'
     )
     return config

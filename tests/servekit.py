@@ -95,6 +95,7 @@ identity_cas = ["est-identity"]    # IoT Edge device-ID enrollment with its EST 
 ca = "issuing"
 profile = "edge-ca"
 users = ["edge"]
+allow_password_for_ca = true       # the explicit opt-in (tests/test_serve_auth_hardening.py checks the refusal)
 identity_cas = ["est-identity"]
 identity_profiles = ["device"]
 identity_cn = ["{{cn}}", "aziot-edge CA {{cn}}"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import subprocess
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.conftest import Kvpki, openssl
+from tests import csrforge as forge
+from tests.conftest import KVPKI, Kvpki, openssl
+from tests.helpers import pkilint_findings, write
 
 INVALID, POLICY, USAGE, NOT_FOUND, EXISTS = 3, 4, 2, 5, 7
 
@@ -61,6 +64,23 @@ def _raw_subject_csr(*attributes: tuple[x509.ObjectIdentifier, str]) -> bytes:
         name = x509.Name([x509.NameAttribute(oid, value, _validate=False) for oid, value in attributes])
         builder = x509.CertificateSigningRequestBuilder().subject_name(name)
         return builder.sign(P256_FOR_NAMES, hashes.SHA256()).public_bytes(Encoding.PEM)
+
+
+def _forged(*extensions: bytes, subject: bytes | None = None) -> bytes:
+    """A really signed CSR with extensions no library builder allows (duplicates, x400Address, ...)."""
+    name = subject if subject is not None else forge.name((forge.OID_CN, forge.UTF8, b"device-1"))
+    return forge.csr(P256_FOR_NAMES, name, extensions)
+
+
+def _san(*names: bytes) -> bytes:
+    return forge.extension(forge.OID_SAN, forge.san(*names))
+
+
+def _openssl_key_csr(tmp: Path, *genkey: str) -> bytes:
+    """A CSR for a key type cryptography cannot load (SM2, binary curves), made and signed by openssl."""
+    key = tmp / f"k{os.urandom(4).hex()}.pem"
+    key.write_bytes(openssl(*genkey).stdout)
+    return openssl("req", "-new", "-key", str(key), "-subj", "/CN=device-1").stdout
 
 
 P256_FOR_NAMES = ec.generate_private_key(ec.SECP256R1())
@@ -132,6 +152,43 @@ CASES: dict[str, Case] = {
     "missing CSR file": Case(["/nonexistent/device.csr"], None, INVALID),
     "unknown option": Case(["--frobnicate"], GOOD, USAGE),
     "unknown CA": Case(["--ca", "ghost"], GOOD, NOT_FOUND),
+    # issue 7 item 12: these were exit 1 (internal error)
+    "duplicate SAN extensions": Case(
+        ["--profile", "server"], _forged(_san(forge.gn_dns(b"a.example")), _san(forge.gn_dns(b"b.example"))), INVALID
+    ),
+    "duplicate basicConstraints": Case(
+        [],
+        _forged(
+            forge.extension(forge.OID_BASIC_CONSTRAINTS, forge.basic_constraints(False)),
+            forge.extension(forge.OID_BASIC_CONSTRAINTS, forge.basic_constraints(True)),
+        ),
+        INVALID,
+    ),
+    "x400Address SAN": Case([], _forged(_san(forge.gn_x400())), POLICY),
+    "EDIPartyName SAN": Case([], _forged(_san(forge.gn_edi_party())), POLICY),
+    "SM2 key": Case([], lambda t: _openssl_key_csr(t, "genpkey", "-algorithm", "SM2"), POLICY),
+    "sect283k1 key": Case([], lambda t: _openssl_key_csr(t, "ecparam", "-name", "sect283k1", "-genkey"), POLICY),
+    "--san DNS with a U-label": Case(["--san", "DNS:bücher.de"], GOOD, INVALID),
+    "--san email with two @": Case(["--san", "email:a@b@c.com"], GOOD, INVALID),
+    "--validity 99999y": Case(["--validity", "99999y"], GOOD, USAGE),
+    "--validity over 100y": Case(["--validity", "101y"], GOOD, USAGE),
+    # issue 7 item 13: newlines, controls and too-wide wildcards
+    "--san DNS ending in a newline": Case(["--profile", "server", "--san", "DNS:a.example\n"], GOOD, POLICY),
+    "--san email ending in a newline": Case(["--san", "email:ops@example.com\n"], GOOD, POLICY),
+    "CSR DNS SAN ending in a newline": Case(
+        ["--profile", "server"], _forged(_san(forge.gn_dns(b"a.example\n"))), POLICY
+    ),
+    "CSR email SAN ending in a newline": Case([], _forged(_san(forge.gn_email(b"ops@example.com\n"))), POLICY),
+    "wildcard under a TLD": Case(["--profile", "server", "--san", "DNS:*.com"], GOOD, POLICY),
+    "wildcard under a registry suffix": Case(["--profile", "server", "--san", "DNS:*.co.uk"], GOOD, POLICY),
+    "--path-length beyond any encoding": Case(["--profile", "sub-ca", "--path-length", str(2**64)], GOOD, USAGE),
+    "IP address as a DNS SAN": Case(["--profile", "server", "--san", "DNS:10.0.0.1"], GOOD, POLICY),
+    "CSR wildcard under a TLD": Case(["--profile", "server"], _forged(_san(forge.gn_dns(b"*.com"))), POLICY),
+    "bidi override in CN": Case(
+        ["--profile", "server", "--san", "DNS:a.example"], _raw_subject_csr((CN, "moc.\u202eexample")), INVALID
+    ),
+    "C1 control (NEL) in O": Case([], _raw_subject_csr((CN, "device-1"), (ORG, "Contoso\u0085Inc")), INVALID),
+    "bidi isolate in --subject": Case(["--subject", "CN=device-1,O=a\u2066b"], GOOD, INVALID),
 }
 
 
@@ -173,6 +230,7 @@ def test_hostile_csr_corpus(ready: Kvpki, tmp_path: Path) -> None:
         (["get-ca", "--ca", "ghost"], NOT_FOUND),
         (["get-ca", "--ca", "../etc"], USAGE),
         (["crl", "--ca", "issuing", "--next-update", "soon"], USAGE),
+        (["crl", "--ca", "issuing", "--next-update", "99999y"], USAGE),
         (["list", "--ca", "issuing", "--status", "weird"], USAGE),
         (["init-ca", "--name", "root", "--subject", "CN=Again"], EXISTS),
         (["init-ca", "--name", "bad/name", "--subject", "CN=x"], USAGE),
@@ -180,6 +238,7 @@ def test_hostile_csr_corpus(ready: Kvpki, tmp_path: Path) -> None:
         (["init-ca", "--name", "x2", "--subject", "CN=x", "--parent", "ghost"], NOT_FOUND),
         (["init-ca", "--name", "x3", "--subject", "CN=x", "--parent", "issuing"], POLICY),
         (["init-ca", "--name", "x4", "--subject", "CN=x", "--key-type", "dsa-1024"], USAGE),
+        (["init-ca", "--name", "x6", "--subject", "CN=x", "--path-length", "99999999999999999999999"], USAGE),
     ],
 )
 def test_hostile_arguments(ready: Kvpki, args: list[str], code: int) -> None:
@@ -196,3 +255,77 @@ def test_revoke_certificate_from_another_ca(ready: Kvpki, tmp_path: Path) -> Non
     path.write_bytes(foreign)
     _assert_one_line_error(ready.run("revoke", "--cert", str(path), "--ca", "issuing"), INVALID, "foreign cert")
     assert ready.inventory("other")[0]["status"] == "valid"
+
+
+def test_durations_beyond_100_years_are_usage_errors(ready: Kvpki) -> None:
+    """Each of these overflowed datetime (exit 1) before durations were bounded."""
+    before = ready.inventory("issuing")
+    for args in (
+        ["crl", "--ca", "issuing", "--next-update", "99999y"],
+        ["init-ca", "--name", "x5", "--subject", "CN=x", "--validity", "99999y"],
+        ["sign-csr", "--ca", "issuing", "--validity", "999999w"],
+    ):
+        _assert_one_line_error(ready.run(*args, input=GOOD), USAGE, " ".join(args))
+    env = {**ready.env, "KVPKI_BACKDATE": "999999y"}
+    result = subprocess.run(
+        [*KVPKI, "sign-csr", "--ca", "issuing"], input=GOOD, capture_output=True, env=env, timeout=60
+    )
+    _assert_one_line_error(result, USAGE, "KVPKI_BACKDATE=999999y")
+    assert b"KVPKI_BACKDATE" in result.stderr or b"backdate" in result.stderr
+    assert ready.inventory("issuing") == before == []
+    assert not (ready.home / "cas" / "x5").exists()
+
+
+def test_pem_with_text_before_the_block_is_accepted(ready: Kvpki, tmp_path: Path) -> None:
+    """What `openssl pkcs7 -print_certs` and `openssl req -text` write: text, then the PEM block (issue 7 item 17)."""
+    p7 = write(tmp_path / "issued.p7b", ready.ok("sign-csr", "--ca", "issuing", "--format", "pkcs7", input=GOOD))
+    printed = openssl("pkcs7", "-print_certs", "-in", str(p7)).stdout
+    assert printed.startswith(b"subject=") and b"\nissuer=" in printed
+    cert_file = write(tmp_path / "issued.pem", printed)
+    serial = format(x509.load_pem_x509_certificate(printed.split(b"\n", 2)[2]).serial_number, "x")
+
+    csr_file = write(tmp_path / "with-text.csr", GOOD)
+    csr_text = openssl("req", "-in", str(csr_file), "-text").stdout
+    assert csr_text.startswith(b"Certificate Request:")
+    write(csr_file, csr_text)
+    renewed = ready.ok("renew", str(cert_file), str(csr_file), "--ca", "issuing")
+    assert (
+        x509.load_pem_x509_certificate(renewed).subject
+        == x509.load_pem_x509_certificate(printed[printed.index(b"-----BEGIN") :]).subject
+    )
+    assert ready.ok("sign-csr", "--ca", "issuing", str(csr_file)).startswith(b"-----BEGIN CERTIFICATE-----")
+
+    ready.ok("revoke", "--cert", str(cert_file), "--ca", "issuing")
+    assert {row["serial"]: row["status"] for row in ready.inventory("issuing")}[serial] == "revoked"
+    # Text around something that is not a certificate is still refused, in one line.
+    write(tmp_path / "key.txt", b"note\n-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    _assert_one_line_error(ready.run("revoke", "--cert", str(tmp_path / "key.txt"), "--ca", "issuing"), INVALID, "key")
+
+
+# pkilint's PKIX linter calls every wildcard an invalid domain name (only its CA/B Forum linter knows them),
+# so the wildcards kvpki still allows (*.example.com, *.example.co.uk) are checked by the refusal cases above.
+EDGE_SANS = ("DNS:a.example.com", "DNS:xn--bcher-kva.de", "DNS:a-1.b2.example", "email:ops.team+iot@example.com")
+
+
+def test_what_is_issued_at_the_edges_lints_clean(ready: Kvpki, tmp_path: Path) -> None:
+    """pkilint (the outside check that flagged "a.example\\n" as invalid_domain_name_syntax) finds
+    nothing in the certificates issued for names next to the refused ones."""
+    args = [arg for san in EDGE_SANS for arg in ("--san", san)]
+    server = ready.ok("sign-csr", "--ca", "issuing", "--profile", "server", *args, input=GOOD)
+    assert pkilint_findings(write(tmp_path / "server.pem", server)) == ""
+    device = ready.ok("sign-csr", "--ca", "issuing", "--subject", "CN=device-1,O=Zürich AG", input=GOOD)
+    assert pkilint_findings(write(tmp_path / "device.pem", device)) == ""
+    wildcards = ("--san", "DNS:*.example.com", "--san", "DNS:*.example.co.uk")
+    wide = x509.load_pem_x509_certificate(
+        ready.ok("sign-csr", "--ca", "issuing", "--profile", "server", *wildcards, input=GOOD)
+    )
+    assert wide.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    ) == ["*.example.com", "*.example.co.uk"]
+
+
+def test_requester_is_recorded_escaped(ready: Kvpki) -> None:
+    """--requester and KVPKI_REQUESTER reach the inventory through the same escaping as EST's requesters."""
+    ready.ok("sign-csr", "--ca", "issuing", "--requester", "ops\nkvpki: forged\x1b[2J\u202e", input=GOOD)
+    (row,) = ready.inventory("issuing")
+    assert row["requester"] == "ops\\x0akvpki: forged\\x1b[2J\\u202e"

@@ -8,37 +8,15 @@ unchanged whether the key is a local file or a non-exportable vault key.
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-CAPrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-CAPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+# Key types and aliases live in pki.keys (the lower layer); re-exported here for existing imports.
+from kvpki_cli.pki.keys import CAPrivateKey, CAPublicKey, KeyType
 
-
-class KeyType(enum.StrEnum):
-    """CA key algorithms kvpki can create (the names are the CLI contract)."""
-
-    EC_P256 = "ec-p256"
-    EC_P384 = "ec-p384"
-    RSA_2048 = "rsa-2048"
-    RSA_3072 = "rsa-3072"
-    RSA_4096 = "rsa-4096"
-
-    @property
-    def is_ec(self) -> bool:
-        return self.value.startswith("ec-")
-
-    @property
-    def rsa_bits(self) -> int:
-        return int(self.value.split("-")[1])
-
-    @property
-    def curve(self) -> ec.EllipticCurve:
-        return ec.SECP384R1() if self is KeyType.EC_P384 else ec.SECP256R1()
+__all__ = ["CAPrivateKey", "CAPublicKey", "KeyStore", "KeyType"]
 
 
 class KeyStore(ABC):

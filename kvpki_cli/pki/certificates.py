@@ -10,14 +10,11 @@ from datetime import datetime
 from typing import NamedTuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from kvpki_cli.keystores.base import CAPrivateKey
-from kvpki_cli.pki.policy import Template
-from kvpki_cli.pki.profiles import Profile
+from kvpki_cli.pki.keys import CAPrivateKey, signing_hash
+from kvpki_cli.pki.policy import Template, subject_cn
+from kvpki_cli.pki.profiles import Profile, name_constraints
 
 
 class PublicationUrls(NamedTuple):
@@ -31,13 +28,6 @@ class PublicationUrls(NamedTuple):
 def new_serial_number() -> int:
     """20 octets, positive, 158 random bits from the OS CSPRNG (RFC 5280 4.1.2.2)."""
     return int.from_bytes(os.urandom(20), "big") >> 2 | (1 << 158)
-
-
-def signing_hash(key: CAPrivateKey | CertificatePublicKeyTypes) -> hashes.SHA256 | hashes.SHA384:
-    """SHA-384 for P-384 keys, SHA-256 otherwise."""
-    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and key.curve.key_size >= 384:
-        return hashes.SHA384()
-    return hashes.SHA256()
 
 
 def _key_usage(names: frozenset[str]) -> x509.KeyUsage:
@@ -103,6 +93,9 @@ def _base_builder(
     )
     if profile.extended_key_usage:
         builder = builder.add_extension(x509.ExtendedKeyUsage(list(profile.extended_key_usage)), critical=False)
+    if template.name_constraints is not None:
+        # RFC 5280 4.2.1.10: conforming CAs MUST mark this extension critical.
+        builder = builder.add_extension(template.name_constraints, critical=True)
     if template.sans:
         # RFC 5280 4.2.1.6: with an empty subject the SAN extension must be critical.
         builder = builder.add_extension(
@@ -119,6 +112,8 @@ def issue_certificate(
     urls: PublicationUrls | None = None,
 ) -> x509.Certificate:
     """Sign ``template`` with the issuing CA's key."""
+    if template.name_constraints is None and template.profile.constrains_names:  # e.g. init-ca --parent
+        template = template._replace(name_constraints=name_constraints(template.profile, subject_cn(template.subject)))
     builder = _base_builder(template, serial, issuer.subject, authority_key_identifier(issuer))
     builder = _publication_extensions(builder, urls or PublicationUrls())
     return builder.sign(signer, signing_hash(signer))

@@ -9,8 +9,8 @@ from typing import NamedTuple
 from cryptography import x509
 
 from kvpki_cli.errors import UsageError
-from kvpki_cli.keystores.base import CAPrivateKey
-from kvpki_cli.pki.certificates import authority_key_identifier, signing_hash
+from kvpki_cli.pki.certificates import authority_key_identifier
+from kvpki_cli.pki.keys import CAPrivateKey, signing_hash
 
 REASONS: dict[str, x509.ReasonFlags] = {
     "unspecified": x509.ReasonFlags.unspecified,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from cryptography import x509
 
 from kvpki_cli.errors import UsageError
-from kvpki_cli.pki.lean import Encoding
+from kvpki_cli.pki.keys import Encoding
 
 CERT_FORMATS = ("pem", "der", "pkcs7", "json")
 

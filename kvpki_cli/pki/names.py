@@ -10,39 +10,63 @@ from cryptography import x509
 
 from kvpki_cli.errors import InvalidInput, PolicyViolation
 from kvpki_cli.pki.profiles import Profile
+from kvpki_cli.textsafe import describe_char, first_unsafe
 
 _DNS_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_DNS_NAME = re.compile(rf"^(\*\.)?({_DNS_LABEL}\.)*{_DNS_LABEL}$")
+# Always used with fullmatch: "$" would also match before a trailing newline.
+_DNS_NAME = re.compile(rf"(\*\.)?({_DNS_LABEL}\.)*{_DNS_LABEL}")
+_HOST_NAME = re.compile(rf"({_DNS_LABEL}\.)*{_DNS_LABEL}")
+_MAILBOX_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _SAN_PREFIXES = {"dns": "DNS", "ip": "IP", "uri": "URI", "email": "email"}
+# Second-level labels under which registries sell names (co.uk, com.au, ac.jp, ...): a wildcard
+# directly under "<one of these>.<two-letter country>" would cover other people's domains.
+_REGISTRY_SECOND_LEVEL = frozenset({"ac", "co", "com", "edu", "gob", "go", "gov", "mil", "ne", "net", "or", "org"})
 
 
 def parse_subject(text: str) -> x509.Name:
     """An RFC 4514 string such as ``CN=device-1,O=Contoso``."""
     try:
         name = x509.Name.from_rfc4514_string(text)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise InvalidInput(f"invalid subject {text!r}: {exc}") from None
     if not list(name):
         raise InvalidInput(f"invalid subject {text!r}: it is empty")
+    check_name_syntax(name)  # init-ca certifies it as given: the same rules as for CSR subjects
     return name
 
 
 def parse_san(text: str) -> x509.GeneralName:
-    """``DNS:name``, ``IP:addr``, ``URI:uri`` or ``email:addr``."""
+    """``DNS:name``, ``IP:addr``, ``URI:uri`` or ``email:addr``; values that cannot be encoded are invalid input."""
     kind, sep, value = text.partition(":")
     prefix = _SAN_PREFIXES.get(kind.strip().lower())
     if not sep or prefix is None or not value:
         raise InvalidInput(f"invalid SAN {text!r} (use DNS:, IP:, URI: or email: followed by a value)")
-    if prefix == "DNS":
-        return x509.DNSName(value)
-    if prefix == "IP":
-        try:
+    if not value.isascii():
+        raise InvalidInput(f"invalid SAN {text!r}: {_ascii_hint(prefix, value)}")
+    try:
+        if prefix == "DNS":
+            return x509.DNSName(value)
+        if prefix == "IP":
             return x509.IPAddress(ipaddress.ip_address(value))
-        except ValueError:
-            raise InvalidInput(f"invalid IP address in SAN {text!r}") from None
-    if prefix == "URI":
-        return x509.UniformResourceIdentifier(value)
-    return x509.RFC822Name(value)
+        if prefix == "URI":
+            return x509.UniformResourceIdentifier(value)
+        return x509.RFC822Name(value)
+    except ValueError:
+        raise InvalidInput(f"invalid {prefix} value in SAN {text!r}") from None
+
+
+def _ascii_hint(prefix: str, value: str) -> str:
+    """Certificates carry host names as A-labels (RFC 5280 7.2); suggest the right spelling."""
+    local, _, host = value.rpartition("@") if prefix == "email" else ("", "", value)
+    if prefix not in ("DNS", "email") or not local.isascii():
+        return "certificates hold ASCII only"
+    try:
+        a_label = host.encode("idna").decode()
+    except UnicodeError:
+        return "certificates hold ASCII only"
+    suggestion = f"{local}@{a_label}" if prefix == "email" else a_label
+    return f"certificates hold the A-label form of an international name, e.g. {prefix}:{suggestion}"
 
 
 def common_names(subject: x509.Name) -> list[str]:
@@ -60,11 +84,9 @@ _UPPER_BOUNDS = {
     x509.NameOID.TITLE: 64,
     x509.NameOID.EMAIL_ADDRESS: 255,
 }
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def check_name_syntax(subject: x509.Name) -> None:
-    """Refuse what RFC 5280 forbids or relying parties misread: over-long or empty values, control characters."""
+    """Refuse what RFC 5280 forbids or relying parties misread: over-long or empty values, control,
+    bidi and other invisible characters (``textsafe.is_unsafe``)."""
     for attribute in subject:
         value = attribute.value
         label = attribute.oid._name
@@ -77,8 +99,9 @@ def check_name_syntax(subject: x509.Name) -> None:
             raise InvalidInput(f"subject attribute {label} is longer than {bound} characters")
         if attribute.oid == x509.NameOID.COUNTRY_NAME and len(value) != 2:
             raise InvalidInput(f"subject countryName {value!r} must be a two-letter code")
-        if _CONTROL_CHARACTERS.search(value):
-            raise InvalidInput(f"subject attribute {label} contains control characters")
+        unsafe = first_unsafe(value)
+        if unsafe is not None:
+            raise InvalidInput(f"subject attribute {label} contains the control character {describe_char(unsafe)}")
 
 
 def check_subject(subject: x509.Name, profile: Profile) -> None:
@@ -99,29 +122,53 @@ def check_sans(sans: Iterable[x509.GeneralName], profile: Profile) -> None:
         if isinstance(san, x509.DNSName):
             _check_dns(san.value, profile)
         elif isinstance(san, x509.IPAddress):
+            if isinstance(san.value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+                raise PolicyViolation("SAN IP must be an address, not a network")
             if profile.ip_ranges and not any(
                 isinstance(san.value, type(net.network_address)) and san.value in net for net in profile.ip_ranges
             ):
                 raise PolicyViolation(f"SAN IP {san.value} is outside the ranges allowed by profile {profile.name!r}")
-            if isinstance(san.value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-                raise PolicyViolation("SAN IP must be an address, not a network")
         elif isinstance(san, x509.UniformResourceIdentifier):
-            if ":" not in san.value or any(c.isspace() for c in san.value) or _CONTROL_CHARACTERS.search(san.value):
-                raise PolicyViolation(f"SAN URI {san.value!r} is not an absolute URI")
+            uri = san.value
+            if not uri.isascii() or not _URI_SCHEME.match(uri) or any(c.isspace() or first_unsafe(c) for c in uri):
+                raise PolicyViolation(f"SAN URI {uri!r} is not an absolute URI")
         elif isinstance(san, x509.RFC822Name):
             local, at, domain = san.value.rpartition("@")
-            bad_local = not local or _CONTROL_CHARACTERS.search(local) or any(c.isspace() for c in local)
-            if not at or bad_local or not _DNS_NAME.match(domain) or domain.startswith("*"):
+            if not at or not _MAILBOX_LOCAL.fullmatch(local) or not _is_host_name(domain):
                 raise PolicyViolation(f"SAN email {san.value!r} is not a valid mailbox")
         else:
             raise PolicyViolation(f"SAN type {type(san).__name__} is not allowed")
 
 
+def _is_host_name(name: str) -> bool:
+    return len(name) <= 253 and name.isascii() and _HOST_NAME.fullmatch(name) is not None
+
+
+def wildcard_problem(name: str) -> str | None:
+    """Why a wildcard DNS name is too broad to certify, or None.
+
+    A wildcard needs at least two labels under it (``*.example.com``, never ``*.com``),
+    and not a registry-style second level (``*.co.uk``, ``*.com.au``).
+    """
+    labels = name[2:].lower().split(".")
+    if len(labels) < 2:
+        return "a wildcard needs at least two labels under it (e.g. *.example.com)"
+    if len(labels) == 2 and labels[0] in _REGISTRY_SECOND_LEVEL and len(labels[1]) == 2:
+        return f"{name[2:]!r} is a registry suffix, not a domain"
+    return None
+
+
 def _check_dns(name: str, profile: Profile) -> None:
-    if len(name) > 253 or not name.isascii() or not _DNS_NAME.match(name):
+    if len(name) > 253 or not name.isascii() or not _DNS_NAME.fullmatch(name):
         raise PolicyViolation(f"SAN DNS name {name!r} is not a valid host name")
-    if name.startswith("*.") and not profile.allow_wildcard:
-        raise PolicyViolation(f"wildcard SAN {name!r} is not allowed by profile {profile.name!r}")
+    if name.rpartition(".")[2].isdigit():  # no top-level domain is numeric (RFC 3696 2): an address in disguise
+        raise PolicyViolation(f"SAN DNS name {name!r} looks like an IP address (use IP:{name})")
+    if name.startswith("*."):
+        if not profile.allow_wildcard:
+            raise PolicyViolation(f"wildcard SAN {name!r} is not allowed by profile {profile.name!r}")
+        problem = wildcard_problem(name)
+        if problem is not None:
+            raise PolicyViolation(f"wildcard SAN {name!r} is not allowed: {problem}")
     lowered = name.lower()
     if profile.dns_suffixes and not any(
         lowered == suffix or lowered.endswith("." + suffix) for suffix in profile.dns_suffixes

@@ -25,12 +25,15 @@ from kvpki_cli.serve.auth import Authenticator
 from kvpki_cli.serve.config import ServeConfig
 from kvpki_cli.serve.crl import CrlCache, Publisher
 from kvpki_cli.serve.est import EstLabel, EstService
+from kvpki_cli.serve.limits import ConnectionLimits, connection_cap, log_summaries, raise_fd_limit
+from kvpki_cli.serve.listener import GatedSite, Timeouts, request_deadline
 from kvpki_cli.serve.ocsp import Delegate, OcspResponder, load_delegate
 from kvpki_cli.serve.passwd import UserDirectory
 from kvpki_cli.serve.wire import certs_only_body
 from kvpki_cli.serve.workers import CaWorkers
 
 log = logging.getLogger("kvpki.serve")
+PUBLISHING_THREADS = 2  # at least; as many as signing workers otherwise (OCSP with nonces signs per request)
 
 
 def _load_certificates(path: Path) -> list[x509.Certificate]:
@@ -62,7 +65,12 @@ class Apps:
     https: web.Application
     http: web.Application | None
     context: ssl.SSLContext
-    workers: CaWorkers
+    workers: CaWorkers  # signing: runs the issuance core
+    publishing: CaWorkers  # CRL/OCSP inventory reads and signatures, so they never queue behind issuance
+
+    def shutdown(self) -> None:
+        self.workers.shutdown()
+        self.publishing.shutdown()
 
 
 def build_app(settings: Settings, config: ServeConfig) -> Apps:
@@ -75,14 +83,14 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
         raise UsageError('serve config: define at least one EST label, e.g. [est.default] ca = "issuing"')
     chains: dict[str, list[x509.Certificate]] = {}
     for label in config.labels.values():
-        settings.profile(label.profile)
+        label.check_profile(label.profile, settings.profile(label.profile).is_ca)
         for profile in label.identity_profiles:
             settings.profile(profile)
         for name in (label.ca, *label.identity_cas):
             if name not in chains:
                 chains[name] = CertificateAuthority.open(settings, name).chain
     labels = {
-        name: EstLabel(label, certs_only_body(chains[label.ca], config.base64_line_length))
+        name: EstLabel(label, certs_only_body(chains[label.ca], label.base64_line_length))
         for name, label in config.labels.items()
     }
     client_cas = {
@@ -98,6 +106,7 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     context = tls_context(config, trusted)
 
     workers = CaWorkers(settings, config.signing_concurrency)
+    publishing = CaWorkers(settings, max(PUBLISHING_THREADS, config.signing_concurrency))
     auth = Authenticator(
         UserDirectory(config.users_file),
         config.realm,
@@ -106,34 +115,50 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
         {name: chains[name][0] for label in config.labels.values() for name in label.identity_cas},
     )
     ca_names = set(settings.ca_names())
+    ca_certificates = {name: chain[0].public_bytes(Encoding.DER) for name, chain in chains.items()}
+    publisher = Publisher(ca_names, publishing, CrlCache(config.crl_validity), config.retry_after, ca_certificates)
     publish = [
-        *Publisher(ca_names, workers, CrlCache(config.crl_validity), config.retry_after).routes(),
-        *OcspResponder(ca_names, workers, delegates, config.ocsp_validity, config.retry_after).routes(),
+        *publisher.routes(),
+        *OcspResponder(ca_names, publishing, delegates, config.ocsp_validity, config.retry_after).routes(),
     ]
-    https = web.Application(client_max_size=config.max_body_bytes)
+    https = web.Application(client_max_size=config.max_body_bytes, middlewares=[request_deadline])
     https.add_routes(EstService(config, labels, auth, workers).routes())
     https.add_routes(publish)
     http = None
     if config.http_port is not None:
-        http = web.Application(client_max_size=config.max_body_bytes)
+        http = web.Application(client_max_size=config.max_body_bytes, middlewares=[request_deadline])
         http.add_routes(publish)
-    return Apps(https, http, context, workers)
+    return Apps(https, http, context, workers, publishing)
 
 
-async def _start(app: web.Application, host: str, port: int, context: ssl.SSLContext | None) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+async def _start(
+    app: web.Application,
+    config: ServeConfig,
+    port: int,
+    context: ssl.SSLContext | None,
+    limits: ConnectionLimits,
+) -> web.AppRunner:
+    timeouts = Timeouts(config.tls_handshake_timeout, config.idle_timeout, config.request_timeout)
+    backstop = config.idle_timeout + config.request_timeout + 1  # aiohttp's own idle close; ours come first
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=backstop)
     await runner.setup()
-    await web.TCPSite(runner, host, port, ssl_context=context, backlog=1024).start()
+    await GatedSite(runner, config.host, port, ssl_context=context, limits=limits, timeouts=timeouts).start()
     bound = runner.addresses[0]
     log.info("listening on %s://%s:%d", "https" if context else "http", bound[0], bound[1])
     return runner
 
 
 async def _serve(apps: Apps, config: ServeConfig) -> None:
+    fd_limit = raise_fd_limit()
+    cap = connection_cap(config.max_connections, fd_limit)
+    if cap < config.max_connections:
+        log.warning("max_connections lowered to %d: the open-file limit is %d", cap, fd_limit)
+    limits = ConnectionLimits(cap, config.max_connections_per_client)
+    summaries = asyncio.get_running_loop().create_task(log_summaries(limits))
     runners = []
     if apps.http is not None and config.http_port is not None:
-        runners.append(await _start(apps.http, config.host, config.http_port, None))
-    runners.append(await _start(apps.https, config.host, config.port, apps.context))
+        runners.append(await _start(apps.http, config, config.http_port, None, limits))
+    runners.append(await _start(apps.https, config, config.port, apps.context, limits))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -142,6 +167,7 @@ async def _serve(apps: Apps, config: ServeConfig) -> None:
         await stop.wait()
     finally:
         log.info("shutting down")
+        summaries.cancel()
         for runner in runners:
             await runner.cleanup()
 
@@ -154,4 +180,4 @@ def run(settings: Settings, config: ServeConfig) -> None:
     try:
         asyncio.run(_serve(apps, config))
     finally:
-        apps.workers.shutdown()
+        apps.shutdown()

@@ -20,6 +20,7 @@ from cryptography import x509
 from kvpki_cli.serve.config import LabelConfig
 from kvpki_cli.serve.passwd import UserDirectory
 from kvpki_cli.serve.wire import HttpRefusal
+from kvpki_cli.textsafe import escape
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,14 @@ def peer_certificate(request: web.Request) -> x509.Certificate | None:
     transport = request.transport
     ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object") if transport else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    return x509.load_der_x509_certificate(der) if der else None
+    if not der:
+        return None
+    try:  # OpenSSL accepted it; cryptography may still refuse parts of it (duplicate extensions, ...)
+        cert = x509.load_der_x509_certificate(der)
+        _ = (cert.subject, list(cert.extensions))
+    except (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise HttpRefusal(403, "the client certificate cannot be parsed") from None
+    return cert
 
 
 def basic_credentials(header: str | None) -> tuple[str, str] | None:
@@ -79,7 +87,13 @@ def currently_valid(cert: x509.Certificate) -> bool:
 
 
 def describe_subject(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "(empty subject)"
+    """The subject for logs and the inventory's requester, escaped: a client certificate's subject
+    may hold newlines or terminal escapes (its CA need not be kvpki)."""
+    try:
+        text = cert.subject.rfc4514_string()
+    except ValueError:  # a subject cryptography cannot represent as text
+        return "(unreadable subject)"
+    return escape(text) or "(empty subject)"
 
 
 class Authenticator:
@@ -119,7 +133,9 @@ class Authenticator:
                 raise HttpRefusal(403, "simplereenroll needs the certificate being renewed as TLS client certificate")
             assert cert is not None
             return Identity(f"est-cert:{describe_subject(cert)}", renewing=cert)
-        if credentials is not None:
+        if credentials is not None and (label.users or cert is None):
+            # A label without Basic users ignores a password sent alongside a certificate (IoT
+            # Edge sends its password up front on every request, also where its identity counts).
             user, password = credentials
             if not await self._check_user(user, password):
                 raise self.unauthorised("invalid user name or password")

@@ -38,9 +38,22 @@ class LabelConfig:
     identity_cas: tuple[str, ...] = ()
     identity_profiles: frozenset[str] = frozenset()  # empty: any profile (EKU clientAuth is always required)
     identity_cn: tuple[str, ...] = (IDENTITY_CN_PLACEHOLDER,)  # allowed CSR CNs; "{cn}" = the identity's CN
+    base64_line_length: int = 0  # of EST responses on this label; [server] base64_line_length by default
+    # A shared password is a weak credential for a CA certificate: CA profiles refuse Basic users
+    # unless the operator opts in here, knowing the risk (see check_profile).
+    allow_password_for_ca: bool = False
 
     def allows_user(self, user: str) -> bool:
         return user in self.users or "*" in self.users
+
+    def check_profile(self, profile_name: str, is_ca: bool) -> None:
+        """Refuse password-only enrollment of CA certificates unless explicitly allowed (at start-up)."""
+        if is_ca and self.users and not self.allow_password_for_ca:
+            raise UsageError(
+                f"serve config: [est.{self.name}] issues CA certificates (profile {profile_name!r}) and lists"
+                " Basic users: anyone holding such a password could mint a CA. Authenticate with identity"
+                " certificates (identity_cas) instead, or set allow_password_for_ca = true to accept the risk"
+            )
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,12 @@ class ServeConfig:
     crl_validity: timedelta = timedelta(days=1)
     ocsp_validity: timedelta = timedelta(hours=1)
     retry_after: int = 10
+    # availability (docs/serve.md "Timeouts and connection limits"): seconds, connection counts
+    tls_handshake_timeout: float = 10.0
+    idle_timeout: float = 15.0
+    request_timeout: float = 15.0
+    max_connections: int = 1024
+    max_connections_per_client: int = 64
     labels: dict[str, LabelConfig] = field(default_factory=dict)
     ocsp_signers: dict[str, OcspSignerConfig] = field(default_factory=dict)
 
@@ -84,18 +103,38 @@ def _int(table: Mapping[str, Any], key: str, default: int, low: int, high: int) 
     return value
 
 
-def _label(base: Path, name: str, table: Any) -> LabelConfig:
+def _line_length(table: Mapping[str, Any], where: str, default: int) -> int:
+    """0 (one line: strongSwan <= 5.9.10) or a multiple of 4 up to 76 (libest wants 64)."""
+    value = table.get("base64_line_length", default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 76 or value % 4:
+        raise UsageError(
+            f"serve config: {where} base64_line_length must be 0 (no breaks) or a multiple of 4 up to 76, e.g. 64"
+        )
+    return value
+
+
+def _seconds(table: Mapping[str, Any], key: str, default: float) -> float:
+    value = table.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.1 <= value <= 3600:
+        raise UsageError(f"serve config: [server] {key} must be a number of seconds between 0.1 and 3600")
+    return float(value)
+
+
+def _label(base: Path, name: str, table: Any, line_length: int = 0) -> LabelConfig:
     if not isinstance(table, Mapping):
         raise UsageError(f"serve config: [est.{name}] must be a table")
     if not LABEL.match(name) or name in EST_OPERATIONS:
         raise UsageError(f"serve config: invalid EST label {name!r}")
-    unknown = set(table) - {"ca", "profile", "users", "client_cas", "renewal", *IDENTITY_KEYS}
+    unknown = set(table) - {"ca", "profile", "users", "client_cas", "renewal", *IDENTITY_KEYS, *LABEL_OPTIONS}
     if unknown:
         raise UsageError(f"serve config: [est.{name}] has unknown setting(s) {', '.join(sorted(unknown))}")
     if not isinstance(table.get("ca"), str):
         raise UsageError(f'serve config: [est.{name}] needs ca = "<CA name>"')
     users = table.get("users", [])
     cas = table.get("client_cas", [])
+    allow_password = table.get("allow_password_for_ca", False)
+    if not isinstance(allow_password, bool):
+        raise UsageError(f"serve config: [est.{name}] allow_password_for_ca must be true or false")
     if not isinstance(users, list) or not isinstance(cas, list):
         raise UsageError(f"serve config: [est.{name}] users and client_cas must be lists")
     return LabelConfig(
@@ -105,10 +144,13 @@ def _label(base: Path, name: str, table: Any) -> LabelConfig:
         users=frozenset(str(u) for u in users),
         client_cas=tuple(_path(base, p, f"[est.{name}] client_cas") for p in cas),
         renewal=bool(table.get("renewal", True)),
+        base64_line_length=_line_length(table, f"[est.{name}]", line_length),
+        allow_password_for_ca=allow_password,
         **_identity_settings(name, table),
     )
 
 
+LABEL_OPTIONS = ("base64_line_length", "allow_password_for_ca")
 IDENTITY_KEYS = ("identity_cas", "identity_profiles", "identity_cn")
 
 
@@ -160,10 +202,8 @@ def load_serve_config(path: Path) -> ServeConfig:
     unknown = set(document) - {"server", "est", "ocsp"}
     if unknown:
         raise UsageError(f"serve config: unknown table(s) {', '.join(sorted(unknown))}")
-    line_length = _int(server, "base64_line_length", 0, 0, 76)
-    if line_length % 4:
-        raise UsageError("serve config: base64_line_length must be 0 (no breaks) or a multiple of 4, e.g. 64")
-    labels = {name: _label(base, name, table) for name, table in document.get("est", {}).items()}
+    line_length = _line_length(server, "[server]", 0)
+    labels = {name: _label(base, name, table, line_length) for name, table in document.get("est", {}).items()}
     signers = {
         name: OcspSignerConfig(_path(base, t.get("cert"), f"[ocsp.{name}] cert"), _path(base, t.get("key"), "key"))
         for name, t in document.get("ocsp", {}).items()
@@ -183,6 +223,11 @@ def load_serve_config(path: Path) -> ServeConfig:
         crl_validity=parse_duration(str(server.get("crl_validity", "1d")), what="crl_validity"),
         ocsp_validity=parse_duration(str(server.get("ocsp_validity", "1h")), what="ocsp_validity"),
         retry_after=_int(server, "retry_after", 10, 1, 3600),
+        tls_handshake_timeout=_seconds(server, "tls_handshake_timeout", 10.0),
+        idle_timeout=_seconds(server, "idle_timeout", 15.0),
+        request_timeout=_seconds(server, "request_timeout", 15.0),
+        max_connections=_int(server, "max_connections", 1024, 1, 1_000_000),
+        max_connections_per_client=_int(server, "max_connections_per_client", 64, 1, 1_000_000),
         labels=labels,
         ocsp_signers=signers,
     )

@@ -2,14 +2,19 @@
 
 A CRL is signed once and served from memory until the inventory's revocation
 count changes (a ``kvpki revoke`` in another process) or half its validity has
-passed, so relying parties always fetch a current, unexpired CRL cheaply.
+passed, so relying parties always fetch a current, unexpired CRL cheaply.  CA
+certificates are served from memory.  Neither ever waits for a signing worker:
+inventory checks and re-signing run on the publishing pool, and a cached CRL is
+served when its check is slow (``fresh.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,8 +23,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.errors import KvpkiError
+from kvpki_cli.serve.fresh import FreshJob, within
 from kvpki_cli.serve.wire import HttpRefusal, text_response
 from kvpki_cli.serve.workers import CaWorkers
+
+log = logging.getLogger("kvpki.serve")
+USABLE_FRACTION = 0.9  # a cached CRL is served while its check is slow, up to 90% of its validity
 
 
 @dataclass(frozen=True)
@@ -30,16 +39,29 @@ class CachedCrl:
 
 
 class CrlCache:
-    """Per-CA signed CRLs; regeneration is serialised so a burst of fetches signs once."""
+    """Per-CA signed CRLs; regeneration is serialised per CA so a burst of fetches signs once
+    (and a CA whose re-signing waits on the inventory holds up no other CA)."""
 
     def __init__(self, validity: timedelta) -> None:
         self.validity = validity
-        self._lock = threading.Lock()
+        self._locks_lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
         self._cache: dict[str, CachedCrl] = {}
 
+    def _lock(self, name: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def usable(self, name: str) -> CachedCrl | None:
+        """Event loop: the cached CRL of CA ``name`` if it is still well within its validity."""
+        cached = self._cache.get(name)
+        if cached is None or time.monotonic() - cached.created > self.validity.total_seconds() * USABLE_FRACTION:
+            return None
+        return cached
+
     def der(self, ca: CertificateAuthority) -> bytes:
-        """Worker thread: the current CRL of ``ca`` in DER."""
-        with self._lock:
+        """Publishing thread: the current CRL of ``ca`` in DER."""
+        with self._lock(ca.name):
             count = ca.inventory.revocation_count(ca.name)
             cached = self._cache.get(ca.name)
             fresh = cached is not None and time.monotonic() - cached.created < self.validity.total_seconds() / 2
@@ -51,13 +73,26 @@ class CrlCache:
 
 
 class Publisher:
-    """Serves CRLs and CA certificates for every CA known at start-up."""
+    """Serves CRLs and CA certificates for every CA known at start-up.
 
-    def __init__(self, ca_names: set[str], workers: CaWorkers, crls: CrlCache, retry_after: int) -> None:
+    ``workers`` is the publishing pool, not the signing one; ``ca_certificates``
+    holds the DER certificates already loaded at start-up (others are loaded once).
+    """
+
+    def __init__(
+        self,
+        ca_names: set[str],
+        workers: CaWorkers,
+        crls: CrlCache,
+        retry_after: int,
+        ca_certificates: dict[str, bytes] | None = None,
+    ) -> None:
         self.ca_names = ca_names
         self.workers = workers
         self.crls = crls
         self.retry_after = retry_after
+        self._ca_der = dict(ca_certificates or {})
+        self._crl_jobs: dict[str, FreshJob[bytes]] = {}
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/crl/{name}", self.crl), web.get("/ca/{name}", self.ca_certificate)]
@@ -68,17 +103,49 @@ class Publisher:
             raise web.HTTPNotFound(text="unknown CA\n")
         return name.removesuffix(suffix)
 
+    def _crl_job(self, name: str) -> FreshJob[bytes]:
+        job = self._crl_jobs.get(name)
+        if job is None:
+            job = self._crl_jobs[name] = FreshJob(lambda: self.workers.run(name, self.crls.der))
+        return job
+
     async def crl(self, request: web.Request) -> web.Response:
-        return await self._serve(self._ca_name(request, ".crl"), self.crls.der, "application/pkix-crl")
+        name = self._ca_name(request, ".crl")
+        cached = self.crls.usable(name)
+        current = self._crl_job(name).result()
+        if cached is None:
+            return await self._serve(current, "application/pkix-crl", name)
+        try:
+            der = await within(current)
+        except (TimeoutError, KvpkiError) as exc:
+            if isinstance(exc, KvpkiError):
+                log.warning("crl ca=%s: serving the cached CRL, re-checking failed: %s", name, exc)
+            der = cached.der
+        return self._response(der, "application/pkix-crl")
 
     async def ca_certificate(self, request: web.Request) -> web.Response:
         name = self._ca_name(request, ".crt")
-        return await self._serve(name, lambda ca: ca.certificate.public_bytes(Encoding.DER), "application/pkix-cert")
+        der = self._ca_der.get(name)
+        if der is not None:
+            return self._response(der, "application/pkix-cert")
+        loaded = asyncio.ensure_future(self.workers.run(name, _certificate_der))
+        response = await self._serve(loaded, "application/pkix-cert", name)
+        if loaded.done() and not loaded.exception():
+            self._ca_der[name] = loaded.result()
+        return response
 
-    async def _serve(self, name: str, job: Callable[[CertificateAuthority], bytes], content_type: str) -> web.Response:
+    async def _serve(self, job: Awaitable[bytes], content_type: str, name: str) -> web.Response:
         try:
-            der = await self.workers.run(name, job)
+            der = await job
         except KvpkiError as error:
-            refusal = HttpRefusal.from_error(error, self.retry_after)
+            refusal = HttpRefusal.from_error(error, self.retry_after, f"publishing {content_type} of CA {name}")
             return text_response(refusal.status, refusal.reason, refusal.headers)
+        return self._response(der, content_type)
+
+    @staticmethod
+    def _response(der: bytes, content_type: str) -> web.Response:
         return web.Response(body=der, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+
+
+def _certificate_der(ca: CertificateAuthority) -> bytes:
+    return ca.certificate.public_bytes(Encoding.DER)

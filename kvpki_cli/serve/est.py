@@ -7,7 +7,6 @@ only after the core committed its inventory row.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -15,16 +14,17 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvpki_cli.authority import CertificateAuthority, SigningRequest, recorded
-from kvpki_cli.errors import KvpkiError
+from kvpki_cli.errors import InvalidInput, KvpkiError, NotFound, PolicyViolation
 from kvpki_cli.inventory.base import CertificateRecord
 from kvpki_cli.pki.csr import decode_csr_bytes, parse_csr
-from kvpki_cli.pki.policy import certificate_sans, requested_sans
+from kvpki_cli.pki.policy import certificate_name_constraints, certificate_sans, requested_sans, subject_cn
 from kvpki_cli.serve.auth import Authenticator, Identity, currently_valid, describe_subject, directly_issued
 from kvpki_cli.serve.config import DEFAULT_LABEL, IDENTITY_CN_PLACEHOLDER, LabelConfig, ServeConfig
+from kvpki_cli.serve.logsafe import server_log
 from kvpki_cli.serve.wire import PKCS10, HttpRefusal, certs_only_body, media_type, pkcs7_response, text_response
 from kvpki_cli.serve.workers import CaWorkers
 
-log = logging.getLogger("kvpki.serve")
+log = server_log()  # every line escaped: subjects, user names and paths are attacker controlled
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,16 @@ class EstLabel:
 
 
 def good_record(ca: CertificateAuthority, cert: x509.Certificate, what: str) -> CertificateRecord:
-    """The core's one "issued by this CA, same DER, not revoked" check; any failure is a 403."""
+    """The core's one "issued by this CA, same DER, not revoked" check; a failed check is a 403.
+
+    Backend failures (inventory, key store) keep their generic 5xx answer.
+    """
     try:
         return ca.issued_record(cert, what)
-    except KvpkiError as error:
+    except (InvalidInput, NotFound, PolicyViolation) as error:
         raise HttpRefusal(403, str(error)) from None
+    except KvpkiError as error:
+        raise HttpRefusal.from_error(error, 1, f"checking {what}") from None
 
 
 def check_renewal(
@@ -116,6 +121,7 @@ class EstService:
         self.labels = labels
         self.auth = auth
         self.workers = workers
+        self.retry_after = config.retry_after
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -140,10 +146,16 @@ class EstService:
             if op in ("cacerts", "csrattrs", "simpleenroll", "simplereenroll"):
                 raise HttpRefusal(405, f"method {request.method} is not allowed for {op}", {"Allow": "GET, POST"})
             raise HttpRefusal(404, f"unknown EST operation {op!r}")
-        except HttpRefusal as refusal:
+        except (HttpRefusal, KvpkiError) as caught:  # every expected failure has its status; only a bug is a 500
+            refusal = caught if isinstance(caught, HttpRefusal) else HttpRefusal.from_error(caught, self.retry_after)
             name = label.config.name if label else request.match_info.get("label", "?")
             log.info("refused %s %s label=%s peer=%s: %s", refusal.status, op, name, request.remote, refusal.reason)
             return text_response(refusal.status, refusal.reason, refusal.headers)
+        except web.HTTPException:
+            raise
+        except Exception:  # a bug: the details (escaped) go to the log, the client learns nothing
+            log.exception("internal error in %s %s from %s", request.method, request.path, request.remote)
+            return text_response(500, "internal error")
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -176,7 +188,7 @@ class EstService:
             describe_subject(certificate),
             identity.requester,
         )
-        return pkcs7_response(certs_only_body([certificate], self.config.base64_line_length))
+        return pkcs7_response(certs_only_body([certificate], label.config.base64_line_length))
 
     def _issue(self, ca: CertificateAuthority, body: bytes, label: EstLabel, identity: Identity) -> x509.Certificate:
         """Worker thread: parse and verify the CSR, apply the label's policy, issue and record."""
@@ -185,17 +197,21 @@ class EstService:
             csr = parse_csr(csr_der)
             profile = label.config.profile
             renewing, authority = identity.renewing, identity.authority
-            renews = None
+            identity_cn, constraints, renews = None, None, None
             if renewing is not None and (authority is None or renews_own_profile(ca, renewing, profile)):
                 check_renewal(ca, renewing, csr, profile)
+                constraints = certificate_name_constraints(renewing)  # a renewed CA keeps its name constraints
                 renews = renewing
             elif authority is not None:
                 if identity.authority_ca is None:  # fail closed: an authority always names its CA
                     raise HttpRefusal(403, "identity certificate without a configured identity CA")
                 check_identity(self.workers.authority(identity.authority_ca), authority, csr, label.config)
+                identity_cn = subject_cn(authority.subject)  # {cn} in a CA profile's name constraints
             request = SigningRequest(
-                csr_der, csr, profile=label.config.profile, requester=identity.requester, renews=renews
-            )
+                csr_der, csr, profile=profile, requester=identity.requester,
+                identity_cn=identity_cn, name_constraints=constraints, renews=renews,
+            )  # fmt: skip
             return ca.issue(request).certificate
         except KvpkiError as error:
-            raise HttpRefusal.from_error(error, self.config.retry_after) from None
+            context = f"enrollment on label {label.config.name}"
+            raise HttpRefusal.from_error(error, self.config.retry_after, context) from None

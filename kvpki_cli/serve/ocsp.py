@@ -1,7 +1,10 @@
 """An RFC 6960 OCSP responder at ``/ocsp/<ca>`` answering from the inventory.
 
 Status comes straight from the inventory row, so a ``kvpki revoke`` in another
-process is visible on the next request.  Responses are signed by the CA key
+process is visible on the next request.  Answers without a nonce for known
+certificates are cached and served from memory while the CA's revocation count
+is unchanged (checked per request on the publishing pool, never a signing
+worker; a slow check serves the cached answer, see ``fresh.py``).  Responses are signed by the CA key
 (its certificate has digitalSignature) or by a configured delegated responder
 certificate, which is then included in the response.
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import unquote
@@ -24,16 +29,17 @@ from cryptography.x509 import ocsp
 
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.errors import KvpkiError, UsageError
-from kvpki_cli.keystores.base import CAPrivateKey
-from kvpki_cli.pki.certificates import signing_hash
 from kvpki_cli.pki.crl import REASONS
+from kvpki_cli.pki.keys import CAPrivateKey, signing_hash
 from kvpki_cli.serve.config import OcspSignerConfig
+from kvpki_cli.serve.fresh import FreshJob, within
 from kvpki_cli.serve.wire import HttpRefusal, media_type, text_response
 from kvpki_cli.serve.workers import CaWorkers
 
 OCSP_REQUEST = "application/ocsp-request"
 OCSP_RESPONSE = "application/ocsp-response"
 MAX_REQUEST_BYTES = 8 * 1024
+CACHE_ENTRIES = 10_000
 log = logging.getLogger("kvpki.serve")
 
 
@@ -80,26 +86,37 @@ def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
     return h.finalize()
 
 
+@dataclass(frozen=True)
+class OcspAnswer:
+    body: bytes
+    cacheable: bool  # no nonce, and the certificate is known (good or revoked)
+    revocations: int  # the CA's revocation count, read before the certificate's status
+
+
 def build_response(
     ca: CertificateAuthority, request_der: bytes, delegate: Delegate | None, validity: timedelta
 ) -> bytes:
     """Worker thread: a signed OCSPResponse (or an unsuccessful one) in DER."""
+    return build_answer(ca, request_der, delegate, validity).body
+
+
+def build_answer(
+    ca: CertificateAuthority, request_der: bytes, delegate: Delegate | None, validity: timedelta
+) -> OcspAnswer:
+    """Worker thread: the response and whether it may be cached (see ``OcspAnswer``)."""
+    revocations = ca.inventory.revocation_count(ca.name)
     try:
         request = ocsp.load_der_ocsp_request(request_der)
         algorithm = request.hash_algorithm
         serial, name_hash, key_hash = request.serial_number, request.issuer_name_hash, request.issuer_key_hash
     except (ValueError, NotImplementedError, UnsupportedAlgorithm, x509.UnsupportedGeneralNameType):
-        return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST).public_bytes(
-            serialization.Encoding.DER
-        )
+        return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, revocations)
     issuer = ca.certificate
     if (name_hash, key_hash) != (
         _digest(algorithm, issuer.subject.public_bytes()),
         _digest(algorithm, _key_bits(issuer)),
     ):
-        return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED).public_bytes(
-            serialization.Encoding.DER
-        )
+        return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, revocations)
     record = ca.inventory.get(ca.name, format(serial, "x"))
     now = datetime.now(UTC).replace(microsecond=0)
     if record is None:
@@ -121,9 +138,60 @@ def build_response(
         nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
         builder = builder.add_extension(nonce, critical=False)
     except x509.ExtensionNotFound:
-        pass
+        nonce = None
     signer = delegate.key if delegate else ca.keystore.signer()
-    return builder.sign(signer, signing_hash(signer)).public_bytes(serialization.Encoding.DER)
+    body = builder.sign(signer, signing_hash(signer)).public_bytes(serialization.Encoding.DER)
+    return OcspAnswer(body, nonce is None and status != ocsp.OCSPCertStatus.UNKNOWN, revocations)
+
+
+def _unsuccessful(status: ocsp.OCSPResponseStatus, revocations: int) -> OcspAnswer:
+    body = ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(serialization.Encoding.DER)
+    return OcspAnswer(body, False, revocations)
+
+
+@dataclass(frozen=True)
+class _Cached:
+    answer: OcspAnswer
+    created: float  # time.monotonic()
+
+
+CacheKey = tuple[str, str, bytes, bytes, int]
+
+
+def cache_key(ca_name: str, request_der: bytes) -> CacheKey | None:
+    """(CA, hash, issuer name hash, issuer key hash, serial): all a nonce-less answer depends on.
+
+    None for requests that cannot be cached (with a nonce) or parsed (the worker answers those).
+    """
+    try:
+        request = ocsp.load_der_ocsp_request(request_der)
+        if any(isinstance(ext.value, x509.OCSPNonce) for ext in request.extensions):
+            return None
+        algorithm = request.hash_algorithm.name
+        return (ca_name, algorithm, request.issuer_name_hash, request.issuer_key_hash, request.serial_number)
+    except (ValueError, NotImplementedError, UnsupportedAlgorithm, x509.UnsupportedGeneralNameType):
+        return None
+
+
+class OcspCache:
+    """Cacheable answers by certificate ID (``cache_key``): a bounded LRU, fresh for half their validity."""
+
+    def __init__(self, validity: timedelta) -> None:
+        self.max_age = validity.total_seconds() / 2
+        self._entries: OrderedDict[CacheKey, _Cached] = OrderedDict()
+
+    def get(self, key: CacheKey) -> OcspAnswer | None:
+        cached = self._entries.get(key)
+        if cached is None or time.monotonic() - cached.created > self.max_age:
+            return None
+        self._entries.move_to_end(key)
+        return cached.answer
+
+    def put(self, key: CacheKey, answer: OcspAnswer) -> None:
+        self._entries[key] = _Cached(answer, time.monotonic())
+        self._entries.move_to_end(key)
+        while len(self._entries) > CACHE_ENTRIES:
+            self._entries.popitem(last=False)
 
 
 class OcspResponder:
@@ -137,6 +205,8 @@ class OcspResponder:
         self.delegates = delegates
         self.validity = validity
         self.retry_after = retry
+        self.cache = OcspCache(validity)
+        self._counts: dict[str, FreshJob[int]] = {}
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/ocsp/{ca}", self.post), web.get("/ocsp/{ca}/{request:.+}", self.get)]
@@ -162,12 +232,29 @@ class OcspResponder:
             return text_response(404, "unknown CA")
         if len(der) > MAX_REQUEST_BYTES:
             return text_response(413, "OCSP request too large")
+        key = cache_key(name, der)
+        cached = self.cache.get(key) if key is not None else None
+        if cached is not None and await self._still_current(name, cached):
+            return web.Response(body=cached.body, headers={"Content-Type": OCSP_RESPONSE})
         try:
-            body = await self.workers.run(
-                name, lambda ca: build_response(ca, der, self.delegates.get(name), self.validity)
+            answer = await self.workers.run(
+                name, lambda ca: build_answer(ca, der, self.delegates.get(name), self.validity)
             )
         except KvpkiError as error:
-            refusal = HttpRefusal.from_error(error, self.retry_after)
-            log.warning("ocsp ca=%s failed: %s", name, refusal.reason)
+            refusal = HttpRefusal.from_error(error, self.retry_after, f"OCSP for CA {name}")
             return text_response(refusal.status, refusal.reason, refusal.headers)
-        return web.Response(body=body, headers={"Content-Type": OCSP_RESPONSE})
+        if answer.cacheable and key is not None:
+            self.cache.put(key, answer)
+        return web.Response(body=answer.body, headers={"Content-Type": OCSP_RESPONSE})
+
+    async def _still_current(self, name: str, cached: OcspAnswer) -> bool:
+        """No revocation since the cached answer was built; a slow or failing check keeps the cache."""
+        job = self._counts.get(name)
+        if job is None:
+            job = self._counts[name] = FreshJob(
+                lambda: self.workers.run(name, lambda ca: ca.inventory.revocation_count(ca.name))
+            )
+        try:
+            return await within(job.result()) == cached.revocations
+        except (TimeoutError, KvpkiError):
+            return True

@@ -9,16 +9,22 @@ wants 64-character lines).
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Sequence
 
 from aiohttp import web
 from cryptography import x509
 
-from kvpki_cli.errors import KvpkiError
+from kvpki_cli.errors import BackendError, InvalidInput, KvpkiError, PolicyViolation
 from kvpki_cli.pki.encoding import pkcs7_certs_only
 
 PKCS7_CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
 PKCS10 = "application/pkcs10"
+# Errors about what the client sent: their message explains the refusal to the client.
+CLIENT_ERRORS = (InvalidInput, PolicyViolation)
+GENERIC_UNAVAILABLE = "service temporarily unavailable, try again later"
+GENERIC_INTERNAL = "internal server error"
+log = logging.getLogger("kvpki.serve")
 
 
 class HttpRefusal(Exception):
@@ -31,13 +37,21 @@ class HttpRefusal(Exception):
         self.headers = headers or {}
 
     @classmethod
-    def from_error(cls, error: KvpkiError, retry_after: int) -> HttpRefusal:
-        status = error.http_status if 400 <= error.http_status < 600 else 500
-        headers: dict[str, str] = {}
-        if status == 503:
-            wait = getattr(error, "retry_after", None)
-            headers["Retry-After"] = str(max(1, round(wait)) if wait else retry_after)
-        return cls(status, str(error), headers)
+    def from_error(cls, error: KvpkiError, retry_after: int, context: str = "request") -> HttpRefusal:
+        """The public answer to a core error: specific for client mistakes, generic otherwise.
+
+        Errors of the server's own side (key store, inventory, configuration) may name
+        files, vaults or databases: their text goes to the server log, never to the client.
+        """
+        if isinstance(error, CLIENT_ERRORS) and 400 <= error.http_status < 500:
+            return cls(error.http_status, str(error))
+        log.error("%s failed: %s: %r", context, type(error).__name__, str(error))  # repr: one escaped line
+        if isinstance(error, BackendError):
+            wait = error.retry_after
+            seconds = max(1, round(wait)) if wait and 0 < wait < 86400 else retry_after
+            headers = {"Retry-After": str(seconds)}
+            return cls(503, GENERIC_UNAVAILABLE, headers)
+        return cls(500, GENERIC_INTERNAL)
 
 
 def b64(data: bytes, line_length: int) -> bytes:

@@ -1,8 +1,9 @@
 """Running the synchronous issuance core off the event loop with bounded concurrency.
 
 The pool size is the signing concurrency.  Each worker thread keeps its own
-``CertificateAuthority`` objects (and so its own SQLite connection, which may
-not cross threads); each one loads its CA chain and key once, not per request.
+``CertificateAuthority`` objects and one inventory connection they share (an
+SQLite connection may not cross threads); each CA loads its chain and key once,
+not per request.  ``serve`` runs two pools: signing, and publishing (CRL, OCSP).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import TypeVar
 
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.config import Settings
+from kvpki_cli.inventory import open_inventory
+from kvpki_cli.inventory.base import Inventory
 
 T = TypeVar("T")
 
@@ -34,8 +37,15 @@ class CaWorkers:
             cache = self._local.cas = {}
         ca = cache.get(name)
         if ca is None:
-            ca = cache[name] = CertificateAuthority.open(self.settings, name)
+            ca = cache[name] = CertificateAuthority.open(self.settings, name, self._inventory())
         return ca
+
+    def _inventory(self) -> Inventory:
+        """One inventory connection per thread, shared by its CAs (SQLite: 3 open files per connection)."""
+        inventory: Inventory | None = getattr(self._local, "inventory", None)
+        if inventory is None:
+            inventory = self._local.inventory = open_inventory(self.settings.inventory_url, self.settings.home)
+        return inventory
 
     async def run(self, ca_name: str, job: Callable[[CertificateAuthority], T]) -> T:
         loop = asyncio.get_running_loop()
