@@ -143,8 +143,16 @@ def build_response(
 CacheKey = tuple[str, str, bytes, bytes, int]
 
 
-def cache_key(ca_name: str, query: OcspQuery) -> CacheKey:
-    """(CA, hash, issuer name hash, issuer key hash, serial): all a nonce-less answer depends on."""
+def cache_key(ca_name: str, query: OcspQuery | bytes) -> CacheKey | None:
+    """(CA, hash, issuer name hash, issuer key hash, serial): all a nonce-less answer depends on.
+
+    Given the DER request, None when it cannot be parsed or carries a nonce.
+    """
+    if isinstance(query, bytes):
+        parsed = parse_request(query)
+        if parsed is None or parsed.nonce is not None:
+            return None
+        query = parsed
     return (ca_name, *query.cert_id)
 
 
@@ -160,25 +168,26 @@ class Cached:
 
     @classmethod
     def of(cls, answer: OcspAnswer, max_age: float) -> Cached:
-        assert answer.this_update is not None and answer.next_update is not None
-        lifetime = (answer.next_update - answer.this_update).total_seconds()
+        this_update, next_update = answer.this_update, answer.next_update
+        lifetime = (next_update - this_update).total_seconds() if this_update and next_update else 2 * max_age
         return cls(
             answer,
             time.monotonic() + min(max_age, lifetime / 2),
             '"' + hashlib.sha1(answer.body, usedforsecurity=False).hexdigest() + '"',
-            format_datetime(answer.this_update, usegmt=True),
-            format_datetime(answer.next_update, usegmt=True),
+            format_datetime(this_update, usegmt=True) if this_update else "",
+            format_datetime(next_update, usegmt=True) if next_update else "",
         )
 
     def headers(self) -> dict[str, str]:
         max_age = max(0, int(self.refresh_at - time.monotonic()))
-        return {
+        headers = {
             "Content-Type": OCSP_RESPONSE,
             "Cache-Control": f"max-age={max_age}, public, no-transform, must-revalidate",
             "ETag": self.etag,
-            "Last-Modified": self.last_modified,
-            "Expires": self.expires,
         }
+        if self.last_modified:
+            headers.update({"Last-Modified": self.last_modified, "Expires": self.expires})
+        return headers
 
 
 class OcspCache:
@@ -289,7 +298,7 @@ class OcspResponder:
             return text_response(400, "the OCSP request in the URL is not valid base64")
         return await self._answer(request.match_info["ca"], der, request)
 
-    async def _answer(self, name: str, der: bytes, get: web.Request | None) -> web.Response:
+    async def _answer(self, name: str, der: bytes, get: web.Request | None = None) -> web.Response:
         if name not in self.ca_names:
             return text_response(404, "unknown CA")
         if len(der) > MAX_REQUEST_BYTES:
@@ -297,7 +306,7 @@ class OcspResponder:
         query = parse_request(der)
         if query is None:
             return web.Response(body=MALFORMED, headers={"Content-Type": OCSP_RESPONSE})
-        key = cache_key(name, query)
+        key = (name, *query.cert_id)
         fresh_signature = self.echo_nonce and query.nonce is not None
         cached = None if fresh_signature else self.cache.get(key)
         if cached is not None:
