@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -25,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kvpki_cli.authority import CertificateAuthority, utcnow
-from kvpki_cli.errors import BackendError, UsageError
+from kvpki_cli.errors import BackendError, KvpkiError, UsageError
 from kvpki_cli.fileutil import write_file_atomic
 from kvpki_cli.inventory.base import CertificateRecord
 from kvpki_cli.pki.certificates import new_serial_number
@@ -67,7 +68,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     make_private_dir(root, "OCSP responder directory")
-    with open(root / ".lock", "a") as handle:
+    with os.fdopen(os.open(root / ".lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -135,11 +136,18 @@ def _candidates(ca: CertificateAuthority, now: datetime) -> list[tuple[Path, x50
     return sorted(found, key=lambda item: item[1].not_valid_after_utc, reverse=True)
 
 
+_loaded: dict[tuple[Path, int], ec.EllipticCurvePrivateKey] = {}  # decrypting may take 0.3 s: once per file
+
+
 def load_key(directory: Path) -> ec.EllipticCurvePrivateKey:
     path = directory / "key.pem"
     try:
-        if path.stat().st_mode & 0o077:
+        st = path.stat()
+        if st.st_mode & 0o077:
             raise BackendError(f"refusing OCSP responder key {path}: readable by group or others (chmod 600 it)")
+        cached = _loaded.get((path, st.st_mtime_ns))
+        if cached is not None:
+            return cached
         key = load_pem_private_key(path.read_bytes(), _passphrase())
     except OSError as exc:
         raise BackendError(f"cannot read OCSP responder key {path}: {exc.strerror}") from None
@@ -147,6 +155,7 @@ def load_key(directory: Path) -> ec.EllipticCurvePrivateKey:
         raise BackendError(f"cannot load OCSP responder key {path}: wrong passphrase or corrupt file") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise BackendError(f"OCSP responder key {path} is not an EC key")
+    _loaded[(path, st.st_mtime_ns)] = key
     return key
 
 
@@ -184,7 +193,13 @@ def refresh(ca: CertificateAuthority, requester: str = "serve:ocsp-renewal") -> 
             else:
                 old = current.certificate
                 lifetime = old.not_valid_after_utc - old.not_valid_before_utc - ca.config.backdate
-            new = _issue(ca, max(lifetime, timedelta(hours=1)), requester)
+            try:
+                new = _issue(ca, max(lifetime, timedelta(hours=1)), requester)
+            except KvpkiError as error:
+                if current is None:
+                    raise
+                log.error("OCSP responder of CA %s not renewed (retried later): %s", ca.name, error)
+                return current
             log.info("OCSP responder of CA %s renewed: serial %x valid until %s", ca.name, new.serial_number,
                      new.not_valid_after_utc.isoformat())  # fmt: skip
             _prune(ca, now)

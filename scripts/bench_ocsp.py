@@ -83,8 +83,9 @@ def setup(
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                     "-keyout", str(home / "tls.key"), "-out", str(home / "tls.pem"), "-subj", "/CN=localhost",
                     "-days", "2"], check=True, capture_output=True)  # fmt: skip
+    tls_port = next(p for p in iter(free_port, None) if p != http_port)
     (home / "serve.toml").write_text(
-        f'[server]\nport = {free_port()}\nhttp_port = {http_port}\ntls_cert = "tls.pem"\ntls_key = "tls.key"\n'
+        f'[server]\nport = {tls_port}\nhttp_port = {http_port}\ntls_cert = "tls.pem"\ntls_key = "tls.key"\n'
         'max_connections_per_client = 1024\n[est.default]\nca = "issuing"\n'
     )
     return issuer, numbers

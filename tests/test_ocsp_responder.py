@@ -56,9 +56,11 @@ def serve(kv: Kvpki, ca: str, server_extra: str = "") -> Iterator[Served]:
     if not (home / "tls.pem").exists():
         openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
                 "-keyout", str(home / "tls.key"), "-out", str(home / "tls.pem"), "-subj", "/CN=localhost")  # fmt: skip
-    port = free_port()
+    port, tls_port = free_port(), free_port()
+    while tls_port == port:
+        tls_port = free_port()
     (home / "serve.toml").write_text(
-        f'[server]\nport = {free_port()}\nhttp_port = {port}\ntls_cert = "tls.pem"\ntls_key = "tls.key"\n'
+        f'[server]\nport = {tls_port}\nhttp_port = {port}\ntls_cert = "tls.pem"\ntls_key = "tls.key"\n'
         f'{server_extra}\n[est.default]\nca = "{ca}"\n'
     )
     log = home / "serve.log"
@@ -372,3 +374,65 @@ def test_responder_is_renewed_once_with_a_third_of_its_life_left(
     assert ocsp_responder.refresh(ca).certificate != renewed.certificate  # type: ignore[union-attr]
     remaining = [p.name for p in (kv.home / "cas" / "root" / "ocsp-responder").iterdir() if p.is_dir()]
     assert format(old.serial_number, "x") not in remaining  # expired responders are removed
+
+
+def test_expired_responder_is_replaced_and_failed_renewal_keeps_the_current_one(
+    local_kvpki: Kvpki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvpki_cli import ocsp_responder
+    from kvpki_cli.authority import CertificateAuthority
+    from kvpki_cli.config import Settings
+    from kvpki_cli.errors import BackendError
+
+    kv = local_kvpki
+    kv.init_ca("root", "--subject", "CN=Test Root")
+    old = x509.load_pem_x509_certificate(kv.ok("init-ocsp-responder", "--ca", "root", "--validity", "3h"))
+    ca = CertificateAuthority.open(Settings.load(kv.home), "root")
+    start = datetime.now(UTC)
+
+    def vault_down(*args: object) -> None:
+        raise BackendError("key store throttled")
+
+    monkeypatch.setattr(ocsp_responder, "utcnow", lambda: start + timedelta(hours=2, minutes=30))
+    with monkeypatch.context() as patched:
+        patched.setattr(ca.keystore, "signer", vault_down)
+        assert ocsp_responder.refresh(ca).certificate == old  # type: ignore[union-attr]  # retried later
+    monkeypatch.setattr(ocsp_responder, "utcnow", lambda: start + timedelta(hours=5))  # serve was down
+    assert ocsp_responder.current_responder(ca) is None
+    fresh = ocsp_responder.refresh(ca)
+    assert fresh is not None and fresh.certificate.not_valid_after_utc - (start + timedelta(hours=5)) > timedelta(
+        days=6
+    )  # the default 7d lifetime
+
+
+def test_serve_picks_up_a_responder_created_while_it_runs(local_kvpki: Kvpki) -> None:
+    """The maintenance task of `serve` (every minute; here 50 ms) switches from the CA key to a new responder."""
+    import asyncio
+
+    from kvpki_cli.config import Settings
+    from kvpki_cli.serve.ocsp import OcspResponder, Responders
+    from kvpki_cli.serve.workers import CaWorkers
+
+    kv = local_kvpki
+    kv.init_ca("root", "--subject", "CN=Test Root")
+    workers = CaWorkers(Settings.load(kv.home), 1)
+    responders = Responders({})
+    responder = OcspResponder({"root"}, workers, {}, timedelta(hours=1), 10, "echo", responders)
+
+    async def scenario() -> None:
+        task = asyncio.get_running_loop().create_task(responder.maintain(interval=0.05))
+        await asyncio.sleep(0.2)
+        assert responders.get("root") is None  # no responder yet: the CA key signs
+        pem_bytes = await asyncio.to_thread(kv.ok, "init-ocsp-responder", "--ca", "root")
+        for _ in range(100):
+            if responders.get("root") is not None:
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        current = responders.get("root")
+        assert current is not None and current.certificate == x509.load_pem_x509_certificate(pem_bytes)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        workers.shutdown()
