@@ -43,6 +43,7 @@ from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.errors import KvpkiError, UsageError
 from kvpki_cli.pki import ocsp as pki_ocsp
 from kvpki_cli.pki.ocsp import CertStatus, OcspQuery, Responder, parse_request
+from kvpki_cli.pki.ocsp import _key_bits as _key_bits  # the former home of these helpers
 from kvpki_cli.serve.config import OcspSignerConfig
 from kvpki_cli.serve.fresh import FreshJob, within
 from kvpki_cli.serve.wire import HttpRefusal, media_type, text_response
