@@ -96,8 +96,25 @@ def _issue(ca: CertificateAuthority, validity: timedelta, requester: str) -> x50
     certificate = responder_certificate(issuer, ca.keystore.signer(), key.public_key(), serial, not_before, not_after)
     directory = responder_root(ca) / format(serial, "x")
     make_private_dir(directory, "OCSP responder directory")
+    try:
+        _store(ca, directory, key, certificate, requester)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)  # nothing changed on failure
+        raise
+    return certificate
+
+
+def _store(
+    ca: CertificateAuthority,
+    directory: Path,
+    key: ec.EllipticCurvePrivateKey,
+    certificate: x509.Certificate,
+    requester: str,
+) -> None:
+    """Key, inventory row, then certificate: a directory without cert.pem is never used (see _candidates)."""
     write_file_atomic(directory / "key.pem", _key_pem(key), mode=0o600, overwrite=False)
     der = certificate.public_bytes(Encoding.DER)
+    serial = certificate.serial_number
     ca.inventory.record_issued(
         [
             CertificateRecord(
@@ -114,9 +131,7 @@ def _issue(ca: CertificateAuthority, validity: timedelta, requester: str) -> x50
             )
         ]
     )
-    # The certificate is written last: a directory without cert.pem is never used (see _candidates).
     write_file_atomic(directory / "cert.pem", certificate.public_bytes(Encoding.PEM), mode=0o644, overwrite=False)
-    return certificate
 
 
 def _candidates(ca: CertificateAuthority, now: datetime) -> list[tuple[Path, x509.Certificate]]:

@@ -450,3 +450,23 @@ def test_serve_picks_up_a_responder_created_while_it_runs(local_kvpki: Kvpki) ->
         asyncio.run(scenario())
     finally:
         workers.shutdown()
+
+
+def test_failed_init_ocsp_responder_leaves_nothing(local_kvpki: Kvpki, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvpki_cli import ocsp_responder
+    from kvpki_cli.authority import CertificateAuthority
+    from kvpki_cli.config import Settings
+    from kvpki_cli.errors import BackendError
+
+    local_kvpki.init_ca("root", "--subject", "CN=Test Root")
+    ca = CertificateAuthority.open(Settings.load(local_kvpki.home), "root")
+
+    def locked(*args: object) -> None:
+        raise BackendError("database is locked")
+
+    monkeypatch.setattr(ca.inventory, "record_issued", locked)
+    with pytest.raises(BackendError):
+        ocsp_responder.issue_responder(ca, timedelta(days=7), "pytest")
+    root = local_kvpki.home / "cas" / "root" / "ocsp-responder"
+    assert [p for p in root.iterdir() if p.is_dir()] == []
+    assert ocsp_responder.current_responder(ca) is None and ocsp_responder.refresh(ca) is None
