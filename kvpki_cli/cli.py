@@ -273,6 +273,26 @@ def _load_certificate(data: bytes) -> Any:
     return load_certificate(data)
 
 
+@cli.command("init-ocsp-responder")
+@click.option("--ca", "ca_name", required=True, help="Name of the CA the responder answers for.")
+@click.option("--validity", default="7d", show_default=True, help="Lifetime; `serve` renews it with 1/3 left.")
+@click.pass_obj
+def init_ocsp_responder_command(obj: Context, ca_name: str, validity: str) -> None:
+    """Issue a delegated OCSP responder certificate (key kept locally); print it. `serve` then signs OCSP with it."""
+    from kvpki_cli.durations import parse_duration
+    from kvpki_cli.ocsp_responder import issue_responder, responder_root
+    from kvpki_cli.pki.keys import Encoding
+    from kvpki_cli.signing import default_requester
+
+    authority = obj.authority(ca_name)
+    certificate = issue_responder(authority, parse_duration(validity, what="--validity"), default_requester())
+    _write_stdout(certificate.public_bytes(Encoding.PEM))
+    sys.stderr.write(
+        f"kvpki: OCSP responder {certificate.serial_number:x} for CA {ca_name} stored in {responder_root(authority)};"
+        " a running 'kvpki serve' uses it within a minute\n"
+    )
+
+
 @cli.command("crl")
 @click.option("--ca", "ca_name", required=True, help="Name of the CA.")
 @click.option("--format", "fmt", type=click.Choice(("pem", "der")), default="pem", show_default=True)
