@@ -7,13 +7,12 @@ and SDK exceptions become one-line ``kvpki`` errors.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from azure.core.exceptions import (
-    ClientAuthenticationError,
     HttpResponseError,
-    ResourceExistsError,
     ResourceNotFoundError,
     ServiceRequestError,
     ServiceResponseError,
@@ -23,32 +22,58 @@ from azure.keyvault.certificates import (
     CertificateContentType,
     CertificateOperation,
     CertificatePolicy,
+    CertificateProperties,
+    DeletedCertificate,
     KeyUsageType,
     KeyVaultCertificate,
 )
 
 from kvpki_cli.errors import AlreadyExists, BackendError
-from kvpki_cli.keystores.azure_auth import CachingCredential, _is_loopback_url
-from kvpki_cli.keystores.azure_fastsign import denied_message
-from kvpki_cli.keystores.azure_http import RETRY_STATUSES
-from kvpki_cli.keystores.azure_retry import Retryable, RetryPolicy, parse_retry_after
+from kvpki_cli.keystores.azure.auth import CachingCredential, _is_loopback_url
+from kvpki_cli.keystores.azure.errors import RETRY_STATUSES, VaultError, parse_error, tls_error, to_kvpki_error
+from kvpki_cli.keystores.azure.retry import Retryable, RetryPolicy, parse_retry_after
 from kvpki_cli.keystores.base import KeyType
 
 T = TypeVar("T")
 
 
-def _error_code(exc: HttpResponseError) -> str:
+class DeletedButRecoverable(AlreadyExists):
+    """The name is held by a soft-deleted certificate (HTTP 409 ObjectIsDeletedButRecoverable)."""
+
+
+class OutcomeUnknown(BackendError):
+    """A non-idempotent call failed so that the vault may or may not have applied it (5xx, timeout, lost reply)."""
+
+
+def vault_error(exc: HttpResponseError) -> VaultError:
+    """The SDK exception's response, read by the same parser as the fast path's."""
+    status = int(exc.status_code or 0)
+    response = getattr(exc, "response", None)
+    try:
+        body = json.loads(response.text()) if response is not None else None
+    except (ValueError, TypeError, AttributeError):
+        body = None
+    parsed = parse_error(status, body)
+    if parsed.code or parsed.inner_code:
+        return parsed
     error = getattr(exc, "error", None)
     inner = getattr(error, "innererror", None)
-    if isinstance(inner, dict) and inner.get("code"):
-        return str(inner["code"])
-    return str(getattr(error, "code", "") or "")
+    return VaultError(
+        status,
+        str(getattr(error, "code", "") or ""),
+        str(inner.get("code") or "") if isinstance(inner, dict) else "",
+        " ".join(str(getattr(error, "message", None) or exc.message or exc).split())[:300],
+    )
 
 
 def _message(exc: BaseException) -> str:
     error = getattr(exc, "error", None)
     text = getattr(error, "message", None) or getattr(exc, "message", None) or str(exc)
     return " ".join(str(text).split())[:300]
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
 
 class VaultCertificates:
@@ -71,29 +96,32 @@ class VaultCertificates:
         self.client = CertificateClient(vault_url, credential, **kwargs)
         self.retry = retry
 
-    def call(self, fn: Callable[[], T], what: str, permission: str, retries: bool = True) -> T:
-        """Run one SDK call with retries; map failures to kvpki errors (404 stays ResourceNotFoundError)."""
+    def _error(self, exc: HttpResponseError, what: str, operation: str) -> Exception:
+        error = vault_error(exc)
+        if error.status == 409 and error.most_specific_code == "ObjectIsDeletedButRecoverable":
+            return DeletedButRecoverable(
+                f"{what}: the name is held by a soft-deleted certificate in {self.vault_url}; "
+                "recover it and run the same command again, or choose another name"
+            )
+        return to_kvpki_error(error, operation, what, self.vault_url)
+
+    def call(self, fn: Callable[[], T], what: str, operation: str, retries: bool = True) -> T:
+        """Run one idempotent SDK call with retries; map failures to kvpki errors (404 stays ResourceNotFoundError)."""
 
         def attempt(_timeout: float) -> T:
             try:
                 return fn()
-            except ResourceNotFoundError:
-                raise
-            except (ClientAuthenticationError, ResourceExistsError):
-                raise
             except HttpResponseError as exc:
                 if exc.status_code in RETRY_STATUSES:
                     headers = getattr(exc.response, "headers", None) or {}
                     raise Retryable(
-                        f"HTTP {exc.status_code} {_error_code(exc)}".strip(),
+                        f"HTTP {exc.status_code} {vault_error(exc).most_specific_code}".strip(),
                         parse_retry_after(headers.get("Retry-After")),
                     ) from None
                 raise
             except (ServiceRequestError, ServiceResponseError) as exc:
-                if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-                    raise BackendError(
-                        f"TLS verification of {self.vault_url} failed (set ca_bundle or KVPKI_AZURE_CA_BUNDLE)"
-                    ) from None
+                if _is_tls_failure(exc):
+                    raise tls_error(self.vault_url) from None
                 raise Retryable(f"connection to {self.vault_url} failed ({type(exc).__name__})") from None
 
         try:
@@ -102,25 +130,29 @@ class VaultCertificates:
             return self.retry.run(attempt, f"Key Vault {what}")
         except ResourceNotFoundError:
             raise
-        except ResourceExistsError as exc:
-            if _error_code(exc) == "ObjectIsDeletedButRecoverable":
-                raise AlreadyExists(
-                    f"{what}: the name is held by a soft-deleted certificate in {self.vault_url}; "
-                    "recover or purge it, or choose another name"
-                ) from None
-            raise AlreadyExists(f"{what}: {_message(exc)}") from None
-        except ClientAuthenticationError as exc:
-            raise BackendError(
-                f"Key Vault {self.vault_url} rejected the access token for {permission}: {_message(exc)}"
-            ) from None
-        except (ServiceRequestError, ServiceResponseError) as exc:
-            raise BackendError(f"Key Vault {what} failed: {type(exc).__name__}: {_message(exc)}") from None
         except HttpResponseError as exc:
-            if exc.status_code == 403:
-                raise BackendError(denied_message(permission, self.vault_url, _error_code(exc))) from None
-            raise BackendError(
-                f"Key Vault {what} failed: HTTP {exc.status_code} {_error_code(exc)}: {_message(exc)}"
-            ) from None
+            raise self._error(exc, what, operation) from None
+        except (ServiceRequestError, ServiceResponseError) as exc:
+            if _is_tls_failure(exc):
+                raise tls_error(self.vault_url) from None
+            raise BackendError(f"Key Vault {what} failed: {type(exc).__name__}: {_message(exc)}") from None
+
+    def once(self, fn: Callable[[], T], what: str, operation: str) -> T:
+        """One attempt of a call that is not idempotent: a transient failure raises ``OutcomeUnknown``."""
+        try:
+            return fn()
+        except ResourceNotFoundError:
+            raise
+        except HttpResponseError as exc:
+            if exc.status_code in RETRY_STATUSES:
+                raise OutcomeUnknown(
+                    f"Key Vault {what}: HTTP {exc.status_code} {vault_error(exc).most_specific_code}".strip()
+                ) from None
+            raise self._error(exc, what, operation) from None
+        except (ServiceRequestError, ServiceResponseError) as exc:
+            if _is_tls_failure(exc):
+                raise tls_error(self.vault_url) from None
+            raise OutcomeUnknown(f"Key Vault {what}: connection failed ({type(exc).__name__})") from None
 
     # ------------------------------------------------------------- reads
     def get(self, name: str) -> KeyVaultCertificate | None:
@@ -157,39 +189,40 @@ class VaultCertificates:
             return CertificatePolicy(key_type="EC-HSM" if hsm else "EC", key_curve_name=curve, **common)
         return CertificatePolicy(key_type="RSA-HSM" if hsm else "RSA", key_size=key_type.rsa_bits, **common)
 
-    def create_self_issued(self, name: str, policy: CertificatePolicy, timeout: float) -> KeyVaultCertificate:
-        """Create a Self-issued version and wait (bounded) until the vault has issued it."""
-        poller = self.call(
-            lambda: self.client.begin_create_certificate(name, policy, _polling_interval=1),
+    def start_create(self, name: str, policy: CertificatePolicy, tags: dict[str, str]) -> None:
+        """Start a new version (POST .../create, not idempotent: the caller re-reads the state after a failure)."""
+        self.once(
+            lambda: self.client.begin_create_certificate(name, policy, tags=tags, _polling_interval=1),
             f"create certificate {name}",
             "certificates/create",
         )
-        result = self.call(
-            lambda: poller.result(timeout=timeout), f"issue certificate {name}", "certificates/get", retries=False
+
+    def merge(self, name: str, chain_der: list[bytes], tags: dict[str, str]) -> KeyVaultCertificate:
+        """One merge attempt (not idempotent): ``OutcomeUnknown`` when the vault may have applied it."""
+        return self.once(
+            lambda: self.client.merge_certificate(name, chain_der, tags=tags),
+            f"merge certificate {name}",
+            "certificates/merge",
         )
-        if not isinstance(result, KeyVaultCertificate):
-            status = getattr(result, "status", None) or "still in progress"
-            raise BackendError(
-                f"Key Vault did not issue the temporary certificate {name} within {timeout:g}s ({status})"
+
+    def versions(self, name: str) -> list[CertificateProperties]:
+        try:
+            return self.call(
+                lambda: list(self.client.list_properties_of_certificate_versions(name)),
+                f"list versions of certificate {name}",
+                "certificates/get",
             )
-        return result
+        except ResourceNotFoundError:
+            return []
 
-    def create_pending(self, name: str, policy: CertificatePolicy) -> CertificateOperation:
-        """Create an issuer-Unknown version: it stays pending (with its CSR) until merged."""
-        poller = self.call(
-            lambda: self.client.begin_create_certificate(name, policy),
-            f"create certificate {name}",
-            "certificates/create",
-        )
-        result = poller.result()
-        if not isinstance(result, CertificateOperation):
-            raise BackendError(f"Key Vault returned no pending operation for certificate {name}")
-        return result
-
-    def merge(self, name: str, chain_der: list[bytes]) -> KeyVaultCertificate:
-        return self.call(
-            lambda: self.client.merge_certificate(name, chain_der), f"merge certificate {name}", "certificates/create"
-        )
+    def deleted(self, name: str) -> DeletedCertificate | None:
+        """The soft-deleted certificate holding ``name``, or None (also when the caller may not list deleted ones)."""
+        try:
+            return self.call(
+                lambda: self.client.get_deleted_certificate(name), f"get deleted certificate {name}", "certificates/get"
+            )
+        except (ResourceNotFoundError, BackendError):
+            return None
 
     def disable(self, name: str, version: str) -> None:
         self.call(
@@ -197,18 +230,6 @@ class VaultCertificates:
             f"disable certificate {name}/{version}",
             "certificates/update",
         )
-
-    def remove(self, name: str) -> None:
-        """Best-effort removal of a half-created certificate (cancel, soft-delete, purge)."""
-        for step in (
-            lambda: self.client.delete_certificate_operation(name),
-            lambda: self.client.begin_delete_certificate(name).wait(5),
-            lambda: self.client.purge_deleted_certificate(name),
-        ):
-            try:
-                step()
-            except (HttpResponseError, ServiceRequestError, ServiceResponseError):
-                continue
 
     def close(self) -> None:
         self.client.close()
