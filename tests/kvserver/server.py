@@ -84,6 +84,7 @@ class FaultRule:
     method: str = ""
     target: str = "vault"  # "vault" | "token" | "any"
     path_regex: str = ""  # re.search on the path, in addition to path_contains
+    skip: int = 0  # let this many matching requests through first (e.g. fail only the second create)
     code: str = ""
     inner_code: str = ""
     message: str = ""
@@ -253,6 +254,9 @@ class KeyVaultTestServer:
                 if applied is not None and (not rule.applies_first or not applied):
                     continue
                 if rule.matches(method, path, kind):
+                    if rule.skip > 0:
+                        rule.skip -= 1
+                        continue
                     if rule.count is not None:
                         rule.count -= 1
                     return rule

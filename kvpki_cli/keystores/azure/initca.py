@@ -147,30 +147,44 @@ class InitCA:
 
     # ----------------------------------------------------------- stepping
     def run(self, key_type: KeyType, hsm: bool) -> Ready:
-        """Take steps until a pending issuer-Unknown version with the temporary version's key exists."""
+        """Take steps until a pending issuer-Unknown version with the temporary version's key exists.
+
+        Waiting for the vault to issue the temporary version is bounded by ``create_timeout``;
+        a run of transient failures by the retry ``deadline``.
+        """
         start = time.monotonic()
-        attempts = 0
-        last_reason = ""
+        failing_since: float | None = None
+        failures = 0
+        writes = 0
         subject = f"CN={self.name}"
         while True:
-            attempts += 1
             try:
-                ready = self._step(key_type, hsm, subject, start)
+                step = self._step(key_type, hsm, subject, start)
             except OutcomeUnknown as exc:
-                last_reason = str(exc)
-                ready = None
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                failures += 1
+                delay = min(0.25 * 2**failures, 4.0)
+                if now + delay - failing_since > self.deadline:
+                    raise BackendError(
+                        f"{exc} (retry deadline {self.deadline:g}s); {self._where()}: {RESUME}"
+                    ) from None
+                time.sleep(delay)
+                continue
             except DeletedButRecoverable:
                 raise AlreadyExists(self._deleted_message()) from None
-            if ready is not None:
-                return ready
-            if time.monotonic() - start > max(self.deadline, self.create_timeout):
-                raise BackendError(
-                    f"{self._where()}: init-ca did not finish in {time.monotonic() - start:.0f}s "
-                    f"({last_reason or 'still in progress'}); {RESUME}"
-                )
-            time.sleep(min(POLL_INTERVAL * attempts, 4.0) if last_reason else POLL_INTERVAL)
+            failing_since, failures = None, 0
+            if isinstance(step, Ready):
+                return step
+            if step == "wait":
+                time.sleep(POLL_INTERVAL)
+            else:
+                writes += 1
+                if writes > 4:  # two creates make a CA; more means the vault does not keep what it accepted
+                    raise BackendError(f"{self._where()} does not reach a mergeable state; {RESUME}")
 
-    def _step(self, key_type: KeyType, hsm: bool, subject: str, start: float) -> Ready | None:
+    def _step(self, key_type: KeyType, hsm: bool, subject: str, start: float) -> Ready | str:
+        """One read of the state and at most one write: Ready, "again" (re-read now) or "wait" (poll)."""
         cert = self.certs.get(self.name)
         op = self.certs.operation(self.name)
         if cert is not None or op is not None:
@@ -181,12 +195,13 @@ class InitCA:
             if op is None:
                 policy = self.certs.policy("Self", subject, key_type, hsm)
                 self.certs.start_create(self.name, policy, {TAG_CA: self.ca_name, TAG_ROLE: "temporary"})
-            elif time.monotonic() - start > self.create_timeout:
+                return "again"
+            if time.monotonic() - start > self.create_timeout:
                 raise BackendError(
                     f"Key Vault did not issue the temporary certificate {self.name} within "
                     f"{self.create_timeout:g}s ({op_status}); {RESUME}"
                 )
-            return None  # re-read: the temporary version may be issued now
+            return "wait"  # the vault is issuing the temporary version
         if not cert.cer or not cert.key_id:
             raise BackendError(f"Key Vault returned an incomplete certificate for {self.name}")
         public = x509.load_der_x509_certificate(bytes(cert.cer)).public_key()
@@ -206,10 +221,10 @@ class InitCA:
                 )
             return Ready(cert.key_id, public)
         if op is not None and op_status == "inProgress":
-            return None  # another version is being issued: wait
+            return "wait"  # another version is being issued
         policy = self.certs.policy("Unknown", subject, key_type, hsm)
         self.certs.start_create(self.name, policy, {TAG_CA: self.ca_name, TAG_ROLE: "ca"})
-        return None
+        return "again"
 
     # ------------------------------------------------------------ merging
     def merge(self, chain: Sequence[x509.Certificate]) -> tuple[str, str]:
