@@ -298,7 +298,7 @@ def test_existing_and_soft_deleted_names_refused(
     with pytest.raises(AlreadyExists):
         store(kv, tmp_path / "h2").create_key(KeyType.EC_P256)
     kv.vault.delete_certificate("Root-CA")
-    with pytest.raises(AlreadyExists, match="deleted but recoverable .*az keyvault certificate recover"):
+    with pytest.raises(AlreadyExists, match=r"deleted but recoverable .*az keyvault certificate recover"):
         store(kv, tmp_path / "h3").create_key(KeyType.EC_P256)
 
 
