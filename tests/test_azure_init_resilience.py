@@ -199,3 +199,45 @@ def test_foreign_certificate_of_the_same_name_is_refused(az: Kvpki, kv: KeyVault
     assert refused.returncode == 7
     assert "something other than kvpki init-ca" in one_error_line(refused)
     assert_nothing_deleted(kv)
+
+
+# ------------------------------------------------------------------ 8a: failures after the merge, kills
+def test_failure_after_merge_resumes_from_the_merged_certificate(
+    az: Kvpki, kv: KeyVaultTestServer, make_csr: Any, tmp_path: Path
+) -> None:
+    blocker = az.home / "cas" / NAME / "chain.pem"
+    blocker.mkdir(parents=True)  # the local write after the merge fails
+    failed = init(az, kv)
+    assert failed.returncode == 6, failed.stderr
+    assert "merged in the vault" in one_error_line(failed)
+    assert kv.vault.certs[NAME].pending is None  # merged
+    blocker.rmdir()
+    resumed = init(az, kv)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_nothing_deleted(kv)
+    assert_ca_works(az, kv, resumed.stdout, make_csr, tmp_path)  # exactly one enabled version: the new one
+
+
+@pytest.mark.parametrize("kill_after", [0.6, 1.4, 1.8, 2.2, 2.6, 3.0, 3.4, 3.7, 4.0, 4.4])
+def test_kill_at_any_point_then_rerun_finishes_the_ca(
+    az: Kvpki, kv: KeyVaultTestServer, make_csr: Any, tmp_path: Path, kill_after: float
+) -> None:
+    """SIGKILL during init-ca (vault latency 150 ms spreads the kill points over every step)."""
+    import sys
+    import time
+
+    kv.set_faults(latency_ms=150)
+    args = ["init-ca", "--name", NAME, "--subject", "CN=Resilient Root", *azure_init_args(kv)]
+    proc = subprocess.Popen([sys.executable, "-m", "kvpki_cli", *args], env=az.env, cwd=az.home)
+    time.sleep(kill_after)
+    proc.kill()
+    proc.wait()
+    kv.set_faults()
+    rerun = init(az, kv)
+    assert_nothing_deleted(kv)
+    if rerun.returncode == 7 and b"already exists" in rerun.stderr:  # the first run finished before the kill
+        root_pem = (az.home / "cas" / NAME / "chain.pem").read_bytes()
+    else:
+        assert rerun.returncode == 0, rerun.stderr
+        root_pem = rerun.stdout
+    assert_ca_works(az, kv, root_pem, make_csr, tmp_path)

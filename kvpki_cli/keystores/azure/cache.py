@@ -15,6 +15,7 @@ chain whose first certificate does not carry the vault key's public key
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import math
@@ -65,6 +66,21 @@ def _write_private_json(path: Path, data: dict[str, Any]) -> None:
         write_file_atomic(path, json.dumps(data, sort_keys=True).encode(), mode=0o600, durable=False)
     except (OSError, KvpkiError):
         pass
+
+
+def install_id(home: Path) -> str:
+    """A random id for this KVPKI_HOME, tagged on the vault versions its init-ca creates.
+
+    It lets init-ca tell "my own CA, merged but not finished locally" (resume) from a CA another
+    installation made (refuse).  If it cannot be stored, a fresh id means "not mine": the safe side.
+    """
+    path = cache_root(home) / "install-id.json"
+    found = (_read_private_json(path) or {}).get("id")
+    if isinstance(found, str) and len(found) == 32 and found.isalnum():
+        return found
+    new = os.urandom(16).hex()
+    _write_private_json(path, {"id": new})
+    return new
 
 
 def identity_key() -> str:
@@ -195,4 +211,5 @@ class ChainCache:
         _write_private_json(self.path, cached._asdict())
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)

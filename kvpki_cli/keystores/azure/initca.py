@@ -5,8 +5,12 @@ idempotent, and a 5xx or a lost reply leaves their outcome unknown.  So every st
 is followed by reading the vault's state again instead of repeating the POST
 blindly, and nothing is ever deleted: a half-built CA (temporary Self-issued
 version, pending issuer-Unknown version) stays in the vault, tagged with its CA
-name, and the same ``init-ca`` run again continues from it.  A state kvpki cannot
-continue from is refused with one line that says what the vault holds.
+name, and the same ``init-ca`` run again continues from it.  That includes a CA
+certificate merged by an init-ca of this KVPKI_HOME that failed afterwards (tag
+``kvpki-home``): a new version with the same key gets a new certificate and the
+orphaned one is disabled.  A state kvpki cannot continue from (another CA's
+certificate, one merged by another installation, a soft-deleted name) is refused
+with one line that says what the vault holds.
 
 Imports the SDK (through ``sdk``): init-ca only, never the signing fast path.
 """
@@ -30,6 +34,7 @@ from kvpki_cli.pki.lean import Encoding, PublicFormat
 
 TAG_CA = "kvpki-ca"  # the CA name a version belongs to
 TAG_ROLE = "kvpki-role"  # "temporary" (Self-issued, gives the key) or "ca" (the merged CA certificate)
+TAG_HOME = "kvpki-home"  # the install id of the KVPKI_HOME whose init-ca made the version
 POLL_INTERVAL = 1.0
 RESUME = "nothing was deleted: run the same init-ca again to continue"
 
@@ -67,8 +72,10 @@ class InitCA:
         cert_name: str,
         deadline: float,
         create_timeout: float,
+        home_id: str,
     ) -> None:
         self.certs = certs
+        self.home_id = home_id
         self.ca_name = ca_name
         self.name = cert_name
         self.vault = certs.vault_url
@@ -79,6 +86,9 @@ class InitCA:
     # ----------------------------------------------------------- reading
     def _where(self) -> str:
         return f"certificate {self.name!r} in {self.vault}"
+
+    def _tags(self, role: str) -> dict[str, str]:
+        return {TAG_CA: self.ca_name, TAG_ROLE: role, TAG_HOME: self.home_id}
 
     def _owned(self, tags: dict[str, str] | None) -> bool:
         return (tags or {}).get(TAG_CA) == self.ca_name
@@ -114,7 +124,7 @@ class InitCA:
             raise AlreadyExists(
                 f"{where} already exists and belongs to {who}; kvpki never overwrites it (use another --key-name)"
             )
-        if tags.get(TAG_ROLE) == "ca":
+        if tags.get(TAG_ROLE) == "ca" and tags.get(TAG_HOME) != self.home_id:
             der = bytes(getattr(cert, "cer", b"") or b"")
             detail = ""
             if der:
@@ -194,7 +204,7 @@ class InitCA:
         if cert is None:
             if op is None:
                 policy = self.certs.policy("Self", subject, key_type, hsm)
-                self.certs.start_create(self.name, policy, {TAG_CA: self.ca_name, TAG_ROLE: "temporary"})
+                self.certs.start_create(self.name, policy, self._tags("temporary"))
                 return "again"
             if time.monotonic() - start > self.create_timeout:
                 raise BackendError(
@@ -223,14 +233,14 @@ class InitCA:
         if op is not None and op_status == "inProgress":
             return "wait"  # another version is being issued
         policy = self.certs.policy("Unknown", subject, key_type, hsm)
-        self.certs.start_create(self.name, policy, {TAG_CA: self.ca_name, TAG_ROLE: "ca"})
+        self.certs.start_create(self.name, policy, self._tags("ca"))
         return "again"
 
     # ------------------------------------------------------------ merging
     def merge(self, chain: Sequence[x509.Certificate]) -> tuple[str, str]:
         """Merge ``chain``; after an unknown outcome read the state (merged with ours = success). (version, kid)."""
         der = [cert.public_bytes(Encoding.DER) for cert in chain]
-        tags = {TAG_CA: self.ca_name, TAG_ROLE: "ca"}
+        tags = self._tags("ca")
         start = time.monotonic()
         attempts = 0
         while True:

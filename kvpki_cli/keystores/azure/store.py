@@ -13,6 +13,7 @@ single ``sign`` request; the Azure SDK is imported only on cold caches and init.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -25,7 +26,7 @@ from cryptography import x509
 from kvpki_cli.errors import BackendError, NotFound, UsageError
 from kvpki_cli.fileutil import write_file_atomic
 from kvpki_cli.keystores.azure.auth import DEFAULT_SCOPE, CachingCredential
-from kvpki_cli.keystores.azure.cache import CachedCA, ChainCache, TokenCache, spki_b64
+from kvpki_cli.keystores.azure.cache import CachedCA, ChainCache, TokenCache, install_id, spki_b64
 from kvpki_cli.keystores.azure.fastsign import VaultSignClient
 from kvpki_cli.keystores.azure.http import VaultHTTP
 from kvpki_cli.keystores.azure.retry import RetryPolicy
@@ -153,7 +154,12 @@ class AzureKeyStore(KeyStore):
             from kvpki_cli.keystores.azure.initca import InitCA
 
             self._init = InitCA(
-                self._certs(), self.ca_name, self.name, self.settings.deadline, self.settings.create_timeout
+                self._certs(),
+                self.ca_name,
+                self.name,
+                self.settings.deadline,
+                self.settings.create_timeout,
+                home_id=install_id(self.home),
             )
         return self._init
 
@@ -271,9 +277,15 @@ class AzureKeyStore(KeyStore):
         init = self._initca()
         merged_version, merged_kid = init.merge(chain)
         init.disable_others(merged_version)
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         pem = b"".join(cert.public_bytes(PEM) for cert in chain)
-        write_file_atomic(self.chain_path, pem, mode=0o644, overwrite=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_file_atomic(self.chain_path, pem, mode=0o644, overwrite=True)
+        except OSError as exc:
+            raise BackendError(
+                f"cannot write {self.chain_path}: {exc.strerror}; the CA certificate is merged in the vault, "
+                "run the same init-ca again to continue"
+            ) from None
         self._active = CachedCA(
             key_spki=spki_b64(pending.public_key),
             vault_url=self.settings.vault_url,
@@ -296,6 +308,7 @@ class AzureKeyStore(KeyStore):
     def discard(self) -> None:
         """Forget local state only: the half-built CA stays in the vault for the same init-ca to continue."""
         self.chain_cache.clear()
-        self.chain_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.chain_path.unlink(missing_ok=True)
         self._pending = None
         self._active = None
