@@ -241,3 +241,38 @@ def test_kill_at_any_point_then_rerun_finishes_the_ca(
         assert rerun.returncode == 0, rerun.stderr
         root_pem = rerun.stdout
     assert_ca_works(az, kv, root_pem, make_csr, tmp_path)
+
+
+@pytest.mark.parametrize("same_home", [True, False], ids=["same-home", "two-homes"])
+def test_concurrent_init_ca_of_one_name_makes_one_ca(
+    az: Kvpki, kv: KeyVaultTestServer, make_csr: Any, tmp_path: Path, same_home: bool
+) -> None:
+    import sys
+
+    second = az
+    if not same_home:
+        other_home = tmp_path / "other"
+        other_home.mkdir()
+        second = Kvpki(other_home, make_env(other_home, az.store.env), az.store)
+    kv.set_faults(latency_ms=50)
+    args = ["init-ca", "--name", NAME, "--subject", "CN=Resilient Root", *azure_init_args(kv)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "kvpki_cli", *args],
+            env=runner.env,
+            cwd=runner.home,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for runner in (az, second)
+    ]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    kv.set_faults()
+    assert sorted(code for code, _, _ in results)[0] == 0, results
+    winners = [i for i, (code, _, _) in enumerate(results) if code == 0]
+    assert len(winners) == 1, results
+    loser = results[1 - winners[0]]
+    assert loser[0] in (6, 7) and loser[1] == b"" and loser[2].count(b"\n") == 1, loser
+    assert_nothing_deleted(kv)
+    winner = (az, second)[winners[0]]
+    assert_ca_works(winner, kv, results[winners[0]][1], make_csr, tmp_path)

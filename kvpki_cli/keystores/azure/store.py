@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography import x509
 
-from kvpki_cli.errors import BackendError, NotFound, UsageError
+from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
 from kvpki_cli.fileutil import write_file_atomic
 from kvpki_cli.keystores.azure.auth import DEFAULT_SCOPE, CachingCredential
 from kvpki_cli.keystores.azure.cache import CachedCA, ChainCache, TokenCache, install_id, spki_b64
@@ -135,6 +135,7 @@ class AzureKeyStore(KeyStore):
         self._pending: _PendingCA | None = None
         self._active: CachedCA | None = None
         self._init: InitCA | None = None
+        self._init_lock_fd: int | None = None
         self._sign_clients: dict[str, VaultSignClient] = {}
 
     # ------------------------------------------------------------ helpers
@@ -226,7 +227,28 @@ class AzureKeyStore(KeyStore):
         """
         if self.chain_cache.load(self.settings.cache_ttl) is not None:
             return True
+        self._lock_init()
         return self._initca().check_absent_or_resumable()
+
+    def _lock_init(self) -> None:
+        """One init-ca per CA name and home at a time: a second one would resume the first one's state.
+
+        The lock is held until the process exits (an flock dies with its process, even on SIGKILL).
+        """
+        import fcntl
+
+        path = self.chain_cache.path.with_suffix(".init.lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            raise BackendError(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise AlreadyExists(f"another init-ca for CA {self.ca_name!r} is running in {self.home}") from None
+        self._init_lock_fd = fd
 
     def create_key(self, key_type: KeyType) -> CAPublicKey:
         ready = self._initca().run(key_type, self.settings.hsm)
