@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from azure.keyvault.certificates import CertificateOperation, KeyVaultCertificate
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -81,7 +82,7 @@ class InitCA:
         self.vault = certs.vault_url
         self.deadline = deadline
         self.create_timeout = create_timeout
-        self.resumed = False
+        self._fresh: tuple[KeyVaultCertificate | None, CertificateOperation | None] | None = None
 
     # ----------------------------------------------------------- reading
     def _where(self) -> str:
@@ -90,17 +91,19 @@ class InitCA:
     def _tags(self, role: str) -> dict[str, str]:
         return {TAG_CA: self.ca_name, TAG_ROLE: role, TAG_HOME: self.home_id}
 
+    def _read(self) -> tuple[KeyVaultCertificate | None, CertificateOperation | None]:
+        return self.certs.get(self.name), self.certs.operation(self.name)
+
     def _owned(self, tags: dict[str, str] | None) -> bool:
         return (tags or {}).get(TAG_CA) == self.ca_name
 
     def check_absent_or_resumable(self) -> bool:
         """False for an empty name or our own half-built CA; raises ``AlreadyExists`` for anything else."""
-        cert = self.certs.get(self.name)
-        op = self.certs.operation(self.name)
+        cert, op = self._read()
+        self._fresh = (cert, op)  # the first step need not read it again
         if cert is None and op is None:
             return False
         self._refuse_foreign(cert, op)
-        self.resumed = True
         return False
 
     def _refuse_foreign(self, cert: object, op: object) -> None:
@@ -195,8 +198,8 @@ class InitCA:
 
     def _step(self, key_type: KeyType, hsm: bool, subject: str, start: float) -> Ready | str:
         """One read of the state and at most one write: Ready, "again" (re-read now) or "wait" (poll)."""
-        cert = self.certs.get(self.name)
-        op = self.certs.operation(self.name)
+        cert, op = self._fresh or self._read()
+        self._fresh = None
         if cert is not None or op is not None:
             self._refuse_foreign(cert, op)
         op_status = str(getattr(op, "status", "") or "")

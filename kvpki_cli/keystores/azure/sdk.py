@@ -190,9 +190,13 @@ class VaultCertificates:
         return CertificatePolicy(key_type="RSA-HSM" if hsm else "RSA", key_size=key_type.rsa_bits, **common)
 
     def start_create(self, name: str, policy: CertificatePolicy, tags: dict[str, str]) -> None:
-        """Start a new version (POST .../create, not idempotent: the caller re-reads the state after a failure)."""
+        """Start a new version (POST .../create, not idempotent: the caller re-reads the state after a failure).
+
+        The caller polls the state itself; the SDK poller's background thread makes one status read
+        and then sleeps (a long interval) instead of polling alongside.
+        """
         self.once(
-            lambda: self.client.begin_create_certificate(name, policy, tags=tags, _polling_interval=1),
+            lambda: self.client.begin_create_certificate(name, policy, tags=tags, _polling_interval=3600),
             f"create certificate {name}",
             "certificates/create",
         )

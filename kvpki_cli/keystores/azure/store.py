@@ -222,7 +222,7 @@ class AzureKeyStore(KeyStore):
     def exists(self) -> bool:
         """True for a CA this home already knows (warm cache, no request); False for an empty name or for
         this CA's own half-built state, which ``create_key`` continues.  Anything else the vault holds
-        under the name (another CA, a merged certificate without local metadata, a foreign pending
+        under the name (another CA, a CA certificate merged by another installation, a foreign pending
         operation) raises ``AlreadyExists`` with one line naming that state.
         """
         if self.chain_cache.load(self.settings.cache_ttl) is not None:
