@@ -276,3 +276,40 @@ def test_concurrent_init_ca_of_one_name_makes_one_ca(
     assert_nothing_deleted(kv)
     winner = (az, second)[winners[0]]
     assert_ca_works(winner, kv, results[winners[0]][1], make_csr, tmp_path)
+
+
+def test_disable_failure_after_merge_only_warns(
+    az: Kvpki, kv: KeyVaultTestServer, make_csr: Any, tmp_path: Path
+) -> None:
+    kv.set_faults(rules=[FaultRule(status=503, count=None, method="PATCH")])
+    result = init(az, kv)
+    assert result.returncode == 0, result.stderr
+    stderr = result.stderr.decode()
+    assert stderr.startswith("kvpki: warning: could not disable the temporary version"), stderr
+    kv.set_faults()
+    sign = az.run("sign-csr", "--ca", NAME, input=make_csr().csr_pem)
+    assert sign.returncode == 0, sign.stderr
+    assert openssl_verify(tmp_path, result.stdout, sign.stdout).returncode == 0
+
+
+def test_foreign_pending_operation_is_named(az: Kvpki, kv: KeyVaultTestServer) -> None:
+    kv.vault.create_certificate(NAME, {"policy": {"issuer": {"name": "Unknown"}}})  # someone's CSR workflow
+    refused = init(az, kv)
+    assert refused.returncode == 7
+    stderr = one_error_line(refused)
+    assert "pending certificate operation (issuer Unknown, inProgress)" in stderr and "did not start" in stderr
+    assert kv.vault.certs[NAME].pending is not None
+    assert not [e for e in kv.log if e.kind == "vault" and e.method != "GET"]
+
+
+def test_forbidden_merge_names_the_operation_and_role_and_keeps_the_pending_version(
+    az: Kvpki, kv: KeyVaultTestServer
+) -> None:
+    kv.set_faults(rules=[FaultRule(status=403, count=None, path_regex=MERGE, inner_code="ForbiddenByRbac")])
+    refused = init(az, kv)
+    assert refused.returncode == 6
+    stderr = one_error_line(refused)
+    assert "denied certificates/merge" in stderr and "'Key Vault Certificates Officer'" in stderr, stderr
+    assert "keeps its pending version" in stderr, stderr
+    assert [e.method for e in kv.log if e.path.endswith("/merge")] == ["POST"]  # a 403 is not retried
+    assert_nothing_deleted(kv)
