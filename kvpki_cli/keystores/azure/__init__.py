@@ -18,6 +18,20 @@ imports the Azure SDK; ``sdk``, ``initca`` and azure-identity are imported only
 when a cache is cold, a token must be requested, or init-ca runs.
 """
 
-from kvpki_cli.keystores.azure.store import AzureKeyStore
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvpki_cli.keystores.azure.store import AzureKeyStore
 
 __all__ = ["AzureKeyStore"]
+
+
+def __getattr__(name: str) -> Any:
+    """``AzureKeyStore`` on first use, so importing one module (e.g. ``http``) loads only that module."""
+    if name == "AzureKeyStore":
+        from kvpki_cli.keystores.azure.store import AzureKeyStore
+
+        return AzureKeyStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
