@@ -14,6 +14,7 @@ single ``sign`` request; the Azure SDK is imported only on cold caches and init.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
 from kvpki_cli.fileutil import write_file_atomic
@@ -104,6 +106,16 @@ class AzureSettings(NamedTuple):
             cache_ttl=_as_seconds(settings.get("cache_ttl", 3600), "cache_ttl"),
             create_timeout=_as_seconds(settings.get("create_timeout", 120), "create_timeout"),
         )
+
+
+def _links_verify(chain: Sequence[x509.Certificate]) -> bool:
+    """Each certificate is signed by the next one (the saved issuers really issued the vault's certificate)."""
+    try:
+        for child, parent in itertools.pairwise(chain):
+            child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _version(cert: KeyVaultCertificate) -> str | None:
@@ -209,7 +221,7 @@ class AzureKeyStore(KeyStore):
             return saved
         if leaf.issuer == leaf.subject:
             return [leaf]
-        if len(saved) > 1 and saved[1].subject == leaf.issuer:
+        if len(saved) > 1 and saved[1].subject == leaf.issuer and _links_verify([leaf, *saved[1:]]):
             return [leaf, *saved[1:]]
         warn(f"issuer chain of CA {self.ca_name!r} is unknown ({self.chain_path} missing or stale)")
         return [leaf]
