@@ -313,3 +313,31 @@ def test_forbidden_merge_names_the_operation_and_role_and_keeps_the_pending_vers
     assert "keeps its pending version" in stderr, stderr
     assert [e.method for e in kv.log if e.path.endswith("/merge")] == ["POST"]  # a 403 is not retried
     assert_nothing_deleted(kv)
+
+
+def test_sub_ca_merge_failure_resumes_and_cold_cache_chain_links_to_the_root(
+    az: Kvpki, kv: KeyVaultTestServer, make_csr: Any, tmp_path: Path
+) -> None:
+    root_pem = init(az, kv).stdout
+    kv.set_faults(
+        rules=[FaultRule(status=503, count=None, method="POST", path_regex=r"^/certificates/sub/pending/merge$")]
+    )
+    args = ["init-ca", "--name", "sub", "--parent", NAME, "--subject", "CN=Resilient Sub", *azure_init_args(kv)]
+    assert az.run(*args).returncode == 6
+    assert az.inventory(NAME) == []  # the unmerged attempt is not recorded under the parent
+    kv.set_faults()
+    sub = az.run(*args)
+    assert sub.returncode == 0, sub.stderr
+    assert len(az.inventory(NAME)) == 1
+    for path in (az.home / "cache" / "azure").glob("*/*.json"):
+        if path.name != "install-id.json":
+            path.unlink()  # cold: the chain comes from the vault plus the saved issuers
+    issued = az.run("sign-csr", "--ca", "sub", "--chain", input=make_csr().csr_pem)
+    assert issued.returncode == 0, issued.stderr
+    certs = issued.stdout.split(b"-----END CERTIFICATE-----\n")[:-1]
+    assert len(certs) == 3 and certs[2] + b"-----END CERTIFICATE-----\n" == root_pem
+    leaf = certs[0] + b"-----END CERTIFICATE-----\n"
+    verified = openssl_verify(
+        tmp_path, root_pem, leaf, sub.stdout.split(b"-----END CERTIFICATE-----\n")[0] + b"-----END CERTIFICATE-----\n"
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -217,7 +217,7 @@ class AzureKeyStore(KeyStore):
             saved = x509.load_pem_x509_certificates(self.chain_path.read_bytes())
         except (OSError, ValueError):
             saved = []
-        if saved and saved[0] == leaf:
+        if saved and saved[0] == leaf and _links_verify(saved):
             return saved
         if leaf.issuer == leaf.subject:
             return [leaf]
