@@ -86,7 +86,7 @@ def test_transient_failure_deletes_nothing_and_the_same_init_ca_resumes(
     kv.set_faults(rules=[rule])
     failed = init(az, kv)
     assert failed.returncode == 6, failed.stderr
-    one_error_line(failed)
+    assert "run the same init-ca again to continue" in one_error_line(failed)
     assert_nothing_deleted(kv)
     assert not (az.home / "cas" / NAME / "ca.json").exists()
     keys_before = len(kv.vault.keys.get(NAME, []))

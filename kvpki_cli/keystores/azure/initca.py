@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from kvpki_cli.errors import AlreadyExists, BackendError, KvpkiError, UsageError
+from kvpki_cli.keystores.azure.retry import RetriesExhausted
 from kvpki_cli.keystores.azure.sdk import DeletedButRecoverable, OutcomeUnknown, VaultCertificates
 from kvpki_cli.keystores.base import CAPublicKey, KeyType
 from kvpki_cli.messages import warn
@@ -173,6 +174,8 @@ class InitCA:
         while True:
             try:
                 step = self._step(key_type, hsm, subject, start)
+            except RetriesExhausted as exc:
+                raise BackendError(f"{exc}; {self._where()}: {RESUME}") from None
             except OutcomeUnknown as exc:
                 now = time.monotonic()
                 failing_since = now if failing_since is None else failing_since
@@ -242,6 +245,14 @@ class InitCA:
     # ------------------------------------------------------------ merging
     def merge(self, chain: Sequence[x509.Certificate]) -> tuple[str, str]:
         """Merge ``chain``; after an unknown outcome read the state (merged with ours = success). (version, kid)."""
+        try:
+            return self._merge(chain)
+        except RetriesExhausted as exc:
+            raise BackendError(
+                f"{exc}; {self._where()}: the merge may or may not have been applied, {RESUME}"
+            ) from None
+
+    def _merge(self, chain: Sequence[x509.Certificate]) -> tuple[str, str]:
         der = [cert.public_bytes(Encoding.DER) for cert in chain]
         tags = self._tags("ca")
         start = time.monotonic()
