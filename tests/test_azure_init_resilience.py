@@ -7,6 +7,8 @@ against the Key Vault test server with purge protection on, as the README's
 
 from __future__ import annotations
 
+import os
+import random
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -54,12 +56,15 @@ def assert_nothing_deleted(kv: KeyVaultTestServer, name: str = "root") -> None:
     assert cert is None or cert.deleted_at is None
 
 
-def assert_ca_works(az: Kvpki, kv: KeyVaultTestServer, root_pem: bytes, make_csr: Any, tmp_path: Path) -> None:
+def assert_ca_works(
+    az: Kvpki, kv: KeyVaultTestServer, root_pem: bytes, make_csr: Any, tmp_path: Path, temporary_disabled: bool = True
+) -> None:
     """The CA signs, the result verifies with openssl, and the CA key is the vault certificate's key."""
     root = load_cert(root_pem)
     vault_cert = kv.vault.certs[NAME]
-    merged = [v for v in vault_cert.versions if v.der is not None and v.enabled]
-    assert len(merged) == 1 and x509.load_der_x509_certificate(merged[0].der or b"") == root
+    enabled = [v for v in vault_cert.versions if v.der is not None and v.enabled]
+    assert x509.load_der_x509_certificate(enabled[-1].der or b"") == root
+    assert len(enabled) == 1 or not temporary_disabled
     result = az.run("sign-csr", "--ca", NAME, input=make_csr().csr_pem)
     assert result.returncode == 0, result.stderr
     verified = openssl_verify(tmp_path, root_pem, result.stdout)
@@ -341,3 +346,51 @@ def test_sub_ca_merge_failure_resumes_and_cold_cache_chain_links_to_the_root(
         tmp_path, root_pem, leaf, sub.stdout.split(b"-----END CERTIFICATE-----\n")[0] + b"-----END CERTIFICATE-----\n"
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+# ------------------------------------------------------------------ the class: random fault schedules
+ROUTES = [
+    ("POST", CREATE),
+    ("POST", MERGE),
+    ("GET", PENDING),
+    ("GET", r"^/certificates/root/$"),
+    ("GET", r"^/certificates/root/versions$"),
+    ("PATCH", VERSION),
+]
+KINDS = [
+    ("status", 503),
+    ("status", 500),
+    ("status", 429),
+    ("drop", 503),
+    ("apply-then-status", 504),
+    ("apply-then-status", 502),
+    ("apply-then-drop", 503),
+]
+SCHEDULES = int(os.environ.get("KVPKI_FUZZ_CASES_AZURE_INIT", "8"))
+
+
+@pytest.mark.parametrize("seed", range(SCHEDULES))
+def test_random_fault_schedule_never_deletes_and_one_rerun_finishes(
+    az: Kvpki, kv: KeyVaultTestServer, make_csr: Any, tmp_path: Path, seed: int
+) -> None:
+    rng = random.Random(seed)
+    rules = []
+    for method, path in rng.sample(ROUTES, k=rng.randint(1, 3)):
+        kind, status = rng.choice(KINDS)
+        count = rng.choice([1, 2, 3, None])
+        rules.append(
+            FaultRule(kind=kind, status=status, method=method, path_regex=path, count=count, skip=rng.randint(0, 1))
+        )
+    kv.set_faults(rules=rules)
+    first = init(az, kv)
+    kv.set_faults()
+    assert "Traceback" not in first.stderr.decode()
+    assert first.returncode in (0, 6), (rules, first.stderr)
+    assert_nothing_deleted(kv)
+    done = first
+    if first.returncode != 0:
+        one_error_line(first)
+        done = init(az, kv)
+        assert done.returncode == 0, (rules, first.stderr, done.stderr)
+    warned = b"could not disable the temporary version" in done.stderr  # a warning, the CA is complete
+    assert_ca_works(az, kv, done.stdout, make_csr, tmp_path, temporary_disabled=not warned)
