@@ -66,12 +66,6 @@ def vault_error(exc: HttpResponseError) -> VaultError:
     )
 
 
-def _message(exc: BaseException) -> str:
-    error = getattr(exc, "error", None)
-    text = getattr(error, "message", None) or getattr(exc, "message", None) or str(exc)
-    return " ".join(str(text).split())[:300]
-
-
 def _is_tls_failure(exc: BaseException) -> bool:
     return "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
@@ -105,7 +99,7 @@ class VaultCertificates:
             )
         return to_kvpki_error(error, operation, what, self.vault_url)
 
-    def call(self, fn: Callable[[], T], what: str, operation: str, retries: bool = True) -> T:
+    def call(self, fn: Callable[[], T], what: str, operation: str) -> T:
         """Run one idempotent SDK call with retries; map failures to kvpki errors (404 stays ResourceNotFoundError)."""
 
         def attempt(_timeout: float) -> T:
@@ -125,17 +119,11 @@ class VaultCertificates:
                 raise Retryable(f"connection to {self.vault_url} failed ({type(exc).__name__})") from None
 
         try:
-            if not retries:
-                return fn()
             return self.retry.run(attempt, f"Key Vault {what}")
         except ResourceNotFoundError:
             raise
         except HttpResponseError as exc:
             raise self._error(exc, what, operation) from None
-        except (ServiceRequestError, ServiceResponseError) as exc:
-            if _is_tls_failure(exc):
-                raise tls_error(self.vault_url) from None
-            raise BackendError(f"Key Vault {what} failed: {type(exc).__name__}: {_message(exc)}") from None
 
     def once(self, fn: Callable[[], T], what: str, operation: str) -> T:
         """One attempt of a call that is not idempotent: a transient failure raises ``OutcomeUnknown``."""
