@@ -136,8 +136,8 @@ class InitCA:
                 detail = f" ({parsed.subject.rfc4514_string()}, serial {parsed.serial_number:x})"
             raise AlreadyExists(
                 f"{where} is an already merged CA certificate{detail} of CA {self.ca_name!r}, but this KVPKI_HOME "
-                "has no metadata for it: it is in use by another kvpki installation, or an earlier init-ca failed "
-                "after merging; kvpki never replaces a merged CA certificate (use another --key-name)"
+                "has no metadata for it: another kvpki installation (KVPKI_HOME) merged it; kvpki never replaces "
+                "a CA certificate merged elsewhere (use another --key-name)"
             )
         if props is not None and getattr(props, "enabled", True) is False:
             raise AlreadyExists(f"{where}: the temporary version of half-built CA {self.ca_name!r} is disabled")
