@@ -271,15 +271,14 @@ class InitCA:
                 done = self._merged(der[0])
                 if done is not None:
                     return done  # an earlier attempt was applied and its reply lost
-                raise BackendError(f"{exc}; {self._state_after_failed_merge()}") from None
+                if self._pending_exists():
+                    raise BackendError(f"{exc}; {self._where()} keeps its pending version, {RESUME}") from None
+                raise BackendError(f"Key Vault merge of {self.name} failed: {self._no_pending()}") from None
             done = self._merged(der[0])
             if done is not None:
                 return done
-            op = self.certs.operation(self.name)
-            if op is None or str(getattr(op, "status", "")) != "inProgress":
-                raise BackendError(
-                    f"Key Vault merge of {self.name} failed ({reason}); {self._state_after_failed_merge()}"
-                )
+            if not self._pending_exists():
+                raise BackendError(f"Key Vault merge of {self.name} failed ({reason}): {self._no_pending()}")
             if time.monotonic() - start + min(0.25 * 2**attempts, 4.0) > self.deadline:
                 raise BackendError(
                     f"Key Vault merge certificate {self.name} failed after {attempts} attempts ({reason}); "
@@ -294,11 +293,15 @@ class InitCA:
         version = cert.properties.version if cert.properties is not None else None
         return (version, cert.key_id) if version else None
 
-    def _state_after_failed_merge(self) -> str:
+    def _pending_exists(self) -> bool:
         op = self.certs.operation(self.name)
-        if op is not None and str(getattr(op, "status", "")) == "inProgress":
-            return f"{self._where()} keeps its pending version, {RESUME}"
-        return f"{self._where()} has no pending version any more (cancelled or merged with another certificate)"
+        return op is not None and str(getattr(op, "status", "")) == "inProgress"
+
+    def _no_pending(self) -> str:
+        return (
+            f"{self._where()} has no pending version any more (cancelled, or merged with another certificate "
+            "by a concurrent init-ca)"
+        )
 
     def disable_others(self, keep_version: str) -> None:
         """Disable this CA's other enabled versions (the temporary one); a failure only warns."""
