@@ -316,3 +316,32 @@ def test_any_json_in_any_cache_field_is_a_miss_never_an_error(tmp_path: Path) ->
         assert tokens.get("s", None) == ("t", expires)
 
     check()
+
+
+def test_substituted_issuer_in_cached_sub_ca_chain_is_refetched(
+    az: Kvpki, kv: KeyVaultTestServer, root_pem: bytes, make_csr: Any, tmp_path: Path
+) -> None:
+    az.run(
+        "init-ca",
+        "--name",
+        "sub",
+        "--parent",
+        "root",
+        "--subject",
+        "CN=Sub",
+        "--store",
+        "azure",
+        "--vault-url",
+        kv.url,
+        check=True,
+    )
+    (path,) = (az.home / "cache" / "azure").glob("*/sub.json")
+    data = json.loads(path.read_text())
+    _, fake_root = other_ca()  # same subject as the real root, another key
+    data["chain_pem"][1] = fake_root.public_bytes(serialization.Encoding.PEM).decode()
+    path.write_text(json.dumps(data))
+    kv.clear_log()
+    result = az.run("sign-csr", "--ca", "sub", "--chain", input=make_csr().csr_pem)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith(root_pem)  # the real root, from the chain saved at init-ca
+    assert any(e.method == "GET" and e.path == "/certificates/sub/" for e in kv.log)

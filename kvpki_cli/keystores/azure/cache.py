@@ -9,7 +9,8 @@ Files live under ``<home>/cache/azure`` with directories 0700 and files 0600;
 anything group/other-accessible is ignored (and rewritten), never trusted.  A
 file that parses but holds wrong types, a ``fetched_at`` in the future, or a
 chain whose first certificate does not carry the vault key's public key
-(``key_spki``) is treated as missing: the caller refetches from the vault.
+(``key_spki``) or whose issuers did not sign it is treated as missing: the caller
+refetches from the vault.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -27,6 +29,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from kvpki_cli.errors import KvpkiError
@@ -177,11 +180,11 @@ class CachedCA(NamedTuple):
         if not data["kid"].startswith(data["vault_url"] + "/keys/"):
             return None  # the key id must name a key in this vault
         try:
-            first = x509.load_pem_x509_certificate(chain[0].encode())
-            for pem in chain[1:]:
-                x509.load_pem_x509_certificate(pem.encode())
-            public = first.public_key()
-        except ValueError:
+            certs = [x509.load_pem_x509_certificate(pem.encode()) for pem in chain]
+            for child, parent in itertools.pairwise(certs):  # the issuers really issued it (~0.1-0.4 ms a link)
+                child.verify_directly_issued_by(parent)
+            public = certs[0].public_key()
+        except (ValueError, TypeError, InvalidSignature):
             return None
         if not isinstance(public, CAPublicKey) or spki_b64(public) != data["key_spki"]:
             return None  # a chain that does not carry the vault key (substituted or stale)
