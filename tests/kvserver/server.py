@@ -153,6 +153,7 @@ class KeyVaultTestServer:
         self.tls: TLSFiles = make_tls_files(tls_dir or Path(self._tmp.name))  # type: ignore[union-attr]
         self.tenant_id = tenant_id
         self.token_lifetime = token_lifetime
+        self.purge_protection = purge_protection  # kept by reset(); tests may also set vault.purge_protection
         self.vault = Vault(self_issue_delay=self_issue_delay, purge_protection=purge_protection)
         self.clients: dict[str, Client] = {DEFAULT_CLIENT_ID: Client(DEFAULT_SECRET)}
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (client_id, expires_at)
@@ -232,7 +233,7 @@ class KeyVaultTestServer:
     def reset(self) -> None:
         """Empty vault, default faults, empty log, all permissions: a fresh vault on the same port."""
         with self._lock:
-            self.vault = Vault(self_issue_delay=self.vault.self_issue_delay)  # purge protection off by default
+            self.vault = Vault(self_issue_delay=self.vault.self_issue_delay, purge_protection=self.purge_protection)
             self.vault.base = self.url
             self.faults = Faults()
             self.log.clear()
