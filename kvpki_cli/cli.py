@@ -199,8 +199,18 @@ def get_cert_command(obj: Context, serial: str, ca_name: str, with_chain: bool, 
 @click.option(
     "--reason", type=click.Choice(REVOCATION_REASONS, case_sensitive=False), default="unspecified", show_default=True
 )
+@click.option("--dps", "dps_url", help="Also disable the device in this Azure DPS (default: the CA's dps_url).")
+@click.option("--no-dps", is_flag=True, help="Skip the DPS step even if the CA has a dps_url.")
 @click.pass_obj
-def revoke_command(obj: Context, serial: str | None, cert_file: str | None, ca_name: str, reason: str) -> None:
+def revoke_command(
+    obj: Context,
+    serial: str | None,
+    cert_file: str | None,
+    ca_name: str,
+    reason: str,
+    dps_url: str | None,
+    no_dps: bool,
+) -> None:
     """Revoke a certificate by serial (hex) or by file; prints the updated record as JSON."""
     import json
 
@@ -214,10 +224,15 @@ def revoke_command(obj: Context, serial: str | None, cert_file: str | None, ca_n
 
         serial = authority.serial_of(_load_certificate(read_input(cert_file)))
     assert serial is not None
+    from kvpki_cli.dps_cli import plan_dps_step, run_dps_step
+
+    dps_target = plan_dps_step(obj.settings, authority, serial, dps_url, no_dps)  # checked before revoking
     record = authority.revoke(serial, parse_reason(reason))
     from kvpki_cli.authority import utcnow
 
-    _write_stdout((json.dumps(record.as_json(utcnow()), indent=2) + "\n").encode())
+    dps_result = run_dps_step(obj.settings, dps_target)  # after the commit: a DPS failure loses nothing
+    document = record.as_json(utcnow()) | ({"dps": dps_result} if dps_result else {})
+    _write_stdout((json.dumps(document, indent=2) + "\n").encode())
     sys.stderr.write(
         f"kvpki: revoked {record.serial} ({record.reason}); a running 'kvpki serve' re-signs its CRL and"
         " answers OCSP by itself; 'kvpki crl' writes a new CRL file for any other place you publish it\n"
@@ -311,8 +326,9 @@ def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str) -> None:
 @click.option("--ca", "ca_name", required=True, help="Name of the CA.")
 @click.option("--status", type=click.Choice(("valid", "revoked", "expired")), help="Only certificates in this state.")
 @click.option("--json", "as_json", is_flag=True, help="JSON on stdout instead of a table on stderr.")
+@click.option("--expiring", help="Only valid certificates expiring within this window, e.g. 30d (soonest first).")
 @click.pass_obj
-def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool) -> None:
+def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool, expiring: str | None) -> None:
     """List the certificates a CA issued (a table on stderr, or JSON on stdout for scripts)."""
     import json
 
@@ -320,7 +336,13 @@ def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool) 
 
     authority = obj.authority(ca_name)
     now = utcnow()
-    rows = [record.as_json(now) for record in authority.inventory.list_certificates(authority.name, status, now)]
+    if expiring is not None:
+        from kvpki_cli.report import expiring_records
+
+        records = expiring_records(authority, status, expiring, now)
+    else:
+        records = authority.inventory.list_certificates(authority.name, status, now)
+    rows = [record.as_json(now) for record in records]
     if as_json:
         _write_stdout((json.dumps(rows, indent=2) + "\n").encode())
         return
@@ -377,3 +399,54 @@ def serve_passwd_command(users_file: str, user: str, password_stdin: bool, delet
             password = click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
     set_user(Path(users_file), user, password)
     sys.stderr.write(f"kvpki: {'removed' if delete else 'set password for'} {user} in {users_file}\n")
+
+
+@cli.command("report")
+@click.option("--ca", "ca_name", help="Only this CA (default: every CA in the inventory).")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout instead of a table on stderr.")
+@click.pass_obj
+def report_command(obj: Context, ca_name: str | None, as_json: bool) -> None:
+    """Per CA and profile: valid, due for renewal (last 20% of life), expired without successor, revoked."""
+    import json
+
+    from kvpki_cli.report import lifecycle_report, print_report_table
+
+    report = lifecycle_report(obj.settings, obj.authority(ca_name) if ca_name else None)
+    if as_json:
+        _write_stdout((json.dumps(report, indent=2) + "\n").encode())
+        return
+    print_report_table(report)
+
+
+@cli.command("dps-verification")
+@click.option("--ca", "ca_name", required=True, help="The CA registered in DPS / IoT Hub.")
+@click.option("--code", required=True, help="The verification code DPS or IoT Hub shows for the CA certificate.")
+@click.option("--validity", default="1d", show_default=True, help="Lifetime (at most 30d).")
+@click.pass_obj
+def dps_verification_command(obj: Context, ca_name: str, code: str, validity: str) -> None:
+    """Print the proof-of-possession certificate (CN = CODE, signed by the CA, throwaway key) to upload."""
+    from kvpki_cli.dps_verification import issue_verification
+    from kvpki_cli.durations import parse_duration
+    from kvpki_cli.pki.keys import Encoding
+    from kvpki_cli.signing import default_requester
+
+    authority = obj.authority(ca_name)
+    certificate = issue_verification(
+        authority, code, parse_duration(validity, what="--validity"), default_requester()
+    )
+    _write_stdout(certificate.public_bytes(Encoding.PEM), issued=(format(certificate.serial_number, "x"), ca_name))
+
+
+@cli.command("dps-disable")
+@click.argument("serial")
+@click.option("--ca", "ca_name", required=True, help="Name of the CA that issued the certificate.")
+@click.option("--dps", "dps_url", help="https://<name>.azure-devices-provisioning.net (default: the CA's dps_url).")
+@click.pass_obj
+def dps_disable_command(obj: Context, serial: str, ca_name: str, dps_url: str | None) -> None:
+    """Create (or disable) the DPS individual enrollment of a certificate's device; prints it as JSON."""
+    import json
+
+    from kvpki_cli.dps_cli import dps_disable
+
+    result = dps_disable(obj.settings, obj.authority(ca_name), serial, dps_url)
+    _write_stdout((json.dumps(result.as_json(), indent=2) + "\n").encode())

@@ -114,6 +114,7 @@ CA_KEYS: dict[str, Check] = {
     "crl_url": _url,
     "ocsp_url": _url,
     "ca_issuers_url": _url,
+    "dps_url": _url,  # Azure DPS whose enrollments `kvpki revoke` disables (kvpki_cli/dps.py)
 }
 # What each key store reads from [ca.NAME.store_settings]; a store that gains a setting adds it here.
 STORE_SETTINGS: dict[str, dict[str, Check]] = {

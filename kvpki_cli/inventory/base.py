@@ -74,6 +74,41 @@ def status_condition(status: str | None, placeholder: str) -> tuple[str, bool]:
     raise UsageError(f"unknown status {status!r} (one of: {', '.join(STATUSES)})")
 
 
+class LifecycleCounts(NamedTuple):
+    """One row of ``kvpki report``: certificates of one CA and profile by where they are in their life."""
+
+    ca: str
+    profile: str
+    valid: int  # unrevoked, notAfter in the future
+    due: int  # valid and in the last RENEW_FRACTION of their lifetime
+    expired: int  # unrevoked, notAfter passed
+    expired_without_successor: int  # expired, and no valid certificate of the same CA has the same subject
+    revoked: int
+
+
+RENEW_FRACTION = 0.2  # "due for renewal": the last 20% of the lifetime (aziot-certd renews at 80%)
+
+
+def lifecycle_counts_of(records: Sequence[CertificateRecord], now: datetime) -> list[LifecycleCounts]:
+    """The report computed in Python: the reference the SQL of each backend must agree with."""
+    live = {(r.ca, r.subject) for r in records if r.effective_status(now) == "valid"}
+    table: dict[tuple[str, str], list[int]] = {}
+    for r in records:
+        counts = table.setdefault((r.ca, r.profile), [0, 0, 0, 0, 0])
+        state = r.effective_status(now)
+        if state == "valid":
+            counts[0] += 1
+            # now >= notAfter - 20% of the lifetime, in whole seconds as both backends compute it
+            if 5 * int(now.timestamp()) >= 4 * int(r.not_after.timestamp()) + int(r.not_before.timestamp()):
+                counts[1] += 1
+        elif state == "expired":
+            counts[2] += 1
+            counts[3] += (r.ca, r.subject) not in live
+        else:
+            counts[4] += 1
+    return [LifecycleCounts(ca, profile, *counts) for (ca, profile), counts in sorted(table.items())]
+
+
 class CrlSnapshot(NamedTuple):
     """What one CRL says, read atomically: its number, its thisUpdate and the revoked set at that time."""
 
@@ -135,3 +170,16 @@ class Inventory(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""
+
+    # --- lifecycle reporting (kvpki list --expiring, kvpki report); backends override with one query each
+
+    def expiring(self, ca: str, now: datetime, until: datetime) -> list[CertificateRecord]:
+        """Valid certificates of ``ca`` whose notAfter is in (now, until], soonest first."""
+        rows = [r for r in self.list_certificates(ca, "valid", now) if r.not_after <= until]
+        return sorted(rows, key=lambda r: (r.not_after, r.serial))
+
+    def lifecycle_counts(self, ca: str | None, now: datetime) -> list[LifecycleCounts]:
+        """Per (CA, profile) counts for ``kvpki report``, of ``ca`` or (None) of every CA, sorted."""
+        if ca is None:
+            raise NotImplementedError("this inventory backend cannot report across CAs")
+        return lifecycle_counts_of(self.list_certificates(ca, None, now), now)

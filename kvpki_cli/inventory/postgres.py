@@ -18,7 +18,14 @@ from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
-from kvpki_cli.inventory.base import CertificateRecord, CrlSnapshot, Inventory, SerialCollision, status_condition
+from kvpki_cli.inventory.base import (
+    CertificateRecord,
+    CrlSnapshot,
+    Inventory,
+    LifecycleCounts,
+    SerialCollision,
+    status_condition,
+)
 
 try:
     import psycopg
@@ -284,3 +291,35 @@ class PostgresInventory(Inventory):
 
     def close(self) -> None:
         self._db.close()
+
+    # --- lifecycle reporting (kvpki list --expiring, kvpki report)
+
+    def expiring(self, ca: str, now: datetime, until: datetime) -> list[CertificateRecord]:
+        query = (
+            f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s AND status = 'valid'"
+            ' AND not_after > %s AND not_after <= %s ORDER BY not_after, serial COLLATE "C"'
+        )
+        return [_row_to_record(row) for row in self._query(query, (ca, utc_seconds(now), utc_seconds(until)))]
+
+    def lifecycle_counts(self, ca: str | None, now: datetime) -> list[LifecycleCounts]:
+        # One scan grouped by (ca, profile), hash-joined against the set of subjects that have a valid
+        # certificate: no per-row subquery, no index on subject needed.
+        only = " AND ca = %(ca)s" if ca is not None else ""
+        query = f"""
+            WITH live AS (SELECT DISTINCT ca, subject FROM kvpki_certificates
+                          WHERE status = 'valid' AND not_after > %(now)s{only})
+            SELECT c.ca, c.profile,
+                   count(*) FILTER (WHERE c.status = 'valid' AND c.not_after > %(now)s),
+                   count(*) FILTER (WHERE c.status = 'valid' AND c.not_after > %(now)s AND 5 * %(now_s)s::bigint >=
+                       4 * extract(epoch FROM c.not_after)::bigint + extract(epoch FROM c.not_before)::bigint),
+                   count(*) FILTER (WHERE c.status = 'valid' AND c.not_after <= %(now)s),
+                   count(*) FILTER (WHERE c.status = 'valid' AND c.not_after <= %(now)s AND l.subject IS NULL),
+                   count(*) FILTER (WHERE c.status = 'revoked')
+            FROM kvpki_certificates c LEFT JOIN live l ON l.ca = c.ca AND l.subject = c.subject
+            WHERE true{only.replace("ca =", "c.ca =")}
+            GROUP BY c.ca, c.profile ORDER BY c.ca COLLATE "C", c.profile COLLATE "C"
+        """
+        params = {"ca": ca, "now": utc_seconds(now), "now_s": int(now.timestamp())}
+        with self._errors():
+            rows = self._connection().execute(query, params).fetchall()
+        return [LifecycleCounts(str(r[0]), str(r[1]), *(int(v) for v in r[2:])) for r in rows]

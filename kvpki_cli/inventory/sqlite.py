@@ -21,6 +21,7 @@ from kvpki_cli.inventory.base import (
     CertificateRecord,
     CrlSnapshot,
     Inventory,
+    LifecycleCounts,
     SerialCollision,
     from_text,
     status_condition,
@@ -254,3 +255,34 @@ class SqliteInventory(Inventory):
 
     def close(self) -> None:
         self._db.close()
+
+    # --- lifecycle reporting (kvpki list --expiring, kvpki report)
+
+    def expiring(self, ca: str, now: datetime, until: datetime) -> list[CertificateRecord]:
+        return self._rows(
+            f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND status='valid' AND not_after>? AND not_after<=?"
+            " ORDER BY not_after, serial",
+            (ca, to_text(now), to_text(until)),
+        )
+
+    def lifecycle_counts(self, ca: str | None, now: datetime) -> list[LifecycleCounts]:
+        # One scan grouped by (ca, profile); "live" (subjects with a valid certificate) is built once and
+        # probed through SQLite's automatic index, so the query stays O(n log n) without a subject index.
+        only = " AND ca=:ca" if ca is not None else ""
+        sql = f"""
+            WITH live AS (SELECT DISTINCT ca, subject FROM certificates
+                          WHERE status='valid' AND not_after>:now{only})
+            SELECT c.ca, c.profile,
+                   SUM(c.status='valid' AND c.not_after>:now),
+                   SUM(c.status='valid' AND c.not_after>:now AND 5*:now_s >=
+                       4*CAST(strftime('%s', c.not_after) AS INTEGER) + CAST(strftime('%s', c.not_before) AS INTEGER)),
+                   SUM(c.status='valid' AND c.not_after<=:now),
+                   SUM(c.status='valid' AND c.not_after<=:now AND l.subject IS NULL),
+                   SUM(c.status='revoked')
+            FROM certificates c LEFT JOIN live l ON l.ca=c.ca AND l.subject=c.subject
+            WHERE 1=1{only.replace("ca=", "c.ca=")}
+            GROUP BY c.ca, c.profile ORDER BY c.ca, c.profile"""
+        params = {"ca": ca, "now": to_text(now), "now_s": int(now.timestamp())}
+        with self._errors("is unreadable"):
+            rows = self._db.execute(sql, params).fetchall()
+        return [LifecycleCounts(str(r[0]), str(r[1]), *(int(v or 0) for v in r[2:])) for r in rows]
