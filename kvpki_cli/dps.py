@@ -213,15 +213,32 @@ def _error(host: str, response: Any) -> BackendError:
     return BackendError(f"DPS {host} answered {response.status} ({detail}){suffix}")
 
 
-def _writable(existing: dict[str, Any]) -> dict[str, Any]:
-    """An existing enrollment as a PUT body: read-only fields dropped, provisioning disabled."""
+def _writable(existing: dict[str, Any], target: DpsTarget) -> dict[str, Any]:
+    """An existing enrollment as a PUT body: read-only fields dropped, provisioning disabled.
+
+    DPS answers an X.509 attestation with the certificate's ``info`` only, and a PUT must
+    carry a certificate again: then the revoked certificate is sent (the enrollment is
+    disabled either way, and its other settings are kept).
+    """
     body = {
         k: v
         for k, v in existing.items()
         if k not in ("registrationState", "createdDateTimeUtc", "lastUpdatedDateTimeUtc", "etag")
     }
+    attestation = body.get("attestation")
+    primary = _primary(attestation) if isinstance(attestation, dict) else None
+    if not (isinstance(primary, dict) and primary.get("certificate")) and (
+        not isinstance(attestation, dict) or attestation.get("type") in (None, "x509")
+    ):
+        body["attestation"] = _new_enrollment(target)["attestation"]
     body["provisioningStatus"] = "disabled"
     return body
+
+
+def _primary(attestation: dict[str, Any]) -> Any:
+    x509_part = attestation.get("x509")
+    certificates = x509_part.get("clientCertificates") if isinstance(x509_part, dict) else None
+    return certificates.get("primary") if isinstance(certificates, dict) else None
 
 
 def _new_enrollment(target: DpsTarget) -> dict[str, Any]:
@@ -251,9 +268,10 @@ def disable_enrollment(target: DpsTarget, home: Any) -> DpsResult:
                 if current.body.get("provisioningStatus") == "disabled":
                     return DpsResult(target.registration_id, target.url, "already-disabled", current.body.get("etag"))
                 etag = current.body.get("etag") or current.headers.get("etag")
-                body, headers, outcome = _writable(current.body), ({"If-Match": etag} if etag else {}), "disabled"
+                headers = {"If-Match": etag} if etag else {}
+                body, outcome = _writable(current.body, target), "disabled"
             elif current.status == 404:
-                body, headers, outcome = _new_enrollment(target), {}, "created"
+                body, headers, outcome = _new_enrollment(target), {}, "created"  # no If-Match: create only
             else:
                 raise _error(client.host, current)
             answer = client.request("PUT", path, body, headers)
