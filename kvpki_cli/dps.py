@@ -285,5 +285,3 @@ def disable_enrollment(target: DpsTarget, home: Any) -> DpsResult:
         raise BackendError(f"DPS {client.host}: enrollment {target.registration_id} kept changing; try again")
     finally:
         client.close()
-
-

