@@ -294,3 +294,14 @@ def test_revoke_without_dps_imports_no_azure_code(tmp_path: Path) -> None:
     serial = format(load_cert(leaf).serial_number, "x")
     result = subprocess.run([*run, "revoke", serial, "--ca", "root"], env=env, capture_output=True, text=True)
     assert result.stderr.strip().endswith("0 []"), result.stderr
+
+
+def test_azure_sign_in_failure_keeps_revocation(cli: Cli, dps: DpsTestServer) -> None:
+    serial, _ = cli.issue("device-019")
+    cli.env["AZURE_CLIENT_SECRET"] = "wrong"
+    result = cli.run("revoke", serial, "--ca", "root", "--dps", dps.url)
+    assert result.returncode == 6 and result.stdout == b""
+    line = result.stderr.decode()
+    assert line.count("\n") == 1 and "DPS step failed: Azure authentication failed" in line
+    assert "wrong" not in line  # never the secret
+    assert cli.status(serial) == "revoked" and dps.log == []
