@@ -254,7 +254,7 @@ def test_concurrent_crl_and_revoke_processes(inventory_url: str, tmp_path: Path)
     crl_files: list[Path] = []
     for round_number in range(ROUNDS):
         to_revoke = serials[round_number * REVOKE_PROCESSES : (round_number + 1) * REVOKE_PROCESSES]
-        commands = [["crl", "--ca", "root", "--format", "der"] for _ in range(CRL_PROCESSES)]
+        commands = [["crl", "--ca", "root", "--format", "der", "--new"] for _ in range(CRL_PROCESSES)]
         commands += [["revoke", serial, "--ca", "root", "--reason", "keyCompromise"] for serial in to_revoke]
         order = sorted(range(len(commands)), key=lambda i: (i * 7919) % len(commands))  # interleave the kinds
         processes = [
