@@ -207,7 +207,7 @@ def test_three_instances_one_postgresql(fleet: Fleet) -> None:
         for index in range(thread, ENROLLMENTS, CLIENT_THREADS):
             with progress:
                 due = index * (REVOCATIONS + 2) // ENROLLMENTS - 1
-                assert progress.wait_for(lambda: revocations_done >= due, timeout=120), "the revoker stopped"
+                assert progress.wait_for(lambda due=due: revocations_done >= due, timeout=120), "the revoker stopped"
             certificate = enroller.enroll(index % INSTANCES, csrs[index])
             with issued_lock:
                 issued.append(certificate)
@@ -297,7 +297,8 @@ def test_three_instances_one_postgresql(fleet: Fleet) -> None:
     print(
         f"\n{ENROLLMENTS} enrollments over {INSTANCES} instances in {enrolled:.1f} s"
         f" ({ENROLLMENTS / enrolled:.0f}/s, {CLIENT_THREADS} client threads); whole run {elapsed:.1f} s;"
-        f" {REVOCATIONS} revocations ({CLI_REVOCATIONS} by `kvpki revoke`, {revoked_while_enrolling} while enrolling): OCSP on all instances after"
+        f" {REVOCATIONS} revocations ({CLI_REVOCATIONS} by `kvpki revoke`, {revoked_while_enrolling} while enrolling):"
+        f" OCSP on all instances after"
         f" max {max(delays) * 1000:.0f} ms, median {sorted(delays)[len(delays) // 2] * 1000:.0f} ms;"
         f" {len(stored)} CRLs signed for {len(served_crls)} instance CRL fetches"
         f" ({fetches_per_state:.1f} fetches per signature)"
