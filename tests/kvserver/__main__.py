@@ -21,8 +21,9 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--token-latency-ms", type=float, default=None)
     parser.add_argument("--tls-dir", type=Path, default=None)
+    parser.add_argument("--purge-protection", action="store_true", help="refuse purges, as the README's vault")
     args = parser.parse_args()
-    server = KeyVaultTestServer(port=args.port, tls_dir=args.tls_dir)
+    server = KeyVaultTestServer(port=args.port, tls_dir=args.tls_dir, purge_protection=args.purge_protection)
     server.set_faults(latency_ms=args.latency_ms, token_latency_ms=args.token_latency_ms)
     server.start()
     info = {

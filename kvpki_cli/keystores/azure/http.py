@@ -16,10 +16,10 @@ import ssl
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from kvpki_cli.keystores.azure_retry import Retryable, parse_retry_after
+from kvpki_cli.keystores.azure.errors import RETRY_STATUSES, VaultError, parse_error
+from kvpki_cli.keystores.azure.retry import Retryable, parse_retry_after
 
 KEYS_API_VERSION = "2025-07-01"
-RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 
 
 class Response(NamedTuple):
@@ -28,20 +28,16 @@ class Response(NamedTuple):
     body: dict[str, Any]
 
     @property
+    def error(self) -> VaultError:
+        return parse_error(self.status, self.body)
+
+    @property
     def error_code(self) -> str:
-        err = self.body.get("error")
-        if isinstance(err, dict):
-            inner = err.get("innererror")
-            if isinstance(inner, dict) and inner.get("code"):
-                return str(inner["code"])
-            return str(err.get("code") or "")
-        return ""
+        return self.error.most_specific_code
 
     @property
     def error_message(self) -> str:
-        err = self.body.get("error")
-        message = err.get("message") if isinstance(err, dict) else None
-        return " ".join(str(message or f"HTTP {self.status}").split())
+        return self.error.message
 
 
 def _env_cafile() -> str | None:

@@ -3,7 +3,7 @@
 On a 401 (token revoked, expired early, vault moved tenant) it does what the
 SDK's challenge policy does: reads the challenge, gets a fresh token through
 ``DefaultAzureCredential`` and repeats once.  Throttling, 5xx, timeouts and lost
-connections are retried under the store's deadline (see ``azure_retry``).
+connections are retried under the store's deadline (see ``retry``).
 """
 
 from __future__ import annotations
@@ -14,28 +14,10 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from kvpki_cli.errors import BackendError, NotFound
-from kvpki_cli.keystores.azure_auth import DEFAULT_SCOPE, CachingCredential
-from kvpki_cli.keystores.azure_http import KEYS_API_VERSION, Response, VaultHTTP, parse_challenge
-from kvpki_cli.keystores.azure_retry import RetryPolicy
-
-# Data-plane permission -> the built-in RBAC role that grants it.
-ROLE_FOR = {
-    "keys/sign": "Key Vault Crypto User",
-    "keys/get": "Key Vault Crypto User",
-    "certificates/get": "Key Vault Certificates Officer",
-    "certificates/create": "Key Vault Certificates Officer",
-    "certificates/update": "Key Vault Certificates Officer",
-    "certificates/delete": "Key Vault Certificates Officer",
-}
-
-
-def denied_message(permission: str, vault_url: str, detail: str = "") -> str:
-    role = ROLE_FOR.get(permission, "a Key Vault data-plane role")
-    extra = f" ({detail})" if detail else ""
-    return (
-        f"Key Vault denied {permission} on {vault_url}: grant '{role}' (RBAC) or the '{permission}' "
-        f"access-policy permission to this identity{extra}"
-    )
+from kvpki_cli.keystores.azure.auth import DEFAULT_SCOPE, CachingCredential
+from kvpki_cli.keystores.azure.errors import tls_error, to_kvpki_error
+from kvpki_cli.keystores.azure.http import KEYS_API_VERSION, Response, VaultHTTP, parse_challenge
+from kvpki_cli.keystores.azure.retry import RetryPolicy
 
 
 def _b64url(data: bytes) -> str:
@@ -77,10 +59,7 @@ class VaultSignClient:
                 f"Key Vault sign with {self.kid}",
             )
         except ssl.SSLCertVerificationError as exc:
-            raise BackendError(
-                f"TLS verification of {self.vault_url} failed: {exc.verify_message} "
-                "(set ca_bundle or KVPKI_AZURE_CA_BUNDLE)"
-            ) from None
+            raise tls_error(self.vault_url, str(exc.verify_message)) from None
 
     def sign(self, alg: str, digest: bytes) -> bytes:
         body = {"alg": alg, "value": _b64url(digest)}
@@ -102,15 +81,9 @@ class VaultSignClient:
     def _result(self, response: Response) -> bytes:
         if response.status == 200 and isinstance(response.body.get("value"), str):
             return _b64url_decode(response.body["value"])
-        code = response.error_code
-        if response.status == 403 and code in ("KeyDisabled", "KeyOperationForbidden"):
-            self._on_stale_key()
-            raise BackendError(f"Key Vault refused to sign with {self.kid}: {response.error_message}")
-        if response.status == 403:
-            raise BackendError(denied_message("keys/sign", self.vault_url, code))
+        error = response.error
+        if response.status == 404 or error.most_specific_code in ("KeyDisabled", "KeyOperationForbidden"):
+            self._on_stale_key()  # gone or disabled: the cached key id must not be used again
         if response.status == 404:
-            self._on_stale_key()
-            raise NotFound(f"CA key {self.kid} is not in the vault (cached CA data cleared): {response.error_message}")
-        raise BackendError(
-            f"Key Vault sign with {self.kid} failed: HTTP {response.status} {code}: {response.error_message}"
-        )
+            raise NotFound(f"CA key {self.kid} is not in the vault (cached CA data cleared): {error.message}")
+        raise to_kvpki_error(error, "keys/sign", f"sign with {self.kid}", self.vault_url)

@@ -26,6 +26,10 @@ class Retryable(Exception):
         self.retry_after = retry_after
 
 
+class RetriesExhausted(BackendError):
+    """Every attempt failed transiently until the deadline: the vault may work again later."""
+
+
 class RetryPolicy(NamedTuple):
     deadline: float = 30.0  # seconds for the whole operation, all attempts included
     base: float = 0.25  # first backoff
@@ -47,7 +51,7 @@ class RetryPolicy(NamedTuple):
                 remaining = end - time.monotonic()
                 if delay >= remaining:
                     elapsed = time.monotonic() - start
-                    raise BackendError(
+                    raise RetriesExhausted(
                         f"{what} failed after {tries} attempt{'s' if tries > 1 else ''} in {elapsed:.1f}s: "
                         f"{exc.reason} (retry deadline {self.deadline:g}s, KVPKI_AZURE_DEADLINE)",
                         retry_after=exc.retry_after,
