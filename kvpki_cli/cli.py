@@ -312,14 +312,23 @@ def init_ocsp_responder_command(obj: Context, ca_name: str, validity: str) -> No
 @click.option("--ca", "ca_name", required=True, help="Name of the CA.")
 @click.option("--format", "fmt", type=click.Choice(("pem", "der")), default="pem", show_default=True)
 @click.option("--next-update", default="7d", show_default=True, help="How long the CRL is valid.")
+@click.option("--new", "force_new", is_flag=True, help="Sign a new CRL even if the stored one is current.")
 @click.pass_obj
-def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str) -> None:
-    """Print a CRL signed by the CA key listing every revoked, unexpired certificate."""
+def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str, force_new: bool) -> None:
+    """Print the CA's current CRL (every revoked, unexpired certificate), shared with `kvpki serve`.
+
+    The CRL stored in the inventory is printed if nothing was revoked since, it has the requested
+    validity and less than half of it has passed; otherwise (or with --new) a new one is signed and stored.
+    """
+    from cryptography import x509
+
+    from kvpki_cli.crl_publish import published_crl
     from kvpki_cli.durations import parse_duration
     from kvpki_cli.pki.keys import Encoding
 
-    crl = obj.authority(ca_name).crl(parse_duration(next_update, what="--next-update"))
-    _write_stdout(crl.public_bytes(Encoding.PEM if fmt == "pem" else Encoding.DER))
+    validity = parse_duration(next_update, what="--next-update")
+    der = published_crl(obj.authority(ca_name), validity, exact_validity=True, new=force_new).der
+    _write_stdout(x509.load_der_x509_crl(der).public_bytes(Encoding.PEM) if fmt == "pem" else der)
 
 
 @cli.command("list")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -117,6 +118,30 @@ class CrlSnapshot(NamedTuple):
     revoked: list[CertificateRecord]
 
 
+class StoredCrl(NamedTuple):
+    """A signed CRL kept in the inventory, so every ``serve`` instance publishes the same bytes.
+
+    ``revocations`` is the CA's revocation count read before the CRL's snapshot was taken: while the
+    count is still the same, no certificate was revoked since and the CRL is complete.
+    """
+
+    number: int
+    this_update: datetime
+    next_update: datetime
+    revocations: int
+    der: bytes
+
+
+class CrlState(NamedTuple):
+    """One cheap read per request: the CA's revocation count and the number of its latest stored CRL."""
+
+    revocations: int
+    latest: int | None
+
+
+CRLS_KEPT = 100  # stored CRLs per CA (the latest ones): history for audits, bounded in size
+
+
 class SerialCollision(Exception):
     """A serial number already exists for this CA (the caller draws a new one)."""
 
@@ -167,6 +192,25 @@ class Inventory(ABC):
         override this default with a COUNT query.
         """
         return len(self.list_certificates(ca, "revoked", datetime.now(UTC)))
+
+    # Stored CRLs (``crl_publish.py`` coordinates them).  Backends create their table on first use.
+
+    def crl_lock(self, ca: str) -> AbstractContextManager[None]:
+        """Held while deciding whether to sign a new CRL of ``ca`` and storing it: across processes and
+        machines sharing the inventory, so exactly one of them signs each new CRL."""
+        raise UsageError("this inventory cannot store CRLs")
+
+    def crl_state(self, ca: str) -> CrlState:
+        """The revocation count and the latest stored CRL number, in one round trip."""
+        raise UsageError("this inventory cannot store CRLs")
+
+    def latest_crl(self, ca: str, *, with_der: bool = True) -> StoredCrl | None:
+        """The stored CRL of ``ca`` with the highest number, or None (``with_der=False``: ``der`` empty)."""
+        raise UsageError("this inventory cannot store CRLs")
+
+    def store_crl(self, ca: str, crl: StoredCrl) -> None:
+        """Keep a newly signed CRL (call under ``crl_lock``); older ones beyond ``CRLS_KEPT`` are dropped."""
+        raise UsageError("this inventory cannot store CRLs")
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""

@@ -7,22 +7,26 @@ write lock up front so transactions never deadlock on upgrade.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound
 from kvpki_cli.inventory.base import (
+    CRLS_KEPT,
     CertificateRecord,
     CrlSnapshot,
+    CrlState,
     Inventory,
     LifecycleCounts,
     SerialCollision,
+    StoredCrl,
     from_text,
     status_condition,
     to_text,
@@ -53,6 +57,19 @@ CREATE TABLE IF NOT EXISTS crl_numbers (ca TEXT PRIMARY KEY, last INTEGER NOT NU
 COLUMNS = (
     "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason"
 )
+
+# Created on first use (no schema version bump): signed CRLs every process of this machine publishes.
+CRLS_TABLE = """
+CREATE TABLE IF NOT EXISTS crls (
+    ca TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    this_update TEXT NOT NULL,
+    next_update TEXT NOT NULL,
+    revocations INTEGER NOT NULL,
+    der BLOB NOT NULL,
+    PRIMARY KEY (ca, number)
+)
+"""
 
 REVOKED_UNEXPIRED = (
     f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial"
@@ -252,6 +269,65 @@ class SqliteInventory(Inventory):
             this_update = clock().replace(microsecond=0)
             rows = db.execute(REVOKED_UNEXPIRED, (ca, to_text(this_update))).fetchall()
         return CrlSnapshot(number, this_update, self._decode(rows))
+
+    def _crls_table(self) -> None:
+        if not getattr(self, "_crls_ready", False):
+            with self._transaction() as db:
+                db.execute(CRLS_TABLE)
+            self._crls_ready = True
+
+    def crl_lock(self, ca: str) -> AbstractContextManager[None]:
+        return self._crl_lock()
+
+    @contextmanager
+    def _crl_lock(self) -> Iterator[None]:
+        # A lock file beside the database (one machine, so flock is enough; SQLite's own write lock
+        # cannot span the separate snapshot transaction).  One lock for all CAs: CRLs are rare.
+        self._crls_table()
+        lock_path = self.path.with_name(self.path.name + ".crl-lock")
+        with self._errors("has no usable CRL lock file"):
+            handle = lock_path.open("a+b")
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def crl_state(self, ca: str) -> CrlState:
+        self._crls_table()
+        with self._errors("is unreadable"):
+            row = self._db.execute(
+                "SELECT (SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'),"
+                " (SELECT MAX(number) FROM crls WHERE ca=?)",
+                (ca, ca),
+            ).fetchone()
+        return CrlState(int(row[0]), None if row[1] is None else int(row[1]))
+
+    def latest_crl(self, ca: str, *, with_der: bool = True) -> StoredCrl | None:
+        self._crls_table()
+        der_column = "der" if with_der else "NULL"
+        with self._errors("is unreadable"):
+            row = self._db.execute(
+                f"SELECT number, this_update, next_update, revocations, {der_column} FROM crls WHERE ca=?"
+                " ORDER BY number DESC LIMIT 1",
+                (ca,),
+            ).fetchone()
+        if row is None:
+            return None
+        try:
+            return StoredCrl(int(row[0]), from_text(row[1]), from_text(row[2]), int(row[3]), bytes(row[4] or b""))
+        except (ValueError, TypeError) as exc:
+            raise BackendError(f"inventory {self.path} holds an unreadable CRL: {_describe(exc)}") from None
+
+    def store_crl(self, ca: str, crl: StoredCrl) -> None:
+        self._crls_table()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO crls (ca, number, this_update, next_update, revocations, der) VALUES (?, ?, ?, ?, ?, ?)",
+                (ca, crl.number, to_text(crl.this_update), to_text(crl.next_update), crl.revocations, crl.der),
+            )
+            db.execute("DELETE FROM crls WHERE ca=? AND number <= ?", (ca, crl.number - CRLS_KEPT))
 
     def close(self) -> None:
         self._db.close()
