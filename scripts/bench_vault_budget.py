@@ -18,6 +18,7 @@ is reset between phases (each phase is a fresh process with a fresh governor).
 
 Usage: scripts/bench_vault_budget.py [--count 3000] [--latency-ms 30] [--limit 2000] [--window 10]
                                      [--baseline-count 3000] [--est-connections 64] [--est-concurrency 24]
+                                     [--ungoverned]
 """
 
 from __future__ import annotations
@@ -209,7 +210,9 @@ async def est_load(
     return issued, failures
 
 
-def est(env: dict[str, str], vault: Vault, home: Path, count: int, connections: int, concurrency: int) -> Result:
+def est(
+    env: dict[str, str], vault: Vault, home: Path, count: int, connections: int, concurrency: int, label: str
+) -> Result:
     port = free_port()
     config = prepare_serve(home, env, port, concurrency)
     bodies = [base64.b64encode(csr_der(f"est-device-{i}")) for i in range(count + connections)]
@@ -239,7 +242,7 @@ def est(env: dict[str, str], vault: Vault, home: Path, count: int, connections: 
     rows = len(json.loads(run(env, "list", "--ca", "bench", "--json"))) - before - connections  # minus warm-up
     if failures:
         print(f"EST answers other than 200: {failures}")
-    return summarize(f"EST simpleenroll, {concurrency} workers", vault, min(issued, rows), count, wall)
+    return summarize(label, vault, min(issued, rows), count, wall)
 
 
 def main() -> None:
@@ -252,6 +255,9 @@ def main() -> None:
     parser.add_argument("--est-connections", type=int, default=64)
     parser.add_argument("--est-concurrency", type=int, default=24, help="serve signing_concurrency")
     parser.add_argument("--skip-est", action="store_true")
+    parser.add_argument(
+        "--ungoverned", action="store_true", help="also run the EST load with sign_rate 100000 (no governor)"
+    )
     args = parser.parse_args()
     if not 1 <= args.count <= 100_000 or not 0 <= args.baseline_count <= 100_000:
         sys.exit("bench_vault_budget: --count must be 1..100000, --baseline-count 0..100000")
@@ -277,7 +283,14 @@ def main() -> None:
         results.append(batch(env, vault, work, csrs[: args.count], None, "batch sign-csr --out-dir (default)"))
         print(results[-1].label, "done", flush=True)
         if not args.skip_est:
-            results.append(est(env, vault, work, args.count, args.est_connections, args.est_concurrency))
+            label = f"EST simpleenroll, {args.est_concurrency} workers"
+            results.append(est(env, vault, work, args.count, args.est_connections, args.est_concurrency, label))
+            print(results[-1].label, "done", flush=True)
+        if args.ungoverned:
+            (work / "config.toml").write_text("[ca.bench.store_settings]\nsign_rate = 100000\n")
+            label = "EST, sign_rate 100000 (ungoverned)"
+            results.append(est(env, vault, work, args.count, args.est_connections, args.est_concurrency, label))
+            (work / "config.toml").unlink()
             print(results[-1].label, "done", flush=True)
         if args.baseline_count:
             results.append(batch(env, vault, work, csrs[: args.baseline_count], 1, "baseline sign-csr --jobs 1"))
