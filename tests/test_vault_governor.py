@@ -229,7 +229,7 @@ def test_batch_with_jobs_stays_under_the_vault_limit(tmp_path: Path, az: Kvpki, 
 
 
 def test_batch_jobs_default_comes_from_the_store(az: Kvpki, kv: KeyVaultTestServer, tmp_path: Path) -> None:
-    """Without --jobs the azure store signs concurrently: with 100 ms vault latency 24 CSRs take < 24 x 100 ms."""
+    """Without --jobs the azure store signs concurrently: at 100 ms vault latency 24 signatures overlap."""
     az.init_ca("root", "--subject", "CN=Governed Root")
     paths = []
     for i in range(24):
@@ -238,11 +238,11 @@ def test_batch_jobs_default_comes_from_the_store(az: Kvpki, kv: KeyVaultTestServ
         paths.append(str(path))
     kv.set_faults(latency_ms=100)
     kv.clear_log()
-    start = time.monotonic()
     result = az.run("sign-csr", "--ca", "root", "--out-dir", str(tmp_path / "o"), *paths)
     assert result.returncode == 0, result.stderr
-    assert sum(1 for e in kv.log if e.path.endswith("/sign") and e.status == 200) == 24
-    assert time.monotonic() - start < 24 * 0.1
+    answered = sorted(e.at for e in kv.log if e.path.endswith("/sign") and e.status == 200)
+    assert len(answered) == 24
+    assert answered[-1] - answered[0] < 24 * 0.1 / 2  # one at a time, the answers would span >= 2.3 s
 
 
 # ----------------------------------------------------------------------------- serve
@@ -255,7 +255,7 @@ def _serve_home(home: Path, kv: KeyVaultTestServer) -> Settings:
         parse_subject("CN=Vault Root"),
         KeyType("ec-p256"),
         store="azure",
-        store_settings={"vault_url": kv.url, "sign_rate": 0.5},  # one signature per 2 s
+        store_settings={"vault_url": kv.url, "sign_rate": 0.4},  # one signature per 2.5 s
     )
     key = ec.generate_private_key(ec.SECP256R1())
     csr_der = (
@@ -271,7 +271,7 @@ def _serve_home(home: Path, kv: KeyVaultTestServer) -> Settings:
     set_user(home / "est-users", "alice", "alice-secret")
     (home / "serve.toml").write_text(
         '[server]\ntls_cert = "server.pem"\ntls_key = "server.key"\nusers_file = "est-users"\n'
-        "request_timeout = 0.5\nretry_after = 30\n"
+        "request_timeout = 0.3\nretry_after = 30\n"
         '[est.default]\nca = "vault"\nprofile = "device"\nusers = ["alice"]\n'
     )
     return settings
@@ -334,10 +334,10 @@ def test_serve_answers_503_with_retry_after_when_the_queue_passes_the_deadline(
     status, _ = _enroll(est_port, "first")
     assert status == 200
     start = time.monotonic()
-    status, headers = _enroll(est_port, "second")  # its turn is ~1.75 s away; its deadline 0.5 s
+    status, headers = _enroll(est_port, "second")  # its turn is ~2.25 s away; its deadline 0.3 s
     assert status == 503
-    assert time.monotonic() - start < 0.5  # refused at once, not after waiting
-    assert 1 <= int(headers["retry-after"]) <= 2  # the governor's wait, not the configured 30
+    assert time.monotonic() - start < 1.5  # refused at once, not after waiting for its turn
+    assert 1 <= int(headers["retry-after"]) <= 3  # the governor's wait, not the configured 30
     assert sum(1 for e in kv.log if e.path.endswith("/sign")) == 1  # the refused request cost no signature
     time.sleep(float(headers["retry-after"]))
     assert _enroll(est_port, "third")[0] == 200  # the client that honours Retry-After gets its certificate
