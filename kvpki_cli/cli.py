@@ -130,6 +130,11 @@ def init_ca_command(
 @click.option(
     "--out-dir", type=click.Path(file_okay=False), help="Write one file per CSR here (required for several CSRs)."
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(1, 256),
+    help="Signatures in flight at once (default: 1 for a local key, from the vault's sign_rate for Key Vault).",
+)
 @click.pass_obj
 def sign_csr_command(
     obj: Context,
@@ -144,6 +149,7 @@ def sign_csr_command(
     fmt: str,
     requester: str | None,
     out_dir: str | None,
+    jobs: int | None,
 ) -> None:
     """Sign CSRs (PEM, DER or base64; '-' or nothing for stdin) and print the certificate."""
     from kvpki_cli.signing import SignOptions, sign_csrs
@@ -162,6 +168,7 @@ def sign_csr_command(
             requester=requester,
             out_dir=out_dir,
             home=str(obj.home) if obj.home else None,
+            jobs=jobs,
         )
     )
 

@@ -106,7 +106,7 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     trusted += [cert for certs in client_cas.values() for cert in certs]
     context = tls_context(config, trusted)
 
-    workers = CaWorkers(settings, config.signing_concurrency)
+    workers = CaWorkers(settings, config.signing_concurrency, deadline=config.request_timeout)
     publishing = CaWorkers(settings, max(PUBLISHING_THREADS, config.signing_concurrency))
     auth = Authenticator(
         UserDirectory(config.users_file),

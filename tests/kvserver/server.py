@@ -6,12 +6,16 @@ from the documented loopback seams.  Faults are injected at runtime through
 method and path answer a status (429, 5xx, a 403 with a chosen inner error code) or
 lose their connection before the vault sees them; or the vault *applies* the
 request and then the reply is lost (``apply-then-status`` with e.g. 504, as when a
-gateway times out after the backend committed; ``apply-then-drop``).  Every
-request is logged (method, path, kind) so tests can count round trips.
+gateway times out after the backend committed; ``apply-then-drop``).  A throttle
+(``set_throttle``, ``POST /_admin/throttle``, ``--throttle``) answers 429 Throttled
+to sign requests beyond a limit per sliding window, as Key Vault's per-vault budget
+does.  Every request is logged (method, path, kind, status, time) so tests can count
+round trips.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import re
@@ -129,6 +133,27 @@ class LoggedRequest:
     kind: str  # "vault" | "token" | "discovery" | "other"
     status: int
     authorized: bool
+    at: float = 0.0  # time.time() when answered
+
+
+@dataclass
+class Throttle:
+    """At most ``limit`` accepted sign requests in any ``window_s`` (sliding); the rest get 429 Throttled."""
+
+    limit: int = 0  # 0: off
+    window_s: float = 10.0
+    retry_after: str | None = None  # real throttled replies often carry none
+    accepted: collections.deque[float] = field(default_factory=collections.deque)
+
+    def admit(self, now: float) -> bool:
+        if self.limit <= 0:
+            return True
+        while self.accepted and self.accepted[0] <= now - self.window_s:
+            self.accepted.popleft()
+        if len(self.accepted) >= self.limit:
+            return False
+        self.accepted.append(now)
+        return True
 
 
 @dataclass
@@ -158,6 +183,7 @@ class KeyVaultTestServer:
         self.clients: dict[str, Client] = {DEFAULT_CLIENT_ID: Client(DEFAULT_SECRET)}
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (client_id, expires_at)
         self.faults = Faults()
+        self.throttle = Throttle()
         self.log: list[LoggedRequest] = []
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
@@ -215,6 +241,17 @@ class KeyVaultTestServer:
         with self._lock:
             self.faults = Faults(latency_ms, token_latency_ms, list(rules or []))
 
+    def set_throttle(self, limit: int, window_s: float = 10.0, retry_after: str | None = None) -> None:
+        """Answer 429 to sign requests beyond ``limit`` per sliding ``window_s`` (0: no throttle)."""
+        with self._lock:
+            self.throttle = Throttle(limit, window_s, retry_after)
+
+    def _throttled(self, method: str, path: str, authorized: bool) -> bool:
+        if method != "POST" or not authorized or not path.rstrip("/").endswith("/sign"):
+            return False
+        with self._lock:
+            return not self.throttle.admit(time.monotonic())
+
     def clear_log(self) -> None:
         with self._lock:
             self.log.clear()
@@ -236,6 +273,7 @@ class KeyVaultTestServer:
             self.vault = Vault(self_issue_delay=self.vault.self_issue_delay, purge_protection=self.purge_protection)
             self.vault.base = self.url
             self.faults = Faults()
+            self.throttle = Throttle()
             self.log.clear()
             self.tokens.clear()
             self.clients = {DEFAULT_CLIENT_ID: Client(DEFAULT_SECRET)}
@@ -379,9 +417,11 @@ class _Handler(BaseHTTPRequestHandler):
         fault = kv._take_fault(self.command, path, kind)
         authorized = kind == "vault" and kv.token_client(self.headers.get("Authorization")) is not None
         if fault is not None and fault.kind == "drop":
-            kv._record(LoggedRequest(self.command, path, kind, 0, authorized))
+            kv._record(LoggedRequest(self.command, path, kind, 0, authorized, time.time()))
             self._drop()
             return
+        if fault is None and kind == "vault" and kv._throttled(self.command, path, authorized):
+            fault = FaultRule(status=429, retry_after=kv.throttle.retry_after)
         if fault is not None:
             reply: Reply = fault.reply()
         elif kind == "vault":
@@ -395,12 +435,12 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is None:
             lost = kv._take_fault(self.command, path, kind, applied=200 <= reply[0] < 300)
             if lost is not None and lost.kind == "apply-then-drop":
-                kv._record(LoggedRequest(self.command, path, kind, 0, authorized))
+                kv._record(LoggedRequest(self.command, path, kind, 0, authorized, time.time()))
                 self._drop()
                 return
             if lost is not None:
                 reply = lost.reply()
-        kv._record(LoggedRequest(self.command, path, kind, reply[0], authorized))
+        kv._record(LoggedRequest(self.command, path, kind, reply[0], authorized, time.time()))
         self._send(*reply)
 
     # ---------------------------------------------------------------- vault
@@ -576,6 +616,10 @@ class _Handler(BaseHTTPRequestHandler):
             spec = json.loads(raw or b"{}")
             rules = [FaultRule(**rule) for rule in spec.get("rules", [])]
             kv.set_faults(float(spec.get("latency_ms", 0)), rules, spec.get("token_latency_ms"))
+            self._send(200, {"ok": True})
+        elif path == "/_admin/throttle" and self.command == "POST":
+            spec = json.loads(raw or b"{}")
+            kv.set_throttle(int(spec.get("limit", 0)), float(spec.get("window_s", 10.0)), spec.get("retry_after"))
             self._send(200, {"ok": True})
         elif path == "/_admin/log" and self.command == "GET":
             with kv._lock:

@@ -3,21 +3,25 @@
 On a 401 (token revoked, expired early, vault moved tenant) it does what the
 SDK's challenge policy does: reads the challenge, gets a fresh token through
 ``DefaultAzureCredential`` and repeats once.  Throttling, 5xx, timeouts and lost
-connections are retried under the store's deadline (see ``retry``).
+connections are retried under the store's deadline (see ``retry``).  Every
+attempt first takes its turn from the vault's rate governor (``governor``); a 429
+tells the governor to stop bursting.
 """
 
 from __future__ import annotations
 
 import base64
 import ssl
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from kvpki_cli.errors import BackendError, NotFound
 from kvpki_cli.keystores.azure.auth import DEFAULT_SCOPE, CachingCredential
 from kvpki_cli.keystores.azure.errors import tls_error, to_kvpki_error
+from kvpki_cli.keystores.azure.governor import SignBudget
 from kvpki_cli.keystores.azure.http import KEYS_API_VERSION, Response, VaultHTTP, parse_challenge
-from kvpki_cli.keystores.azure.retry import RetryPolicy
+from kvpki_cli.keystores.azure.retry import Retryable, RetryPolicy
 
 
 def _b64url(data: bytes) -> str:
@@ -41,6 +45,7 @@ class VaultSignClient:
         scope: str | None,
         tenant: str | None,
         on_stale_key: Callable[[], None] = lambda: None,
+        budget: SignBudget | None = None,
     ) -> None:
         self.vault_url = vault_url
         self.kid = kid
@@ -51,11 +56,23 @@ class VaultSignClient:
         self.scope = scope or DEFAULT_SCOPE
         self.tenant = tenant
         self._on_stale_key = on_stale_key
+        self.budget = budget
+
+    def _attempt(self, token: str, body: dict[str, str], timeout: float) -> Response:
+        """One sign request, in its turn of the vault's budget (its wait counts against ``timeout``)."""
+        if self.budget is not None:
+            self.budget.take(time.monotonic() + timeout)
+        try:
+            return self.http.request("POST", self.path, token, body, timeout)
+        except Retryable as exc:
+            if exc.status == 429 and self.budget is not None:
+                self.budget.governor.throttled(exc.retry_after)
+            raise
 
     def _post(self, token: str, body: dict[str, str]) -> Response:
         try:
             return self.retry.run(
-                lambda timeout: self.http.request("POST", self.path, token, body, timeout),
+                lambda timeout: self._attempt(token, body, timeout),
                 f"Key Vault sign with {self.kid}",
             )
         except ssl.SSLCertVerificationError as exc:

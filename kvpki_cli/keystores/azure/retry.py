@@ -20,10 +20,11 @@ T = TypeVar("T")
 class Retryable(Exception):
     """A transient failure (throttled, 5xx, timeout, connection lost); ``retry_after`` in seconds if given."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None, status: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.status = status  # the HTTP status, when the vault answered
 
 
 class RetriesExhausted(BackendError):

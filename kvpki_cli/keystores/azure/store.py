@@ -30,6 +30,7 @@ from kvpki_cli.fileutil import write_file_atomic
 from kvpki_cli.keystores.azure.auth import DEFAULT_SCOPE, CachingCredential
 from kvpki_cli.keystores.azure.cache import CachedCA, ChainCache, TokenCache, install_id, spki_b64
 from kvpki_cli.keystores.azure.fastsign import VaultSignClient
+from kvpki_cli.keystores.azure.governor import SignBudget, default_jobs, default_rate, governor_for
 from kvpki_cli.keystores.azure.http import VaultHTTP
 from kvpki_cli.keystores.azure.retry import RetryPolicy
 from kvpki_cli.keystores.azure.signer import vault_private_key
@@ -72,6 +73,20 @@ def _as_seconds(value: Any, what: str) -> float:
     return seconds
 
 
+def _as_rate(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = 0.0
+    if not 0 < rate < 1e6:
+        raise UsageError(
+            f"azure store setting sign_rate must be a positive number of signatures per second, got {value!r}"
+        )
+    return rate
+
+
 class AzureSettings(NamedTuple):
     vault_url: str
     key_name: str
@@ -80,6 +95,7 @@ class AzureSettings(NamedTuple):
     deadline: float  # overall retry deadline per vault operation
     cache_ttl: float  # how long a cached chain/key id is trusted without asking the vault
     create_timeout: float  # how long init-ca waits for the vault to issue the temporary certificate
+    sign_rate: float | None = None  # signatures/s this process may ask of the vault (None: from the key type)
 
     @classmethod
     def from_mapping(cls, ca_name: str, settings: Mapping[str, Any]) -> AzureSettings:
@@ -105,6 +121,7 @@ class AzureSettings(NamedTuple):
             deadline=_as_seconds(os.environ.get(DEADLINE_ENV) or settings.get("deadline", 30), "deadline"),
             cache_ttl=_as_seconds(settings.get("cache_ttl", 3600), "cache_ttl"),
             create_timeout=_as_seconds(settings.get("create_timeout", 120), "create_timeout"),
+            sign_rate=_as_rate(settings.get("sign_rate")),
         )
 
 
@@ -149,6 +166,7 @@ class AzureKeyStore(KeyStore):
         self._init: InitCA | None = None
         self._init_lock_fd: int | None = None
         self._sign_clients: dict[str, VaultSignClient] = {}
+        self._budget: SignBudget | None = None
 
     # ------------------------------------------------------------ helpers
     @property
@@ -275,7 +293,17 @@ class AzureKeyStore(KeyStore):
             if not isinstance(found, CAPublicKey):
                 raise BackendError(f"CA {self.ca_name!r} has an unsupported key type")
             public = found
+        self._budget = SignBudget(
+            governor_for(self.settings.vault_url), self.settings.sign_rate or default_rate(public, self.settings.hsm)
+        )
         return vault_private_key(public, self._sign, on_mismatch=self._stale_key)
+
+    def signing_jobs(self) -> int:
+        """Enough signatures in flight to use this process's share of the vault budget."""
+        if self._budget is None:
+            self.signer()
+        assert self._budget is not None
+        return default_jobs(self._budget.rate)
 
     def _sign(self, alg: str, digest: bytes) -> bytes:
         """Sign with the key version that is current now (it changes when init-ca merges)."""
@@ -295,6 +323,7 @@ class AzureKeyStore(KeyStore):
                 scope,
                 tenant,
                 on_stale_key=self._stale_key,
+                budget=self._budget,
             )
             self._sign_clients[kid] = client
         return client.sign(alg, digest)
