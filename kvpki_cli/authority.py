@@ -22,7 +22,13 @@ from kvpki_cli.inventory import open_inventory
 from kvpki_cli.inventory.base import CertificateRecord, Inventory, SerialCollision
 from kvpki_cli.keystores import open_keystore
 from kvpki_cli.keystores.base import KeyStore
-from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate, serial_hex
+from kvpki_cli.pki.certificates import (
+    PublicationUrls,
+    issue_certificate,
+    new_serial_number,
+    self_signed_certificate,
+    serial_hex,
+)
 from kvpki_cli.pki.keys import CAPrivateKey, Encoding, KeyType
 from kvpki_cli.pki.policy import (
     Template,
@@ -77,7 +83,12 @@ class Issued(NamedTuple):
 
 
 def new_record(
-    ca_name: str, template: Template, certificate: x509.Certificate, requester: str, csr_der: bytes | None
+    ca_name: str,
+    template: Template,
+    certificate: x509.Certificate,
+    requester: str,
+    csr_der: bytes | None,
+    generation: int = 0,
 ) -> CertificateRecord:
     """The inventory row for a certificate just signed from ``template`` (no CSR for CA certificates kvpki builds)."""
     return CertificateRecord(
@@ -91,7 +102,39 @@ def new_record(
         not_after=template.not_after,
         csr_sha256=hashlib.sha256(csr_der).hexdigest() if csr_der is not None else "",
         der=certificate.public_bytes(Encoding.DER),
+        issuer_generation=generation,
     )
+
+
+def crl_scope(ca_name: str, generation: int) -> str:
+    """The key under which the inventory stores CRLs of one key generation ("<ca>", then "<ca>#<k>")."""
+    return ca_name if generation == 0 else f"{ca_name}#{generation}"
+
+
+class Generation(NamedTuple):
+    """One key generation of a CA: its number and chain (its CA certificate first); the key store's
+    ``signer_for(number)`` signs with its key."""
+
+    number: int
+    chain: list[x509.Certificate]
+
+
+def generation_urls(urls: PublicationUrls, generation: int) -> PublicationUrls:
+    """Where certificates of key generation ``generation`` find their CRL and issuer certificate.
+
+    Generation 0 keeps the URLs certificates carried before any rollover (``/crl/<ca>.crl``); generation
+    k uses ``/crl/<ca>.<k>.crl`` and ``/ca/<ca>.<k>.crt``, so every certificate names the CRL signed by
+    the very key that signed it ('.' never occurs in a CA name, so these never clash with one).
+    """
+    if generation == 0:
+        return urls
+
+    def versioned(url: str | None, suffix: str) -> str | None:
+        if url is None:
+            return None
+        return f"{url.removesuffix(suffix)}.{generation}{suffix}" if url.endswith(suffix) else url
+
+    return urls._replace(crl=versioned(urls.crl, ".crl"), ca_issuers=versioned(urls.ca_issuers, ".crt"))
 
 
 def parse_serial(text: str) -> str:
@@ -147,6 +190,7 @@ class CertificateAuthority:
         self.keystore = keystore
         self._inventory = inventory
         self._chain: list[x509.Certificate] | None = None
+        self._generation: int | None = None
 
     @classmethod
     def open(cls, settings: Settings, name: str, inventory: Inventory | None = None) -> CertificateAuthority:
@@ -166,12 +210,46 @@ class CertificateAuthority:
 
     @property
     def chain(self) -> list[x509.Certificate]:
-        """The CA certificate first, then its issuers up to the root."""
-        if self._chain is None:
-            self._chain = self.keystore.load_chain()
-            if not self._chain:
+        """The current generation's CA certificate first, then its issuers up to the root."""
+        return self.current().chain
+
+    def current(self) -> Generation:
+        """The current key generation (re-checked at each call, so a ``kvpki rollover`` in another process
+        switches a running server's issuance at once)."""
+        number = self.keystore.current_generation()
+        if self._chain is None or self._generation != number:
+            chain = self.keystore.chain_for(number)
+            if not chain:
                 raise NotFound(f"CA {self.name!r} has no certificate")
-        return self._chain
+            self._chain, self._generation = chain, number
+        return Generation(number, self._chain)
+
+    def generation(self, number: int) -> Generation:
+        """A key generation by number (NotFound if this CA has no such generation)."""
+        if number not in self.keystore.generations():
+            raise NotFound(f"CA {self.name!r} has no key generation {number} (see 'kvpki rollover')")
+        if number == self.keystore.current_generation():
+            return self.current()
+        return Generation(number, self.keystore.chain_for(number))
+
+    def generations(self) -> list[Generation]:
+        """Every key generation, current first (then newest to oldest)."""
+        return [self.generation(number) for number in reversed(self.keystore.generations())]
+
+    def generation_of(self, certificate: x509.Certificate) -> Generation:
+        """The generation whose key signed ``certificate`` (InvalidInput if none of them did)."""
+        if certificate.issuer == self.certificate.subject:
+            for generation in self.generations():
+                try:
+                    certificate.verify_directly_issued_by(generation.chain[0])
+                    return generation
+                except (ValueError, TypeError, InvalidSignature):
+                    continue
+            raise InvalidInput(f"certificate signature does not verify against CA {self.name!r}")
+        raise InvalidInput(f"certificate was not issued by CA {self.name!r}")
+
+    def crl_scope(self, generation: int) -> str:
+        return crl_scope(self.name, generation)
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -214,12 +292,13 @@ class CertificateAuthority:
         """
         self.check_not_revoked()
         now = utcnow()
+        generation = self.current()  # one generation for the whole batch, even if a rollover happens meanwhile
         templates = [self.approve(request, now) for request in requests]
-        signer = self.keystore.signer()
+        signer = self.keystore.signer_for(generation.number)
         if jobs is None:
             jobs = self.keystore.signing_jobs() if len(requests) > 1 else 1
         for _attempt in range(MAX_SERIAL_ATTEMPTS):
-            issued = self._sign_all(requests, templates, signer, jobs)
+            issued = self._sign_all(requests, templates, generation, signer, jobs)
             if before_commit is not None:
                 before_commit(issued)
             try:
@@ -230,28 +309,38 @@ class CertificateAuthority:
         raise BackendError("could not allocate a unique serial number")
 
     def _sign_all(
-        self, requests: Sequence[SigningRequest], templates: Sequence[Template], signer: CAPrivateKey, jobs: int
+        self,
+        requests: Sequence[SigningRequest],
+        templates: Sequence[Template],
+        generation: Generation,
+        signer: CAPrivateKey,
+        jobs: int,
     ) -> list[Issued]:
         """Sign each (request, template), in order; with ``jobs`` > 1 on a thread pool, stopping at the first error."""
         work = [(request, template, new_serial_number()) for request, template in zip(requests, templates, strict=True)]
         if jobs <= 1 or len(work) <= 1:
-            return [self._sign(request, template, serial, signer) for request, template, serial in work]
+            return [self._sign(request, template, serial, generation, signer) for request, template, serial in work]
         from concurrent.futures import ThreadPoolExecutor
 
-        self.chain  # noqa: B018 - load once, before the threads read it
         pool = ThreadPoolExecutor(max_workers=min(jobs, len(work)), thread_name_prefix="kvpki-sign")
         try:
-            futures = [pool.submit(self._sign, request, template, serial, signer) for request, template, serial in work]
+            futures = [
+                pool.submit(self._sign, request, template, serial, generation, signer)
+                for request, template, serial in work
+            ]
             return [future.result() for future in futures]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _sign(self, request: SigningRequest, template: Template, serial: int, signer: CAPrivateKey) -> Issued:
-        certificate = issue_certificate(template, serial, self.certificate, signer, self.config.urls)
+    def _sign(
+        self, request: SigningRequest, template: Template, serial: int, generation: Generation, signer: CAPrivateKey
+    ) -> Issued:
+        urls = generation_urls(self.config.urls, generation.number)
+        certificate = issue_certificate(template, serial, generation.chain[0], signer, urls)
         if request.renews is not None:  # signed but not recorded: a refusal here still leaves no trace
             check_same_constraints(request.renews, certificate)
-        record = new_record(self.name, template, certificate, request.requester, request.csr_der)
-        return Issued(certificate, self.chain, record, template.notes)
+        record = new_record(self.name, template, certificate, request.requester, request.csr_der, generation.number)
+        return Issued(certificate, generation.chain, record, template.notes)
 
     def check_not_revoked(self) -> None:
         """Refuse to sign while this CA's certificate, or any above it that a CA of this installation
@@ -281,12 +370,7 @@ class CertificateAuthority:
 
     def serial_of(self, certificate: x509.Certificate) -> str:
         """The serial of a certificate this CA issued (refuses certificates from other issuers)."""
-        if certificate.issuer != self.certificate.subject:
-            raise InvalidInput(f"certificate was not issued by CA {self.name!r}")
-        try:
-            certificate.verify_directly_issued_by(self.certificate)
-        except (ValueError, TypeError, InvalidSignature):
-            raise InvalidInput(f"certificate signature does not verify against CA {self.name!r}") from None
+        self.generation_of(certificate)  # any key generation of this CA (kvpki rollover)
         return serial_hex(certificate.serial_number)
 
     def issued_record(self, certificate: x509.Certificate, what: str = "certificate") -> CertificateRecord:
@@ -322,18 +406,23 @@ class CertificateAuthority:
             name_constraints=certificate_name_constraints(old),
         )
 
-    def crl(self, next_update: timedelta) -> x509.CertificateRevocationList:
+    def crl(self, next_update: timedelta, generation: int | None = None) -> x509.CertificateRevocationList:
+        """The CRL of one key generation (default: the current one), signed by that generation's key and
+        listing what that key signed: each generation's CRL stays complete for its own certificates."""
         from kvpki_cli.pki.crl import RevokedEntry, build_crl
 
-        signer = self.keystore.signer()  # before taking a number: a failing key store burns none
+        chosen = self.current() if generation is None else self.generation(generation)
+        signer = self.keystore.signer_for(chosen.number)  # before taking a number: a failing key store burns none
         # Number, thisUpdate and revoked set from one transaction: a higher number never lists less.
+        # The number is shared by the CA's generations, so it also increases along each generation's CRLs.
         snapshot = self.inventory.crl_snapshot(self.name, utcnow)
         entries = [
             RevokedEntry(int(r.serial, 16), r.revoked_at or snapshot.this_update, r.reason or "unspecified")
             for r in snapshot.revoked
+            if r.issuer_generation == chosen.number
         ]
         return build_crl(
-            self.certificate,
+            chosen.chain[0],
             signer,
             entries,
             crl_number=snapshot.number,

@@ -175,14 +175,31 @@ def sign_csr_command(
 
 @cli.command("get-ca")
 @click.option("--ca", "ca_name", required=True, help="Name of the CA.")
-@click.option("--chain", "with_chain", is_flag=True, help="The chain up to the root, CA certificate first.")
+@click.option(
+    "--chain",
+    "with_chain",
+    is_flag=True,
+    help="The chain up to the root, CA certificate first; after a rollover also the earlier generations'"
+    " CA certificates and cross-certificates still valid.",
+)
+@click.option("--generation", type=click.IntRange(0), help="This key generation only (see `kvpki rollover`).")
 @click.option("--format", "fmt", type=click.Choice(("pem", "der", "pkcs7")), default="pem", show_default=True)
 @click.pass_obj
-def get_ca_command(obj: Context, ca_name: str, with_chain: bool, fmt: str) -> None:
+def get_ca_command(obj: Context, ca_name: str, with_chain: bool, generation: int | None, fmt: str) -> None:
     """Print the CA certificate (or its chain)."""
     from kvpki_cli.pki.encoding import encode_certificates
 
-    chain = obj.authority(ca_name).chain
+    authority = obj.authority(ca_name)
+    if generation is not None:
+        chain = authority.generation(generation).chain
+    elif with_chain:
+        from kvpki_cli.rollover import published_certificates
+
+        chain = published_certificates(authority)
+    else:
+        chain = authority.chain
+    if fmt == "der" and with_chain and len(chain) > 1:
+        raise UsageError("--chain needs --format pem or pkcs7 (DER holds one certificate)")
     _write_stdout(encode_certificates(chain if with_chain else chain[:1], fmt))
 
 
@@ -320,8 +337,15 @@ def init_ocsp_responder_command(obj: Context, ca_name: str, validity: str) -> No
 @click.option("--format", "fmt", type=click.Choice(("pem", "der")), default="pem", show_default=True)
 @click.option("--next-update", default="7d", show_default=True, help="How long the CRL is valid.")
 @click.option("--new", "force_new", is_flag=True, help="Sign a new CRL even if the stored one is current.")
+@click.option(
+    "--generation",
+    type=click.IntRange(0),
+    help="The CRL of this key generation (see `kvpki rollover`; default: the current key's).",
+)
 @click.pass_obj
-def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str, force_new: bool) -> None:
+def crl_command(
+    obj: Context, ca_name: str, fmt: str, next_update: str, force_new: bool, generation: int | None
+) -> None:
     """Print the CA's current CRL (every revoked, unexpired certificate), shared with `kvpki serve`.
 
     The CRL stored in the inventory is printed if nothing was revoked since, it has the requested
@@ -334,8 +358,39 @@ def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str, force_ne
     from kvpki_cli.pki.keys import Encoding
 
     validity = parse_duration(next_update, what="--next-update")
-    der = published_crl(obj.authority(ca_name), validity, exact_validity=True, new=force_new).der
+    authority = obj.authority(ca_name)
+    der = published_crl(authority, validity, exact_validity=True, new=force_new, generation=generation).der
     _write_stdout(x509.load_der_x509_crl(der).public_bytes(Encoding.PEM) if fmt == "pem" else der)
+
+
+@cli.command("rollover")
+@click.option("--ca", "ca_name", required=True, help="Name of the CA whose key is replaced.")
+@click.option("--key-type", type=click.Choice(KEY_TYPES), help="Type of the new key (default: the CA's).")
+@click.option("--validity", help="Lifetime of the new CA certificate (default: the current one's).")
+@click.pass_obj
+def rollover_command(obj: Context, ca_name: str, key_type: str | None, validity: str | None) -> None:
+    """Give a CA a new key and certificate (same subject); issuance switches to it at once.
+
+    Prints the new CA certificate, then for a root the cross-certificates NewWithOld and OldWithNew.
+    The previous key keeps signing CRLs and OCSP for what it issued (`kvpki crl --generation K`).
+    """
+    from kvpki_cli.durations import parse_duration
+    from kvpki_cli.pki.encoding import encode_certificates
+    from kvpki_cli.rollover import rollover
+
+    result = rollover(
+        obj.settings,
+        ca_name,
+        KeyType(key_type) if key_type else None,
+        parse_duration(validity, what="--validity") if validity else None,
+    )
+    extra = [c for c in (result.new_with_old, result.old_with_new) if c is not None]
+    _write_stdout(encode_certificates([result.chain[0], *extra], "pem"))
+    sys.stderr.write(
+        f"kvpki: CA {ca_name} now issues with key generation {result.generation}; generation"
+        f" {result.generation - 1} keeps signing CRLs and OCSP for what it issued; restart 'kvpki serve'"
+        " to publish the new chain in /cacerts\n"
+    )
 
 
 @cli.command("list")

@@ -38,26 +38,34 @@ def is_current(stored: StoredCrl | None, revocations: int, now: datetime, validi
 
 
 def published_crl(
-    ca: CertificateAuthority, validity: timedelta, *, exact_validity: bool = False, new: bool = False
+    ca: CertificateAuthority,
+    validity: timedelta,
+    *,
+    exact_validity: bool = False,
+    new: bool = False,
+    generation: int | None = None,
 ) -> StoredCrl:
     """The CA's current CRL: the stored one if current, else a new one signed and stored here.
 
     ``exact_validity``: a stored CRL signed with another validity is not current (``kvpki crl
     --next-update``); ``serve`` accepts whichever current CRL is stored.  ``new``: sign one anyway
-    (``kvpki crl --new``); serve instances then publish it.
+    (``kvpki crl --new``); serve instances then publish it.  ``generation``: the CRL of that key
+    generation (``kvpki rollover``; default: the current one), stored under ``ca.crl_scope``.
     """
     inventory = ca.inventory
+    number = ca.current().number if generation is None else ca.generation(generation).number
+    scope = ca.crl_scope(number)
     wanted = validity if exact_validity else None
-    stored = None if new else _current(inventory, ca.name, wanted)
+    stored = None if new else _current(inventory, ca.name, wanted, scope)
     if stored is not None:
         return stored
-    with inventory.crl_lock(ca.name):
+    with inventory.crl_lock(scope):
         # Look again under the lock: another process may have signed while we waited.
-        stored = None if new else _current(inventory, ca.name, wanted)
+        stored = None if new else _current(inventory, ca.name, wanted, scope)
         if stored is not None:
             return stored
         revocations = inventory.revocation_count(ca.name)  # before the snapshot: never newer than the CRL
-        crl = ca.crl(validity)
+        crl = ca.crl(validity, number)
         fresh = StoredCrl(
             number=crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number,
             this_update=crl.last_update_utc,
@@ -65,15 +73,17 @@ def published_crl(
             revocations=revocations,
             der=crl.public_bytes(Encoding.DER),
         )
-        inventory.store_crl(ca.name, fresh)
+        inventory.store_crl(scope, fresh)
         return fresh
 
 
-def _current(inventory: Inventory, ca: str, validity: timedelta | None) -> StoredCrl | None:
-    """The latest stored CRL if it is current; its bytes are read only then (a CRL may be 50 MB)."""
+def _current(inventory: Inventory, ca: str, validity: timedelta | None, scope: str | None = None) -> StoredCrl | None:
+    """The latest stored CRL (of ``scope``, default ``ca``) if it is current; its bytes are read only then
+    (a CRL may be 50 MB).  Revocations are counted over the whole CA, every generation."""
+    scope = scope or ca
     revocations = inventory.revocation_count(ca)
-    head = inventory.latest_crl(ca, with_der=False)
+    head = inventory.latest_crl(scope, with_der=False)
     if not is_current(head, revocations, datetime.now(UTC), validity):
         return None
-    stored = inventory.latest_crl(ca)
+    stored = inventory.latest_crl(scope)
     return stored if stored is not None and stored.number == head.number else None  # type: ignore[union-attr]

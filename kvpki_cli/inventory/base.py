@@ -38,6 +38,7 @@ class CertificateRecord(NamedTuple):
     status: str = "valid"
     revoked_at: datetime | None = None
     reason: str | None = None
+    issuer_generation: int = 0  # which key generation of the CA signed it (kvpki rollover); 0 before any
 
     def effective_status(self, now: datetime) -> str:
         """``revoked`` wins over ``expired``; ``expired`` is derived from notAfter."""
@@ -59,6 +60,7 @@ class CertificateRecord(NamedTuple):
             "revoked_at": to_text(self.revoked_at) if self.revoked_at else None,
             "reason": self.reason,
             "csr_sha256": self.csr_sha256,
+            "issuer_generation": self.issuer_generation,
         }
 
 

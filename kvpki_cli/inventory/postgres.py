@@ -37,7 +37,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the installation
     raise BackendError("the PostgreSQL inventory needs psycopg: pip install 'kvpki[postgres]'") from None
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: kvpki_certificates.issuer_generation (kvpki rollover)
 CONNECT_TIMEOUT_S = 10
 # Key of the advisory lock that serialises first-time schema creation: concurrent
 # CREATE TABLE IF NOT EXISTS can still fail on the catalog's unique indexes.
@@ -84,6 +84,8 @@ SCHEMA = (
         PRIMARY KEY (ca, serial)
     )
     """,
+    # Schema 1 -> 2: every existing row was signed by the CA's first key (generation 0).
+    "ALTER TABLE kvpki_certificates ADD COLUMN IF NOT EXISTS issuer_generation integer NOT NULL DEFAULT 0",
     "CREATE INDEX IF NOT EXISTS kvpki_certificates_status ON kvpki_certificates (ca, status, not_after)",
     "CREATE TABLE IF NOT EXISTS kvpki_crl_numbers (ca text PRIMARY KEY, last bigint NOT NULL)",
     "CREATE TABLE IF NOT EXISTS kvpki_schema (version integer NOT NULL)",
@@ -93,7 +95,7 @@ SCHEMA = (
 COLUMNS = ", ".join(CertificateRecord._fields)
 INSERT = (
     "INSERT INTO kvpki_certificates (ca, serial, subject, sans, profile, requester, not_before, not_after,"
-    " csr_sha256, der) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " csr_sha256, der, issuer_generation) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 # COLLATE "C": byte order, as SQLite sorts text, whatever the database's locale.
 REVOKED_UNEXPIRED = (
@@ -239,6 +241,7 @@ class PostgresInventory(Inventory):
                 utc_seconds(r.not_after),
                 r.csr_sha256,
                 r.der,
+                r.issuer_generation,
             )
             for r in records
         ]

@@ -32,7 +32,7 @@ from kvpki_cli.inventory.base import (
     to_text,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: certificates.issuer_generation (kvpki rollover)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
     ca TEXT NOT NULL,
@@ -49,14 +49,18 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked_at TEXT,
     reason TEXT,
     issued_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    issuer_generation INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (ca, serial)
 );
 CREATE INDEX IF NOT EXISTS certificates_status ON certificates (ca, status, not_after);
 CREATE TABLE IF NOT EXISTS crl_numbers (ca TEXT PRIMARY KEY, last INTEGER NOT NULL);
 """
 COLUMNS = (
-    "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason"
+    "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason,"
+    " issuer_generation"
 )
+# Schema 1 -> 2: every existing row was signed by the CA's first key (generation 0).
+ADD_GENERATION = "ALTER TABLE certificates ADD COLUMN issuer_generation INTEGER NOT NULL DEFAULT 0"
 
 # Created on first use (no schema version bump): signed CRLs every process of this machine publishes.
 CRLS_TABLE = """
@@ -91,6 +95,7 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         status,
         revoked_at,
         reason,
+        issuer_generation,
     ) = row
     return CertificateRecord(
         ca=str(ca),
@@ -106,6 +111,7 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         status=str(status),
         revoked_at=from_text(str(revoked_at)) if revoked_at else None,
         reason=str(reason) if reason else None,
+        issuer_generation=int(issuer_generation),  # type: ignore[call-overload]
     )
 
 
@@ -137,6 +143,9 @@ class SqliteInventory(Inventory):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(certificates)")}
+            if "issuer_generation" not in columns:
+                self._db.execute(ADD_GENERATION)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _enable_wal(self, busy_timeout_s: float) -> None:
@@ -202,6 +211,7 @@ class SqliteInventory(Inventory):
                 to_text(r.not_after),
                 r.csr_sha256,
                 r.der,
+                r.issuer_generation,
             )
             for r in records
         ]
@@ -209,7 +219,7 @@ class SqliteInventory(Inventory):
             try:
                 db.executemany(
                     "INSERT INTO certificates (ca, serial, subject, sans, profile, requester, not_before,"
-                    " not_after, csr_sha256, der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " not_after, csr_sha256, der, issuer_generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             except sqlite3.IntegrityError as exc:

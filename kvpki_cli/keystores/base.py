@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from cryptography import x509
 
 # Key types and aliases live in pki.keys (the lower layer); re-exported here for existing imports.
+from kvpki_cli.errors import NotFound, UsageError
 from kvpki_cli.pki.keys import CAPrivateKey, CAPublicKey, KeyType
 
 __all__ = ["CAPrivateKey", "CAPublicKey", "KeyStore", "KeyType"]
@@ -51,6 +52,41 @@ class KeyStore(ABC):
         latency dominates says how many keep its rate busy.
         """
         return 1
+
+    # --- key generations (``kvpki rollover``).  Generation 0 is the key init-ca made; each rollover adds
+    # the next one, which signs from then on; earlier ones keep signing CRLs and OCSP for what they issued.
+    # A store without rollover support has generation 0 only.
+
+    def generations(self) -> list[int]:
+        """The generations with a certificate, oldest first; the last one is current."""
+        return [0]
+
+    def current_generation(self) -> int:
+        """The generation new certificates are signed with (cheap: called before each issuance)."""
+        return self.generations()[-1]
+
+    def signer_for(self, generation: int) -> CAPrivateKey:
+        """The signer of one generation's key."""
+        if generation != self.current_generation():
+            raise NotFound(f"CA {self.ca_name!r} has no key generation {generation}")
+        return self.signer()
+
+    def chain_for(self, generation: int) -> list[x509.Certificate]:
+        """One generation's CA certificate first, then its issuers up to the root."""
+        if generation != self.current_generation():
+            raise NotFound(f"CA {self.ca_name!r} has no key generation {generation}")
+        return self.load_chain()
+
+    def create_next_key(self, key_type: KeyType) -> tuple[int, CAPublicKey]:
+        """Create the key of the next generation (not yet current) and return (generation, public key)."""
+        raise UsageError(f"the key store of CA {self.ca_name!r} does not support 'kvpki rollover'")
+
+    def store_generation_chain(self, generation: int, chain: Sequence[x509.Certificate]) -> None:
+        """Save the chain of a generation made by ``create_next_key``: from now on it is current."""
+        raise UsageError(f"the key store of CA {self.ca_name!r} does not support 'kvpki rollover'")
+
+    def discard_generation(self, generation: int) -> None:  # noqa: B027 - optional capability
+        """Remove a half-made generation after a failed rollover (best effort)."""
 
     def discard(self) -> None:  # noqa: B027 - optional capability, default is a no-op
         """Remove a half-created CA after a failed ``init-ca`` (best effort)."""

@@ -76,7 +76,8 @@ def _read_passphrase(settings: Mapping[str, Any]) -> bytes | None:
 
 
 class LocalKeyStore(KeyStore):
-    """CA key and chain in ``$KVPKI_HOME/cas/<name>/`` (key.pem, chain.pem)."""
+    """CA key and chain in ``$KVPKI_HOME/cas/<name>/`` (key.pem, chain.pem; key.<k>.pem, chain.<k>.pem
+    for the generations ``kvpki rollover`` adds)."""
 
     def __init__(self, ca_name: str, settings: Mapping[str, Any], home: Path) -> None:
         self.ca_name = ca_name
@@ -86,13 +87,17 @@ class LocalKeyStore(KeyStore):
         self.key_path = self.directory / "key.pem"
         self.chain_path = self.directory / "chain.pem"
         self._key: CAPrivateKey | None = None
+        self._generation_keys: dict[int, CAPrivateKey] = {}
 
     def exists(self) -> bool:
         return self.key_path.exists() or self.chain_path.exists()
 
     def create_key(self, key_type: KeyType) -> CAPublicKey:
-        if self.key_path.exists():
-            raise AlreadyExists(f"CA {self.ca_name!r} already has a key at {self.key_path}")
+        return self._create_key_file(self.key_path, key_type)
+
+    def _create_key_file(self, path: Path, key_type: KeyType) -> CAPublicKey:
+        if path.exists():
+            raise AlreadyExists(f"CA {self.ca_name!r} already has a key at {path}")
         key: CAPrivateKey
         if key_type.is_ec:
             key = ec.generate_private_key(key_type.curve)
@@ -112,70 +117,119 @@ class LocalKeyStore(KeyStore):
             pem = key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            warn(f"CA key {self.key_path} is stored unencrypted (set {PASSPHRASE_ENV} or {PASSPHRASE_FILE_ENV})")
+            warn(f"CA key {path} is stored unencrypted (set {PASSPHRASE_ENV} or {PASSPHRASE_FILE_ENV})")
         make_private_dir(self.directory, "CA key directory")
-        write_file_atomic(self.key_path, pem, mode=0o600, overwrite=False)
-        self._key = key
+        write_file_atomic(path, pem, mode=0o600, overwrite=False)
+        if path == self.key_path:
+            self._key = key
         return key.public_key()
 
-    def signer(self) -> CAPrivateKey:
-        if self._key is not None:
+    # --- generations: 0 is key.pem + chain.pem (as before any rollover); k >= 1 is key.k.pem + chain.k.pem.
+    # chain.k.pem is written last: its presence makes generation k current.
+
+    def _paths(self, generation: int) -> tuple[Path, Path]:
+        if generation == 0:
+            return self.key_path, self.chain_path
+        return self.directory / f"key.{generation}.pem", self.directory / f"chain.{generation}.pem"
+
+    def generations(self) -> list[int]:
+        found = [0]
+        while self._paths(found[-1] + 1)[1].exists():
+            found.append(found[-1] + 1)
+        return found
+
+    def current_generation(self) -> int:
+        return self.generations()[-1]
+
+    def signer_for(self, generation: int) -> CAPrivateKey:
+        if generation == 0:
+            if self._key is None:
+                self._key = self._load_key(self.key_path)
             return self._key
+        key = self._generation_keys.get(generation)
+        if key is None:
+            key = self._generation_keys[generation] = self._load_key(self._paths(generation)[0])
+        return key
+
+    def signer(self) -> CAPrivateKey:
+        """The current generation's key (the one matching ``load_chain()[0]``)."""
+        return self.signer_for(self.current_generation())
+
+    def chain_for(self, generation: int) -> list[x509.Certificate]:
+        return self._read_chain(self._paths(generation)[1])
+
+    def load_chain(self) -> list[x509.Certificate]:
+        return self.chain_for(self.current_generation())
+
+    def create_next_key(self, key_type: KeyType) -> tuple[int, CAPublicKey]:
+        generation = self.current_generation() + 1
+        key_path = self._paths(generation)[0]
+        key_path.unlink(missing_ok=True)  # a key left by a rollover that failed before its chain was stored
+        return generation, self._create_key_file(key_path, key_type)
+
+    def store_generation_chain(self, generation: int, chain: Sequence[x509.Certificate]) -> None:
+        pem = b"".join(cert.public_bytes(Encoding.PEM) for cert in chain)
+        write_file_atomic(self._paths(generation)[1], pem, mode=0o644, overwrite=False)
+
+    def discard_generation(self, generation: int) -> None:
+        if generation > 0:
+            for path in self._paths(generation):
+                path.unlink(missing_ok=True)
+
+    def _load_key(self, key_path: Path) -> CAPrivateKey:
         try:
-            fd = os.open(self.key_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(key_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
-            raise NotFound(f"CA {self.ca_name!r} has no key at {self.key_path}") from None
+            raise NotFound(f"CA {self.ca_name!r} has no key at {key_path}") from None
         except OSError as exc:
-            raise BackendError(f"cannot open CA key {self.key_path}: {exc.strerror}") from None
+            raise BackendError(f"cannot open CA key {key_path}: {exc.strerror}") from None
         with os.fdopen(fd, "rb") as handle:
             st = os.fstat(handle.fileno())
             if stat.S_IMODE(st.st_mode) & 0o077:
-                raise BackendError(
-                    f"refusing to use CA key {self.key_path}: readable by group or others (chmod 600 it)"
-                )
-            check_trusted(self.key_path, st, "CA key")
+                raise BackendError(f"refusing to use CA key {key_path}: readable by group or others (chmod 600 it)")
+            check_trusted(key_path, st, "CA key")
             check_trusted_path(self.directory, "CA key directory")
             pem = handle.read()
-        key = self._decrypt(pem, _passphrases(self._settings))
+        key = self._decrypt(pem, _passphrases(self._settings), key_path)
         if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
-            raise BackendError(f"CA key {self.key_path} is neither RSA nor EC")
-        self._key = key
+            raise BackendError(f"CA key {key_path} is neither RSA nor EC")
         return key
 
-    def _decrypt(self, pem: bytes, passphrases: list[bytes]) -> Any:
+    def _decrypt(self, pem: bytes, passphrases: list[bytes], key_path: Path | None = None) -> Any:
         """Load the key with the first passphrase that opens it (ValueError means wrong or corrupt)."""
+        key_path = key_path or self.key_path
         candidates: list[bytes | None] = [*passphrases] or [None]
         for passphrase in candidates:
             try:
                 return load_pem_private_key(pem, passphrase)
             except TypeError:
                 if passphrase:
-                    raise BackendError(f"CA key {self.key_path} is not encrypted but a passphrase was given") from None
+                    raise BackendError(f"CA key {key_path} is not encrypted but a passphrase was given") from None
                 raise BackendError(
-                    f"CA key {self.key_path} is encrypted: set {PASSPHRASE_ENV} or {PASSPHRASE_FILE_ENV}"
+                    f"CA key {key_path} is encrypted: set {PASSPHRASE_ENV} or {PASSPHRASE_FILE_ENV}"
                 ) from None
             except ValueError:
                 continue
-        raise BackendError(f"cannot decrypt CA key {self.key_path}: wrong passphrase or corrupt file")
+        raise BackendError(f"cannot decrypt CA key {key_path}: wrong passphrase or corrupt file")
 
     def store_chain(self, chain: Sequence[x509.Certificate]) -> None:
         pem = b"".join(cert.public_bytes(Encoding.PEM) for cert in chain)
         make_private_dir(self.directory, "CA key directory")
         write_file_atomic(self.chain_path, pem, mode=0o644, overwrite=True)
 
-    def load_chain(self) -> list[x509.Certificate]:
+    def _read_chain(self, chain_path: Path) -> list[x509.Certificate]:
         try:
-            pem = self.chain_path.read_bytes()
+            pem = chain_path.read_bytes()
         except FileNotFoundError:
             raise NotFound(
                 f"CA {self.ca_name!r} has no certificate (run 'kvpki init-ca --name {self.ca_name}')"
             ) from None
         except OSError as exc:
-            raise BackendError(f"cannot read {self.chain_path}: {exc.strerror}") from None
+            raise BackendError(f"cannot read {chain_path}: {exc.strerror}") from None
         return x509.load_pem_x509_certificates(pem)
 
     def discard(self) -> None:
-        for path in (self.key_path, self.chain_path):
+        for path in (self.key_path, self.chain_path):  # init-ca only: no later generations exist yet
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.directory.rmdir()

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.config import Settings
 from kvpki_cli.errors import UsageError
+from kvpki_cli.rollover import published_certificates
 from kvpki_cli.serve.auth import Authenticator
 from kvpki_cli.serve.config import ServeConfig
 from kvpki_cli.serve.crl import CrlCache, Publisher
@@ -83,15 +84,22 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     if not config.labels:
         raise UsageError('serve config: define at least one EST label, e.g. [est.default] ca = "issuing"')
     chains: dict[str, list[x509.Certificate]] = {}
+    published: dict[str, list[x509.Certificate]] = {}  # with earlier key generations and cross-certificates
+    earlier: dict[str, list[x509.Certificate]] = {}  # CA certificates of earlier key generations (rollover)
+    first: dict[str, bytes] = {}  # generation 0's CA certificate: what /ca/<ca>.crt serves
     for label in config.labels.values():
         label.check_profile(label.profile, settings.profile(label.profile).is_ca)
         for profile in label.identity_profiles:
             settings.profile(profile)
         for name in (label.ca, *label.identity_cas):
             if name not in chains:
-                chains[name] = CertificateAuthority.open(settings, name).chain
+                authority = CertificateAuthority.open(settings, name)
+                chains[name], published[name] = authority.chain, published_certificates(authority)
+                generations = authority.generations()
+                earlier[name] = [generation.chain[0] for generation in generations[1:]]
+                first[name] = generations[-1].chain[0].public_bytes(Encoding.DER)
     labels = {
-        name: EstLabel(label, certs_only_body(chains[label.ca], label.base64_line_length))
+        name: EstLabel(label, certs_only_body(published[label.ca], label.base64_line_length))
         for name, label in config.labels.items()
     }
     client_cas = {
@@ -102,7 +110,7 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
         name: load_delegate(signer, CertificateAuthority.open(settings, name).certificate)
         for name, signer in config.ocsp_signers.items()
     }
-    trusted = [cert for chain in chains.values() for cert in chain]
+    trusted = [cert for certificates in published.values() for cert in certificates]
     trusted += [cert for certs in client_cas.values() for cert in certs]
     context = tls_context(config, trusted)
 
@@ -114,9 +122,10 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
         {name: chains[label.ca][0] for name, label in config.labels.items()},
         client_cas,
         {name: chains[name][0] for label in config.labels.values() for name in label.identity_cas},
+        {name: earlier[label.ca] for name, label in config.labels.items()},
     )
     ca_names = set(settings.ca_names())
-    ca_certificates = {name: chain[0].public_bytes(Encoding.DER) for name, chain in chains.items()}
+    ca_certificates = first
     publisher = Publisher(ca_names, publishing, CrlCache(config.crl_validity), config.retry_after, ca_certificates)
     responders = Responders(delegates)
     for name in sorted(ca_names - set(delegates)):  # responders of init-ocsp-responder, renewed if due

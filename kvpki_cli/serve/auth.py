@@ -106,12 +106,14 @@ class Authenticator:
         ca_certs: dict[str, x509.Certificate],
         client_cas: dict[str, list[x509.Certificate]],
         identity_cas: dict[str, x509.Certificate] | None = None,
+        earlier_ca_certs: dict[str, list[x509.Certificate]] | None = None,
     ) -> None:
         self.users = users
         self.challenge = {"WWW-Authenticate": f'Basic realm="{realm}"'}
         self.ca_certs = ca_certs  # label -> issuing CA certificate
         self.client_cas = client_cas  # label -> trusted bootstrap CA certificates
         self.identity_cas = identity_cas or {}  # CA name -> certificate, for labels' identity_cas
+        self.earlier_ca_certs = earlier_ca_certs or {}  # label -> CA certificates of earlier key generations
 
     def unauthorised(self, reason: str) -> HttpRefusal:
         return HttpRefusal(401, reason, self.challenge)
@@ -158,7 +160,10 @@ class Authenticator:
 
     def _issued_here(self, cert: x509.Certificate, label: LabelConfig) -> bool:
         ca = self.ca_certs.get(label.name)
-        return ca is not None and currently_valid(cert) and directly_issued(cert, ca)
+        if ca is None or not currently_valid(cert):
+            return False
+        # After 'kvpki rollover' a certificate of an earlier key generation renews into the current one.
+        return any(directly_issued(cert, issuer) for issuer in (ca, *self.earlier_ca_certs.get(label.name, ())))
 
     def _identity_ca(self, cert: x509.Certificate, label: LabelConfig) -> str | None:
         """The label's identity CA whose key signed ``cert`` (signature checked, not just the issuer name)."""

@@ -23,10 +23,10 @@ from datetime import UTC, datetime, timedelta
 from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from kvpki_cli.authority import CertificateAuthority
+from kvpki_cli.authority import CertificateAuthority, crl_scope
 from kvpki_cli.crl_publish import is_current, published_crl
 from kvpki_cli.errors import KvpkiError
-from kvpki_cli.inventory.base import StoredCrl
+from kvpki_cli.inventory.base import CrlState, StoredCrl
 from kvpki_cli.serve.fresh import FreshJob, within
 from kvpki_cli.serve.wire import HttpRefusal, text_response
 from kvpki_cli.serve.workers import CaWorkers
@@ -38,8 +38,8 @@ CachedCrl = StoredCrl  # the former name of what the cache holds
 
 
 class CrlCache:
-    """Per-CA CRLs as last taken from the inventory; one publishing thread per CA at a time goes to the
-    inventory, so a burst of fetches reads (or signs) once."""
+    """Per-CA (per key generation) CRLs as last taken from the inventory; one publishing thread per CA
+    at a time goes to the inventory, so a burst of fetches reads (or signs) once."""
 
     def __init__(self, validity: timedelta) -> None:
         self.validity = validity
@@ -61,19 +61,25 @@ class CrlCache:
             return None
         return cached
 
-    def der(self, ca: CertificateAuthority) -> bytes:
-        """Publishing thread: the current CRL of ``ca`` in DER, the same bytes every instance serves."""
-        with self._lock(ca.name):
-            state = ca.inventory.crl_state(ca.name)
-            cached = self._cache.get(ca.name)
+    def der(self, ca: CertificateAuthority, generation: int = 0) -> bytes:
+        """Publishing thread: the CRL of ``ca``'s key ``generation`` in DER, the same bytes every instance
+        serves (cached under the generation's CRL scope, which is the CA name for generation 0)."""
+        scope = ca.crl_scope(generation)
+        with self._lock(scope):
+            if scope == ca.name:
+                state = ca.inventory.crl_state(ca.name)
+            else:
+                head = ca.inventory.latest_crl(scope, with_der=False)
+                state = CrlState(ca.inventory.revocation_count(ca.name), head.number if head else None)
+            cached = self._cache.get(scope)
             if (
                 cached is not None
                 and state.latest == cached.number
                 and is_current(cached, state.revocations, datetime.now(UTC))
             ):
                 return cached.der
-            stored = published_crl(ca, self.validity)
-            self._cache[ca.name] = stored
+            stored = published_crl(ca, self.validity, generation=generation)
+            self._cache[scope] = stored
             return stored.der
 
 
@@ -102,22 +108,29 @@ class Publisher:
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/crl/{name}", self.crl), web.get("/ca/{name}", self.ca_certificate)]
 
-    def _ca_name(self, request: web.Request, suffix: str) -> str:
-        name = request.match_info["name"]
-        if not name.endswith(suffix) or name.removesuffix(suffix) not in self.ca_names:
+    def _ca_name(self, request: web.Request, suffix: str) -> tuple[str, int]:
+        """``<ca><suffix>`` (key generation 0) or ``<ca>.<k><suffix>`` (generation k, see ``kvpki rollover``)."""
+        stem = request.match_info["name"]
+        if not stem.endswith(suffix):
             raise web.HTTPNotFound(text="unknown CA\n")
-        return name.removesuffix(suffix)
+        name, _, generation = stem.removesuffix(suffix).partition(".")
+        if name not in self.ca_names or not (generation == "" or (generation.isdigit() and len(generation) < 6)):
+            raise web.HTTPNotFound(text="unknown CA\n")
+        return name, int(generation or 0)
 
-    def _crl_job(self, name: str) -> FreshJob[bytes]:
-        job = self._crl_jobs.get(name)
+    def _crl_job(self, name: str, generation: int) -> FreshJob[bytes]:
+        scope = crl_scope(name, generation)
+        job = self._crl_jobs.get(scope)
         if job is None:
-            job = self._crl_jobs[name] = FreshJob(lambda: self.workers.run(name, self.crls.der))
+            job = self._crl_jobs[scope] = FreshJob(
+                lambda: self.workers.run(name, lambda ca: self.crls.der(ca, generation))
+            )
         return job
 
     async def crl(self, request: web.Request) -> web.Response:
-        name = self._ca_name(request, ".crl")
-        cached = self.crls.usable(name)
-        current = self._crl_job(name).result()
+        name, generation = self._ca_name(request, ".crl")
+        cached = self.crls.usable(crl_scope(name, generation))
+        current = self._crl_job(name, generation).result()
         if cached is None:
             return await self._serve(current, "application/pkix-crl", name)
         try:
@@ -129,14 +142,15 @@ class Publisher:
         return self._response(der, "application/pkix-crl")
 
     async def ca_certificate(self, request: web.Request) -> web.Response:
-        name = self._ca_name(request, ".crt")
-        der = self._ca_der.get(name)
+        name, generation = self._ca_name(request, ".crt")
+        scope = crl_scope(name, generation)
+        der = self._ca_der.get(scope)
         if der is not None:
             return self._response(der, "application/pkix-cert")
-        loaded = asyncio.ensure_future(self.workers.run(name, _certificate_der))
+        loaded = asyncio.ensure_future(self.workers.run(name, lambda ca: _certificate_der(ca, generation)))
         response = await self._serve(loaded, "application/pkix-cert", name)
         if loaded.done() and not loaded.exception():
-            self._ca_der[name] = loaded.result()
+            self._ca_der[scope] = loaded.result()
         return response
 
     async def _serve(self, job: Awaitable[bytes], content_type: str, name: str) -> web.Response:
@@ -152,5 +166,6 @@ class Publisher:
         return web.Response(body=der, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
 
 
-def _certificate_der(ca: CertificateAuthority) -> bytes:
-    return ca.certificate.public_bytes(Encoding.DER)
+def _certificate_der(ca: CertificateAuthority, generation: int = 0) -> bytes:
+    """The CA certificate of one key generation: what the caIssuers URL of its certificates names."""
+    return ca.generation(generation).chain[0].public_bytes(Encoding.DER)

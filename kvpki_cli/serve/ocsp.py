@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 
-from kvpki_cli.authority import CertificateAuthority
+from kvpki_cli.authority import CertificateAuthority, Generation
 from kvpki_cli.errors import KvpkiError, UsageError
 from kvpki_cli.pki import ocsp as pki_ocsp
 from kvpki_cli.pki.ocsp import CertStatus, OcspQuery, Responder, parse_request
@@ -83,9 +83,12 @@ def load_delegate(config: OcspSignerConfig, ca_certificate: x509.Certificate) ->
 Delegate = Responder  # the former name
 
 
-def certificate_status(ca: CertificateAuthority, serial: int, now: datetime) -> CertStatus:
+def certificate_status(
+    ca: CertificateAuthority, serial: int, now: datetime, generation: int | None = None
+) -> CertStatus:
+    """What the inventory says of ``serial``; unknown when ``generation`` is given and another key signed it."""
     record = ca.inventory.get(ca.name, format(serial, "x"))
-    if record is None:
+    if record is None or (generation is not None and record.issuer_generation != generation):
         return CertStatus(ocsp.OCSPCertStatus.UNKNOWN)
     if record.status == "revoked":
         return CertStatus(ocsp.OCSPCertStatus.REVOKED, record.revoked_at or now, record.reason)
@@ -119,19 +122,43 @@ def build_answer(
     query = parse_request(request_der)
     if query is None:
         return OcspAnswer(MALFORMED, False, revocations)
-    if not pki_ocsp.issued_by(query, ca.certificate):
+    generation = _issuing_generation(ca, query)
+    if generation is None:
         return OcspAnswer(UNAUTHORIZED, False, revocations)
     now = datetime.now(UTC).replace(microsecond=0)
-    status = certificate_status(ca, query.serial, now)
+    status = certificate_status(ca, query.serial, now, generation.number)
     if known is not None and known.status == status:
         return replace(known, revocations=revocations)  # same status: no new signature
-    signer = responder or Responder(ca.certificate, ca.keystore.signer(), delegated=False)
+    issuer = generation.chain[0]
+    if responder is None or not _signed_by_key(responder.certificate, issuer):
+        # No responder of this generation's key (an earlier generation after 'kvpki rollover', or a
+        # responder not yet renewed under the new key): that generation's CA key signs.
+        responder = Responder(issuer, ca.keystore.signer_for(generation.number), delegated=False)
+    signer = responder
     next_update = now + validity
     if signer.delegated:
         next_update = min(next_update, signer.certificate.not_valid_after_utc)
     body = pki_ocsp.build_response(query, status, signer, now, next_update, echo_nonce=echo_nonce)
     cacheable = status.status != ocsp.OCSPCertStatus.UNKNOWN and not (echo_nonce and query.nonce)
     return OcspAnswer(body, cacheable, revocations, status, now, next_update, signer.delegated)
+
+
+def _issuing_generation(ca: CertificateAuthority, query: OcspQuery) -> Generation | None:
+    """The CA key generation the request's issuer hashes name (current first), or None."""
+    current = ca.current()
+    if pki_ocsp.issued_by(query, current.chain[0]):
+        return current
+    return next((g for g in ca.generations()[1:] if pki_ocsp.issued_by(query, g.chain[0])), None)
+
+
+def _signed_by_key(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``certificate``'s authority key identifier is ``issuer``'s subject key identifier."""
+    try:
+        aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return certificate.issuer == issuer.subject
+    return aki.key_identifier == ski.digest
 
 
 def build_response(
