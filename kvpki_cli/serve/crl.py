@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.authority import CertificateAuthority, crl_scope
 from kvpki_cli.crl_publish import is_current, published_crl
-from kvpki_cli.errors import KvpkiError
+from kvpki_cli.errors import KvpkiError, NotFound
 from kvpki_cli.inventory.base import CrlState, StoredCrl
 from kvpki_cli.serve.fresh import FreshJob, within
 from kvpki_cli.serve.wire import HttpRefusal, text_response
@@ -156,6 +156,8 @@ class Publisher:
     async def _serve(self, job: Awaitable[bytes], content_type: str, name: str) -> web.Response:
         try:
             der = await job
+        except NotFound:  # /crl/<ca>.<k>.crl of a key generation the CA does not have
+            return text_response(404, "unknown CA key generation")
         except KvpkiError as error:
             refusal = HttpRefusal.from_error(error, self.retry_after, f"publishing {content_type} of CA {name}")
             return text_response(refusal.status, refusal.reason, refusal.headers)

@@ -1,0 +1,429 @@
+"""`kvpki rollover`: a CA's next key generation, checked with openssl as relying parties would.
+
+Old leaves keep verifying with the old chain and new leaves with the new one; a device that trusts
+only the old root validates a new leaf through the NewWithOld cross-certificate; each generation's
+CRL is signed by its own key and lists exactly what that key signed; OCSP answers for a serial come
+from the key that issued it; EST re-enrollment of an old-key certificate returns a new-key one; the
+inventory's issuer_generation column is added to existing SQLite and PostgreSQL databases.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import subprocess
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
+from tests.conftest import DeviceKey, Kvpki
+from tests.helpers import openssl, write
+
+PEM = serialization.Encoding.PEM
+
+
+def certs(pem: bytes) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(pem)
+
+
+def ski(cert: x509.Certificate) -> bytes:
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+
+
+def verify(tmp: Path, leaf: bytes, trusted: bytes, untrusted: bytes, *extra: str) -> subprocess.CompletedProcess[str]:
+    """openssl verify with ONLY ``trusted`` as trust anchors (no system store)."""
+    args = ["openssl", "verify", "-no-CAfile", "-no-CApath", "-trusted", str(write(tmp / "t.pem", trusted))]
+    if untrusted:
+        args += ["-untrusted", str(write(tmp / "u.pem", untrusted))]
+    args += [*extra, str(write(tmp / "leaf.pem", leaf))]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def serial_of(pem: bytes) -> str:
+    return format(x509.load_pem_x509_certificate(pem).serial_number, "x")
+
+
+@pytest.fixture
+def pki(local_kvpki: Kvpki) -> Kvpki:
+    local_kvpki.ok("init-ca", "--name", "root", "--subject", "CN=Rollover Root,O=kvpki")
+    local_kvpki.ok("init-ca", "--name", "issuing", "--parent", "root", "--subject", "CN=Rollover Issuing,O=kvpki")
+    return local_kvpki
+
+
+def test_intermediate_rollover_old_and_new_leaves_verify_and_crls_are_per_key(
+    pki: Kvpki, make_csr: Callable[..., DeviceKey], tmp_path: Path
+) -> None:
+    root = pki.ok("get-ca", "--ca", "root")
+    old_chain = pki.ok("get-ca", "--ca", "issuing", "--chain")
+    old_leaf = pki.ok("sign-csr", "--ca", "issuing", "-", input=make_csr("/CN=old-1").csr_pem)
+    revoked_old = pki.ok("sign-csr", "--ca", "issuing", "-", input=make_csr("/CN=old-2").csr_pem)
+
+    new_ca = certs(pki.ok("rollover", "--ca", "issuing"))[0]
+    old_ca = certs(old_chain)[0]
+    assert new_ca.subject == old_ca.subject and ski(new_ca) != ski(old_ca)
+    assert new_ca.public_key() != old_ca.public_key()
+    # recorded in the parent's inventory, signed by the parent's current key
+    parent_rows = {row["serial"]: row for row in pki.inventory("root")}
+    assert format(new_ca.serial_number, "x") in parent_rows
+
+    new_leaf = pki.ok("sign-csr", "--ca", "issuing", "-", input=make_csr("/CN=new-1").csr_pem)
+    revoked_new = pki.ok("sign-csr", "--ca", "issuing", "-", input=make_csr("/CN=new-2").csr_pem)
+    new_chain = pki.ok("get-ca", "--ca", "issuing", "--generation", "1", "--chain")
+    assert certs(new_chain)[0] == new_ca
+    assert x509.load_pem_x509_certificate(new_leaf).issuer == new_ca.subject
+
+    # issuance switched at once; each chain verifies its own leaves, not the other's
+    assert verify(tmp_path, old_leaf, root, old_chain).returncode == 0
+    assert verify(tmp_path, new_leaf, root, new_chain).returncode == 0
+    assert verify(tmp_path, new_leaf, root, old_chain).returncode != 0
+    # get-ca --chain publishes both CA certificates during the overlap: either leaf verifies with it
+    published = pki.ok("get-ca", "--ca", "issuing", "--chain")
+    assert {old_ca, new_ca} <= set(certs(published))
+    for leaf in (old_leaf, new_leaf):
+        assert verify(tmp_path, leaf, root, published).returncode == 0
+
+    rows = {row["serial"]: row for row in pki.inventory("issuing")}
+    assert rows[serial_of(old_leaf)]["issuer_generation"] == 0
+    assert rows[serial_of(new_leaf)]["issuer_generation"] == 1
+
+    pki.ok("revoke", "--ca", "issuing", serial_of(revoked_old))
+    pki.ok("revoke", "--ca", "issuing", serial_of(revoked_new))
+    crl_old = pki.ok("crl", "--ca", "issuing", "--generation", "0")
+    crl_new = pki.ok("crl", "--ca", "issuing")
+    assert pki.ok("crl", "--ca", "issuing", "--generation", "1") == crl_new  # the default is the current key's
+    old_ca_pem = pki.ok("get-ca", "--ca", "issuing", "--generation", "0")
+    new_ca_pem = pki.ok("get-ca", "--ca", "issuing")
+    for crl, signer, other in ((crl_old, old_ca_pem, new_ca_pem), (crl_new, new_ca_pem, old_ca_pem)):
+        crl_file, good, bad = write(tmp_path / "c.pem", crl), write(tmp_path / "g.pem", signer), tmp_path / "b.pem"
+        assert b"verify OK" in openssl("crl", "-in", str(crl_file), "-CAfile", str(good), "-noout").stderr
+        write(bad, other)
+        assert b"verify failure" in openssl("crl", "-in", str(crl_file), "-CAfile", str(bad), "-noout").stderr
+    listed_old = {r.serial_number for r in x509.load_pem_x509_crl(crl_old)}
+    listed_new = {r.serial_number for r in x509.load_pem_x509_crl(crl_new)}
+    assert listed_old == {int(serial_of(revoked_old), 16)} and listed_new == {int(serial_of(revoked_new), 16)}
+
+    # relying parties: each leaf with its generation's CRL (openssl -crl_check)
+    def crl_check(leaf: bytes, chain: bytes, crl: bytes) -> subprocess.CompletedProcess[str]:
+        return verify(tmp_path, leaf, root, chain, "-crl_check", "-CRLfile", str(write(tmp_path / "r.pem", crl)))
+
+    assert crl_check(old_leaf, old_chain, crl_old).returncode == 0
+    assert crl_check(new_leaf, new_chain, crl_new).returncode == 0
+    assert "certificate revoked" in crl_check(revoked_old, old_chain, crl_old).stderr
+    assert "certificate revoked" in crl_check(revoked_new, new_chain, crl_new).stderr
+
+    # the CRL URL of a new-generation certificate names its own generation's CRL
+    new_leaf_cert = x509.load_pem_x509_certificate(new_leaf)
+    old_leaf_cert = x509.load_pem_x509_certificate(old_leaf)
+    for cert, suffix in ((old_leaf_cert, "/crl/issuing.crl"), (new_leaf_cert, "/crl/issuing.1.crl")):
+        try:
+            points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        except x509.ExtensionNotFound:
+            continue  # no base_url configured in this home
+        assert str(points[0].full_name[0].value).endswith(suffix)  # type: ignore[index]
+
+    # renewing an old-key certificate gives a new-key one
+    renewed = pki.ok("renew", write(tmp_path / "old.pem", old_leaf).as_posix(), "-", "--ca", "issuing",
+                     input=make_csr("/CN=old-1").csr_pem)  # fmt: skip
+    assert verify(tmp_path, renewed, root, new_chain).returncode == 0
+
+
+def test_root_rollover_cross_certificates_link_both_roots(
+    pki: Kvpki, make_csr: Callable[..., DeviceKey], tmp_path: Path
+) -> None:
+    old_root = pki.ok("get-ca", "--ca", "root")
+    old_issuing = pki.ok("get-ca", "--ca", "issuing")
+    old_leaf = pki.ok("sign-csr", "--ca", "issuing", "-", input=make_csr("/CN=dev-old").csr_pem)
+
+    new_root_cert, new_with_old, old_with_new = certs(pki.ok("rollover", "--ca", "root"))
+    old_root_cert = certs(old_root)[0]
+    assert new_root_cert.subject == new_root_cert.issuer == old_root_cert.subject
+    assert (
+        new_with_old.public_key() == new_root_cert.public_key()
+        and old_with_new.public_key() == old_root_cert.public_key()
+    )
+    new_with_old.verify_directly_issued_by(old_root_cert)
+    old_with_new.verify_directly_issued_by(new_root_cert)
+    new_root = new_root_cert.public_bytes(PEM)
+    assert pki.ok("get-ca", "--ca", "root") == new_root
+
+    # then the intermediate rolls under the new root key
+    pki.ok("rollover", "--ca", "issuing")
+    new_issuing = pki.ok("get-ca", "--ca", "issuing")
+    new_leaf = pki.ok("sign-csr", "--ca", "issuing", "-", input=make_csr("/CN=dev-new").csr_pem)
+    cross_nwo, cross_own = new_with_old.public_bytes(PEM), old_with_new.public_bytes(PEM)
+
+    assert verify(tmp_path, old_leaf, old_root, old_issuing).returncode == 0  # old leaf, old chain
+    assert verify(tmp_path, new_leaf, new_root, new_issuing).returncode == 0  # new leaf, new chain
+    # a device that still trusts only the old root: through NewWithOld
+    assert verify(tmp_path, new_leaf, old_root, new_issuing).returncode != 0
+    result = verify(tmp_path, new_leaf, old_root, new_issuing + cross_nwo)
+    assert result.returncode == 0, result.stderr
+    # a device that already trusts only the new root: an old leaf through OldWithNew
+    assert verify(tmp_path, old_leaf, new_root, old_issuing).returncode != 0
+    result = verify(tmp_path, old_leaf, new_root, old_issuing + cross_own)
+    assert result.returncode == 0, result.stderr
+
+    published = certs(pki.ok("get-ca", "--ca", "root", "--chain"))
+    assert {new_root_cert, old_root_cert, new_with_old, old_with_new} <= set(published)
+    assert published[0] == new_root_cert
+    # the root's CRLs: one per key, each verifying with its own certificate
+    for generation, signer in (("0", old_root), ("1", new_root)):
+        crl = write(tmp_path / f"root{generation}.crl", pki.ok("crl", "--ca", "root", "--generation", generation))
+        anchor = write(tmp_path / f"root{generation}.pem", signer)
+        assert b"verify OK" in openssl("crl", "-in", str(crl), "-CAfile", str(anchor), "-noout").stderr
+
+
+def test_rollover_refusals_change_nothing(pki: Kvpki) -> None:
+    ca_dir = pki.home / "cas" / "issuing"
+    before = sorted(p.name for p in ca_dir.iterdir())
+    result = pki.run("rollover", "--ca", "nope")
+    assert result.returncode != 0 and result.stdout == b"" and b"kvpki: error:" in result.stderr
+    result = pki.run("rollover", "--ca", "issuing", "--validity", "-3d")
+    assert result.returncode == 2 and result.stdout == b""
+    assert sorted(p.name for p in ca_dir.iterdir()) == before
+    result = pki.run("crl", "--ca", "issuing", "--generation", "3")
+    assert result.returncode != 0 and result.stdout == b"" and b"generation 3" in result.stderr
+
+
+def test_rollover_with_a_new_key_type(pki: Kvpki, make_csr: Callable[..., DeviceKey], tmp_path: Path) -> None:
+    new_ca = certs(pki.ok("rollover", "--ca", "issuing", "--key-type", "rsa-3072"))[0]
+    assert new_ca.public_key().key_size == 3072  # type: ignore[union-attr]
+    leaf = pki.ok("sign-csr", "--ca", "issuing", "-", input=make_csr("/CN=rsa-era").csr_pem)
+    chain = pki.ok("get-ca", "--ca", "issuing", "--chain")
+    assert verify(tmp_path, leaf, pki.ok("get-ca", "--ca", "root"), chain).returncode == 0
+
+
+def test_ocsp_answers_come_from_the_issuing_generation(
+    pki: Kvpki, make_csr: Callable[..., DeviceKey], tmp_path: Path
+) -> None:
+    """In-process build_answer: old serials are answered by the old key, new ones by the new key."""
+    old_leaf = x509.load_pem_x509_certificate(
+        pki.ok("sign-csr", "--ca", "issuing", "-", input=make_csr("/CN=o").csr_pem)
+    )
+    old_ca = certs(pki.ok("get-ca", "--ca", "issuing"))[0]
+    pki.ok("rollover", "--ca", "issuing")
+    new_leaf = x509.load_pem_x509_certificate(
+        pki.ok("sign-csr", "--ca", "issuing", "-", input=make_csr("/CN=n").csr_pem)
+    )
+    new_ca = certs(pki.ok("get-ca", "--ca", "issuing"))[0]
+    pki.ok("revoke", "--ca", "issuing", format(old_leaf.serial_number, "x"))
+
+    import os
+
+    from kvpki_cli.authority import CertificateAuthority
+    from kvpki_cli.config import Settings
+    from kvpki_cli.serve.ocsp import build_answer
+
+    old_env = os.environ.get("KVPKI_HOME")
+    os.environ["KVPKI_HOME"] = str(pki.home)
+    try:
+        ca = CertificateAuthority.open(Settings.load(pki.home), "issuing")
+        for leaf, issuer, status in (
+            (old_leaf, old_ca, ocsp.OCSPCertStatus.REVOKED),
+            (new_leaf, new_ca, ocsp.OCSPCertStatus.GOOD),
+        ):
+            request = ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, hashes.SHA1()).build()
+            answer = build_answer(ca, request.public_bytes(serialization.Encoding.DER), None, timedelta(hours=1))
+            response = ocsp.load_der_ocsp_response(answer.body)
+            assert response.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+            assert response.certificate_status == status
+            issuer.public_key().verify(  # type: ignore[call-arg]
+                response.signature, response.tbs_response_bytes, *_verify_args(issuer, response)
+            )
+            # the same serial asked under the other generation's key is unknown, never "good"
+            other = new_ca if issuer == old_ca else old_ca
+            crossed = ocsp.OCSPRequestBuilder().add_certificate(leaf, other, hashes.SHA1()).build()
+            answer = build_answer(ca, crossed.public_bytes(serialization.Encoding.DER), None, timedelta(hours=1))
+            assert ocsp.load_der_ocsp_response(answer.body).certificate_status == ocsp.OCSPCertStatus.UNKNOWN
+        ca.inventory.close()
+    finally:
+        if old_env is None:
+            os.environ.pop("KVPKI_HOME", None)
+        else:
+            os.environ["KVPKI_HOME"] = old_env
+
+
+def _verify_args(issuer: x509.Certificate, response: ocsp.OCSPResponse) -> tuple[object, ...]:
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+    key = issuer.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return (ec.ECDSA(response.signature_hash_algorithm),)  # type: ignore[arg-type]
+    assert isinstance(key, rsa.RSAPublicKey)
+    return (padding.PKCS1v15(), response.signature_hash_algorithm)
+
+
+# --- the inventory column on databases made before it existed
+
+V1_SQLITE = """
+CREATE TABLE certificates (
+    ca TEXT NOT NULL, serial TEXT NOT NULL, subject TEXT NOT NULL, sans TEXT NOT NULL, profile TEXT NOT NULL,
+    requester TEXT NOT NULL, not_before TEXT NOT NULL, not_after TEXT NOT NULL, csr_sha256 TEXT NOT NULL,
+    der BLOB NOT NULL, status TEXT NOT NULL DEFAULT 'valid' CHECK (status IN ('valid', 'revoked')),
+    revoked_at TEXT, reason TEXT, issued_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    PRIMARY KEY (ca, serial));
+CREATE TABLE crl_numbers (ca TEXT PRIMARY KEY, last INTEGER NOT NULL);
+INSERT INTO certificates (ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der)
+    VALUES ('c', 'abc', 'CN=x', '[]', 'device', 't', '2026-01-01T00:00:00Z', '2036-01-01T00:00:00Z', '', x'00');
+PRAGMA user_version = 1;
+"""
+
+
+def _record(serial: str, generation: int):  # type: ignore[no-untyped-def]
+    from kvpki_cli.inventory.base import CertificateRecord
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    return CertificateRecord("c", serial, "CN=y", (), "device", "t", now, now + timedelta(days=1), "", b"\x01",
+                             issuer_generation=generation)  # fmt: skip
+
+
+def test_sqlite_inventory_of_schema_1_gains_the_column(tmp_path: Path) -> None:
+    from kvpki_cli.inventory.sqlite import SqliteInventory
+
+    path = tmp_path / "inventory.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SQLITE)
+    inventory = SqliteInventory(path)
+    old = inventory.get("c", "abc")
+    assert old is not None and old.issuer_generation == 0
+    inventory.record_issued([_record("def", 3)])
+    assert inventory.get("c", "def").issuer_generation == 3  # type: ignore[union-attr]
+    inventory.close()
+    again = SqliteInventory(path)  # opening the migrated file again changes nothing
+    assert [r.issuer_generation for r in again.list_certificates("c", None, datetime.now(UTC))] == [0, 3]
+    again.close()
+
+
+def test_postgres_inventory_of_schema_1_gains_the_column(postgres_url: str) -> None:
+    import psycopg
+
+    from kvpki_cli.inventory.postgres import SCHEMA, PostgresInventory
+
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        for statement in SCHEMA:
+            if "issuer_generation" not in statement:
+                db.execute(statement)
+        db.execute("INSERT INTO kvpki_schema (version) VALUES (1)")
+        db.execute(
+            "INSERT INTO kvpki_certificates (ca, serial, subject, sans, profile, requester, not_before, not_after,"
+            " csr_sha256, der) VALUES ('c', 'abc', 'CN=x', '{}', 'device', 't', now(), now() + interval '1 day',"
+            " '', '\\x00')"
+        )
+    inventory = PostgresInventory(postgres_url)
+    old = inventory.get("c", "abc")
+    assert old is not None and old.issuer_generation == 0
+    inventory.record_issued([_record("def", 2)])
+    assert inventory.get("c", "def").issuer_generation == 2  # type: ignore[union-attr]
+    inventory.close()
+
+
+# --- EST: re-enrollment of an old-key certificate, /cacerts during the overlap, per-generation CRLs
+
+
+def test_est_reenroll_old_key_certificate_returns_new_key_certificate(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tests import servekit
+
+    home = tmp_path_factory.mktemp("rollover-serve")
+    server = _start(home)
+    try:
+        key = home / "dev.key"
+        openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key),
+                "-subj", "/CN=roll-dev", "-outform", "DER", "-out", str(home / "dev.der"))  # fmt: skip
+        body = base64.b64encode((home / "dev.der").read_bytes())
+        first = _enroll(server, body, user="alice")
+        old_ca = certs(server.kvpki("get-ca", "--ca", "issuing").stdout)[0]
+        assert first.issuer == old_ca.subject
+        first.verify_directly_issued_by(old_ca)
+
+        # rollover while the server runs: its very next issuance uses the new key
+        server.kvpki("rollover", "--ca", "issuing")
+        new_ca = certs(server.kvpki("get-ca", "--ca", "issuing").stdout)[0]
+        _enroll(server, body, user="alice").verify_directly_issued_by(new_ca)
+    finally:
+        _stop(server)
+
+    server = _start(home, prepare=False)  # a (rolling) restart publishes the new chain and trusts both keys
+    try:
+        cacerts = servekit.curl(server, "/.well-known/est/cacerts")
+        assert cacerts.status == 200
+        published = _pkcs7_certs(cacerts.body)
+        assert {old_ca, new_ca} <= set(published)
+        (home / "old.pem").write_bytes(first.public_bytes(PEM))
+        result = servekit.curl(server, "/.well-known/est/simplereenroll", data=body,
+                               cert=home / "old.pem", key=key,
+                               headers=("Content-Type: application/pkcs10",))  # fmt: skip
+        assert result.status == 200, result.body
+        renewed = _pkcs7_certs(result.body)[0]
+        renewed.verify_directly_issued_by(new_ca)
+        assert renewed.subject == first.subject
+        rows = {row["serial"]: row for row in server.inventory()}
+        assert rows[format(renewed.serial_number, "x")]["issuer_generation"] == 1
+
+        # /crl/issuing.crl stays generation 0's (what old certificates name), /crl/issuing.1.crl is the new key's
+        for path, signer in (("/crl/issuing.crl", old_ca), ("/crl/issuing.1.crl", new_ca)):
+            fetched = servekit.curl(server, path)
+            assert fetched.status == 200
+            crl = x509.load_der_x509_crl(fetched.body)
+            assert crl.is_signature_valid(signer.public_key())  # type: ignore[arg-type]
+        for path, expected in (("/ca/issuing.crt", old_ca), ("/ca/issuing.1.crt", new_ca)):
+            assert x509.load_der_x509_certificate(servekit.curl(server, path).body) == expected
+        assert servekit.curl(server, "/crl/issuing.7.crl").status == 404
+    finally:
+        _stop(server)
+
+
+def _pkcs7_certs(body: bytes) -> list[x509.Certificate]:
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    return pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))
+
+
+def _enroll(server, body: bytes, user: str) -> x509.Certificate:  # type: ignore[no-untyped-def]
+    from tests import servekit
+
+    result = servekit.curl(server, "/.well-known/est/simpleenroll", data=body, user=user,
+                           headers=("Content-Type: application/pkcs10",))  # fmt: skip
+    assert result.status == 200, result.body
+    return _pkcs7_certs(result.body)[0]
+
+
+def _start(home: Path, prepare: bool = True):  # type: ignore[no-untyped-def]
+    import os
+    import time
+
+    from tests import servekit
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVPKI_", "AZURE_"))}
+    env.update({"KVPKI_HOME": str(home), "PYTHONPATH": str(servekit.REPO), "NO_PROXY": "*", "no_proxy": "*"})
+    if prepare:
+        port, http_port = servekit.free_port(), servekit.free_port()
+        servekit._prepare(home, env, port, http_port)
+        (home / "ports.json").write_text(json.dumps([port, http_port]))
+    port, http_port = json.loads((home / "ports.json").read_text())
+    log_path = home / "serve.log"
+    starts = log_path.read_text().count("listening on https") if log_path.exists() else 0
+    with log_path.open("ab") as log:
+        process = subprocess.Popen([*servekit.KVPKI, "serve", "--config", str(home / "serve.toml")],
+                                   stdout=log, stderr=log, env=env, cwd=home)  # fmt: skip
+    server = servekit.EstServer(home, env, port, http_port, process, log_path)
+    deadline = time.monotonic() + 20
+    while server.log().count("listening on https") <= starts:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"kvpki serve did not start: {server.log()}")
+        time.sleep(0.05)
+    return server
+
+
+def _stop(server) -> None:  # type: ignore[no-untyped-def]
+    server.process.terminate()
+    try:
+        server.process.wait(10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
