@@ -79,11 +79,17 @@ class KeyStore(ABC):
 
     def create_next_key(self, key_type: KeyType) -> tuple[int, CAPublicKey]:
         """Create the key of the next generation (not yet current) and return (generation, public key)."""
-        raise UsageError(f"the key store of CA {self.ca_name!r} does not support 'kvpki rollover'")
+        raise UsageError(self._no_rollover())
 
     def store_generation_chain(self, generation: int, chain: Sequence[x509.Certificate]) -> None:
         """Save the chain of a generation made by ``create_next_key``: from now on it is current."""
-        raise UsageError(f"the key store of CA {self.ca_name!r} does not support 'kvpki rollover'")
+        raise UsageError(self._no_rollover())
+
+    def _no_rollover(self) -> str:
+        return (
+            f"'kvpki rollover' is not supported for CA {self.ca_name!r} by its key store yet (only the local"
+            " store has key generations); nothing was changed"
+        )
 
     def discard_generation(self, generation: int) -> None:  # noqa: B027 - optional capability
         """Remove a half-made generation after a failed rollover (best effort)."""
