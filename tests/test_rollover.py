@@ -439,3 +439,84 @@ def test_rollover_on_key_vault_is_refused_with_exit_2(kvpki: Kvpki) -> None:
     assert result.returncode == 2 and result.stdout == b""
     assert b"kvpki: error: 'kvpki rollover' is not supported" in result.stderr
     assert kvpki.ok("get-ca", "--ca", "kvroot", "--chain") == before
+
+
+# --- generated: random issue / revoke / rollover sequences, checked per key generation
+
+CASES = int(__import__("os").environ.get("KVPKI_FUZZ_CASES", "4"))
+
+
+@pytest.mark.parametrize("seed", range(CASES))
+def test_random_lifecycles_keep_every_generation_crl_and_ocsp_exact(
+    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the order of issuance, revocation and rollovers: each generation's CRL is signed by that
+    generation's key only and lists exactly the revoked certificates that key signed; OCSP answers each
+    serial from its own generation (revoked/good) and `unknown` under any other generation's key."""
+    import random
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from kvpki_cli.authority import CertificateAuthority, SigningRequest, init_ca
+    from kvpki_cli.config import Settings
+    from kvpki_cli.pki.keys import KeyType
+    from kvpki_cli.pki.names import parse_subject
+    from kvpki_cli.rollover import rollover
+    from kvpki_cli.serve.ocsp import build_answer
+
+    for name in [k for k in __import__("os").environ if k.startswith(("KVPKI_", "AZURE_"))]:
+        monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    monkeypatch.setenv("KVPKI_HOME", str(home))
+    settings = Settings.load(home)
+    init_ca(settings, "root", parse_subject("CN=Fuzz Root"), KeyType("ec-p256"))
+    init_ca(settings, "issuing", parse_subject("CN=Fuzz Issuing"), KeyType("ec-p256"), parent="root")
+    rng = random.Random(seed)
+    issued: dict[int, tuple[x509.Certificate, int]] = {}  # serial -> (certificate, generation)
+    revoked: set[int] = set()
+    generation = 0
+    steps = rng.randint(8, 16)
+    forced = rng.randrange(1, steps - 1)  # at least one rollover, with certificates before and after it
+    for step in range(steps):
+        action = rng.random()
+        if (step == forced or action < 0.15) and generation < 3:
+            generation = rollover(settings, "issuing", KeyType(rng.choice(["ec-p256", "ec-p384"]))).generation
+        elif action < 0.4 and len(revoked) < len(issued):
+            serial = rng.choice(sorted(set(issued) - revoked))
+            CertificateAuthority.open(settings, "issuing").revoke(format(serial, "x"), "keyCompromise")
+            revoked.add(serial)
+        else:
+            key = ec.generate_private_key(ec.SECP256R1())
+            csr = (
+                x509.CertificateSigningRequestBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, f"dev-{seed}-{step}")]))
+                .sign(key, hashes.SHA256())
+            )
+            ca = CertificateAuthority.open(settings, "issuing")
+            result = ca.issue(SigningRequest(csr.public_bytes(serialization.Encoding.DER), csr))
+            assert result.record.issuer_generation == generation == ca.current().number
+            result.certificate.verify_directly_issued_by(ca.current().chain[0])
+            issued[result.certificate.serial_number] = (result.certificate, generation)
+    ca = CertificateAuthority.open(settings, "issuing")
+    ca_certs = {g.number: g.chain[0] for g in ca.generations()}
+    assert sorted(ca_certs) == list(range(generation + 1))
+    for number in ca_certs:
+        crl = ca.crl(timedelta(days=1), number)
+        for other, other_cert in ca_certs.items():
+            assert crl.is_signature_valid(other_cert.public_key()) == (other == number)  # type: ignore[arg-type]
+        expected = {s for s in revoked if issued[s][1] == number}
+        assert {r.serial_number for r in crl} == expected
+    for serial, (certificate, number) in issued.items():
+        for other, other_cert in ca_certs.items():
+            request = ocsp.OCSPRequestBuilder().add_certificate(certificate, other_cert, hashes.SHA1()).build()
+            der = request.public_bytes(serialization.Encoding.DER)
+            response = ocsp.load_der_ocsp_response(build_answer(ca, der, None, timedelta(hours=1)).body)
+            if other != number:
+                assert response.certificate_status == ocsp.OCSPCertStatus.UNKNOWN
+                continue
+            wanted = ocsp.OCSPCertStatus.REVOKED if serial in revoked else ocsp.OCSPCertStatus.GOOD
+            assert response.certificate_status == wanted
+            other_cert.public_key().verify(  # type: ignore[call-arg]
+                response.signature, response.tbs_response_bytes, *_verify_args(other_cert, response)
+            )
+    ca.inventory.close()
