@@ -388,8 +388,8 @@ def rollover_command(obj: Context, ca_name: str, key_type: str | None, validity:
     _write_stdout(encode_certificates([result.chain[0], *extra], "pem"))
     sys.stderr.write(
         f"kvpki: CA {ca_name} now issues with key generation {result.generation}; generation"
-        f" {result.generation - 1} keeps signing CRLs and OCSP for what it issued; restart 'kvpki serve'"
-        " to publish the new chain in /cacerts\n"
+        f" {result.generation - 1} keeps signing CRLs and OCSP for what it issued; a running 'kvpki serve'"
+        " publishes the new chain within seconds\n"
     )
 
 

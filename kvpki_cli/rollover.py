@@ -10,7 +10,8 @@ only the old root validate the new chain, OldWithNew (old public key, signed by
 the new key) the reverse.
 
 The new generation's chain is stored last: that write is the switch, after
-which every issuance (also in a running ``kvpki serve``) uses the new key.  The
+which every issuance (also in a running ``kvpki serve``, whose ``/cacerts`` and
+client trust follow within seconds, see ``serve/generations.py``) uses the new key.  The
 previous generations stay: their keys keep signing the CRLs (``kvpki crl
 --generation K``, ``/crl/<ca>.<K>.crl``) and OCSP answers for what they issued,
 and their certificates stay published (``get-ca --chain``, EST ``/cacerts``)

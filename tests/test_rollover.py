@@ -327,43 +327,46 @@ def test_postgres_inventory_of_schema_1_gains_the_column(postgres_url: str) -> N
 
 
 def test_est_reenroll_old_key_certificate_returns_new_key_certificate(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A running server: issuance switches at once, /cacerts and client trust within seconds; then a restart."""
+    import time
+
     from tests import servekit
 
     home = tmp_path_factory.mktemp("rollover-serve")
     server = _start(home)
+    key = home / "dev.key"
     try:
-        key = home / "dev.key"
         openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key),
                 "-subj", "/CN=roll-dev", "-outform", "DER", "-out", str(home / "dev.der"))  # fmt: skip
         body = base64.b64encode((home / "dev.der").read_bytes())
         first = _enroll(server, body, user="alice")
         old_ca = certs(server.kvpki("get-ca", "--ca", "issuing").stdout)[0]
-        assert first.issuer == old_ca.subject
         first.verify_directly_issued_by(old_ca)
+        assert new_ca_absent(servekit.curl(server, "/.well-known/est/cacerts").body, old_ca)
 
         # rollover while the server runs: its very next issuance uses the new key
         server.kvpki("rollover", "--ca", "issuing")
         new_ca = certs(server.kvpki("get-ca", "--ca", "issuing").stdout)[0]
-        _enroll(server, body, user="alice").verify_directly_issued_by(new_ca)
-    finally:
-        _stop(server)
+        second = _enroll(server, body, user="alice")
+        second.verify_directly_issued_by(new_ca)
+        deadline = time.monotonic() + 20
+        while "now issuing with key generation 1" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        published = _pkcs7_certs(servekit.curl(server, "/.well-known/est/cacerts").body)
+        assert new_ca in published and old_ca in published  # RFC 7030 4.1.3: both during the overlap
 
-    server = _start(home, prepare=False)  # a (rolling) restart publishes the new chain and trusts both keys
-    try:
-        cacerts = servekit.curl(server, "/.well-known/est/cacerts")
-        assert cacerts.status == 200
-        published = _pkcs7_certs(cacerts.body)
-        assert {old_ca, new_ca} <= set(published)
+        # EST re-enrollment of the old-key certificate returns a new-key certificate
         (home / "old.pem").write_bytes(first.public_bytes(PEM))
-        result = servekit.curl(server, "/.well-known/est/simplereenroll", data=body,
-                               cert=home / "old.pem", key=key,
-                               headers=("Content-Type: application/pkcs10",))  # fmt: skip
-        assert result.status == 200, result.body
-        renewed = _pkcs7_certs(result.body)[0]
+        renewed = _reenroll(server, body, home / "old.pem", key)
         renewed.verify_directly_issued_by(new_ca)
         assert renewed.subject == first.subject
         rows = {row["serial"]: row for row in server.inventory()}
         assert rows[format(renewed.serial_number, "x")]["issuer_generation"] == 1
+        assert rows[format(first.serial_number, "x")]["issuer_generation"] == 0
+        # and a new-generation certificate is trusted as TLS client certificate without a restart
+        (home / "new.pem").write_bytes(second.public_bytes(PEM))
+        _reenroll(server, body, home / "new.pem", key).verify_directly_issued_by(new_ca)
 
         # /crl/issuing.crl stays generation 0's (what old certificates name), /crl/issuing.1.crl is the new key's
         for path, signer in (("/crl/issuing.crl", old_ca), ("/crl/issuing.1.crl", new_ca)):
@@ -376,6 +379,29 @@ def test_est_reenroll_old_key_certificate_returns_new_key_certificate(tmp_path_f
         assert servekit.curl(server, "/crl/issuing.7.crl").status == 404
     finally:
         _stop(server)
+
+    server = _start(home, prepare=False)  # after a restart: the same, from start-up
+    try:
+        published = _pkcs7_certs(servekit.curl(server, "/.well-known/est/cacerts").body)
+        assert new_ca in published and old_ca in published
+        _reenroll(server, body, home / "old.pem", key).verify_directly_issued_by(new_ca)
+    finally:
+        _stop(server)
+
+
+def new_ca_absent(body: bytes, old_ca: x509.Certificate) -> bool:
+    """Before the rollover /cacerts holds the old CA certificate and no other of that subject."""
+    same_subject = [c for c in _pkcs7_certs(body) if c.subject == old_ca.subject]
+    return same_subject == [old_ca]
+
+
+def _reenroll(server, body: bytes, cert: Path, key: Path) -> x509.Certificate:  # type: ignore[no-untyped-def]
+    from tests import servekit
+
+    result = servekit.curl(server, "/.well-known/est/simplereenroll", data=body, cert=cert, key=key,
+                           headers=("Content-Type: application/pkcs10",))  # fmt: skip
+    assert result.status == 200, result.body
+    return _pkcs7_certs(result.body)[0]
 
 
 def _pkcs7_certs(body: bytes) -> list[x509.Certificate]:
@@ -405,7 +431,14 @@ def _start(home: Path, prepare: bool = True):  # type: ignore[no-untyped-def]
         port, http_port = servekit.free_port(), servekit.free_port()
         servekit._prepare(home, env, port, http_port)
         (home / "ports.json").write_text(json.dumps([port, http_port]))
-    port, http_port = json.loads((home / "ports.json").read_text())
+    else:  # a restart on fresh ports: the old ones may linger in TIME_WAIT
+        old_port, old_http = json.loads((home / "ports.json").read_text())
+        port, http_port = servekit.free_port(), servekit.free_port()
+        config = (home / "serve.toml").read_text()
+        config = config.replace(f"port = {old_port}\n", f"port = {port}\n")
+        config = config.replace(f"http_port = {old_http}\n", f"http_port = {http_port}\n")
+        (home / "serve.toml").write_text(config)
+        (home / "ports.json").write_text(json.dumps([port, http_port]))
     log_path = home / "serve.log"
     starts = log_path.read_text().count("listening on https") if log_path.exists() else 0
     with log_path.open("ab") as log:

@@ -26,6 +26,7 @@ from kvpki_cli.serve.auth import Authenticator
 from kvpki_cli.serve.config import ServeConfig
 from kvpki_cli.serve.crl import CrlCache, Publisher
 from kvpki_cli.serve.est import EstLabel, EstService
+from kvpki_cli.serve.generations import GenerationWatcher
 from kvpki_cli.serve.limits import ConnectionLimits, connection_cap, log_summaries, raise_fd_limit
 from kvpki_cli.serve.listener import GatedSite, Timeouts, request_deadline
 from kvpki_cli.serve.ocsp import OcspResponder, Responders, load_delegate
@@ -69,6 +70,7 @@ class Apps:
     workers: CaWorkers  # signing: runs the issuance core
     publishing: CaWorkers  # CRL/OCSP inventory reads and signatures, so they never queue behind issuance
     ocsp: OcspResponder | None = None  # its maintain() task keeps delegated responders renewed
+    generations: GenerationWatcher | None = None  # its watch() task picks up `kvpki rollover`
 
     def shutdown(self) -> None:
         self.workers.shutdown()
@@ -87,6 +89,7 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     published: dict[str, list[x509.Certificate]] = {}  # with earlier key generations and cross-certificates
     earlier: dict[str, list[x509.Certificate]] = {}  # CA certificates of earlier key generations (rollover)
     first: dict[str, bytes] = {}  # generation 0's CA certificate: what /ca/<ca>.crt serves
+    current_generation: dict[str, int] = {}
     for label in config.labels.values():
         label.check_profile(label.profile, settings.profile(label.profile).is_ca)
         for profile in label.identity_profiles:
@@ -97,6 +100,7 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
                 chains[name], published[name] = authority.chain, published_certificates(authority)
                 generations = authority.generations()
                 earlier[name] = [generation.chain[0] for generation in generations[1:]]
+                current_generation[name] = generations[0].number
                 first[name] = generations[-1].chain[0].public_bytes(Encoding.DER)
     labels = {
         name: EstLabel(label, certs_only_body(published[label.ca], label.base64_line_length))
@@ -141,7 +145,8 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     if config.http_port is not None:
         http = web.Application(client_max_size=config.max_body_bytes, middlewares=[request_deadline])
         http.add_routes(publish)
-    return Apps(https, http, context, workers, publishing, ocsp)
+    watcher = GenerationWatcher(labels, auth, context, publishing, current_generation)
+    return Apps(https, http, context, workers, publishing, ocsp, watcher)
 
 
 async def _start(
@@ -169,6 +174,7 @@ async def _serve(apps: Apps, config: ServeConfig) -> None:
     limits = ConnectionLimits(cap, config.max_connections_per_client)
     summaries = asyncio.get_running_loop().create_task(log_summaries(limits))
     maintenance = asyncio.get_running_loop().create_task(apps.ocsp.maintain()) if apps.ocsp else None
+    watcher = asyncio.get_running_loop().create_task(apps.generations.watch()) if apps.generations else None
     runners = []
     if apps.http is not None and config.http_port is not None:
         runners.append(await _start(apps.http, config, config.http_port, None, limits))
@@ -184,6 +190,8 @@ async def _serve(apps: Apps, config: ServeConfig) -> None:
         summaries.cancel()
         if maintenance is not None:
             maintenance.cancel()
+        if watcher is not None:
+            watcher.cancel()
         for runner in runners:
             await runner.cleanup()
 
