@@ -340,10 +340,12 @@ def test_processes_share_one_stored_crl(inventory_url: str, tmp_path: Path, monk
 
     real_crl = CertificateAuthority.crl
 
-    def counting_crl(self: CertificateAuthority, next_update: timedelta) -> x509.CertificateRevocationList:
+    def counting_crl(
+        self: CertificateAuthority, next_update: timedelta, *generation: int
+    ) -> x509.CertificateRevocationList:
         nonlocal signatures
         signatures += 1  # under the lock: no race on the counter
-        return real_crl(self, next_update)
+        return real_crl(self, next_update, *generation)
 
     monkeypatch.setattr(CertificateAuthority, "crl", counting_crl)
     day = timedelta(days=1)
