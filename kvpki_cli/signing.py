@@ -253,7 +253,8 @@ def stored_certificate(authority: CertificateAuthority, serial: str, fmt: str, w
     if record is None:
         raise NotFound(f"no certificate with serial {canonical} in the inventory of CA {authority.name!r}")
     certificate = x509.load_der_x509_certificate(record.der)
-    certs = [certificate, *authority.chain] if with_chain else [certificate]
+    # the chain of the key generation that signed it (kvpki rollover)
+    certs = [certificate, *authority.generation(record.issuer_generation).chain] if with_chain else [certificate]
     stored = record.as_json(utcnow())
     extra = {key: stored[key] for key in ("profile", "status", "revoked_at", "reason", "requester")}
     return encode_certificates(certs, fmt, extra)

@@ -127,6 +127,10 @@ def test_intermediate_rollover_old_and_new_leaves_verify_and_crls_are_per_key(
             continue  # no base_url configured in this home
         assert str(points[0].full_name[0].value).endswith(suffix)  # type: ignore[index]
 
+    # get-cert --chain gives each certificate with the chain of the key that signed it
+    for leaf, chain in ((old_leaf, old_chain), (new_leaf, new_chain)):
+        assert pki.ok("get-cert", serial_of(leaf), "--ca", "issuing", "--chain") == leaf + chain
+
     # renewing an old-key certificate gives a new-key one
     renewed = pki.ok("renew", write(tmp_path / "old.pem", old_leaf).as_posix(), "-", "--ca", "issuing",
                      input=make_csr("/CN=old-1").csr_pem)  # fmt: skip
