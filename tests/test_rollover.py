@@ -368,6 +368,20 @@ def test_est_reenroll_old_key_certificate_returns_new_key_certificate(tmp_path_f
         rows = {row["serial"]: row for row in server.inventory()}
         assert rows[format(renewed.serial_number, "x")]["issuer_generation"] == 1
         assert rows[format(first.serial_number, "x")]["issuer_generation"] == 0
+        # an old-generation device certificate still acts as EST identity (IoT Edge CA enrollment)
+        edge_key = home / "edge.key"
+        openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-keyout", str(edge_key), "-subj", "/CN=roll-dev", "-outform", "DER", "-out", str(home / "edge.der"),
+                "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0",
+                "-addext", "keyUsage=critical,digitalSignature,keyCertSign")  # fmt: skip
+        edge_body = base64.b64encode((home / "edge.der").read_bytes())
+        result = servekit.curl(server, "/.well-known/est/edge-ca-one-ca/simpleenroll", data=edge_body,
+                               cert=home / "old.pem", key=key,
+                               headers=("Content-Type: application/pkcs10",))  # fmt: skip
+        assert result.status == 200, result.body
+        edge_ca = _pkcs7_certs(result.body)[0]
+        edge_ca.verify_directly_issued_by(new_ca)
+        assert edge_ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         # and a new-generation certificate is trusted as TLS client certificate without a restart
         (home / "new.pem").write_bytes(second.public_bytes(PEM))
         _reenroll(server, body, home / "new.pem", key).verify_directly_issued_by(new_ca)

@@ -127,6 +127,7 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
         client_cas,
         {name: chains[name][0] for label in config.labels.values() for name in label.identity_cas},
         {name: earlier[label.ca] for name, label in config.labels.items()},
+        {name: earlier[name] for label in config.labels.values() for name in label.identity_cas},
     )
     ca_names = set(settings.ca_names())
     ca_certificates = first

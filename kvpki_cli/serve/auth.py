@@ -107,6 +107,7 @@ class Authenticator:
         client_cas: dict[str, list[x509.Certificate]],
         identity_cas: dict[str, x509.Certificate] | None = None,
         earlier_ca_certs: dict[str, list[x509.Certificate]] | None = None,
+        earlier_identity_cas: dict[str, list[x509.Certificate]] | None = None,
     ) -> None:
         self.users = users
         self.challenge = {"WWW-Authenticate": f'Basic realm="{realm}"'}
@@ -114,6 +115,7 @@ class Authenticator:
         self.client_cas = client_cas  # label -> trusted bootstrap CA certificates
         self.identity_cas = identity_cas or {}  # CA name -> certificate, for labels' identity_cas
         self.earlier_ca_certs = earlier_ca_certs or {}  # label -> CA certificates of earlier key generations
+        self.earlier_identity_cas = earlier_identity_cas or {}  # CA name -> the same, for identity CAs
 
     def unauthorised(self, reason: str) -> HttpRefusal:
         return HttpRefusal(401, reason, self.challenge)
@@ -169,6 +171,7 @@ class Authenticator:
         """The label's identity CA whose key signed ``cert`` (signature checked, not just the issuer name)."""
         for name in label.identity_cas:
             ca = self.identity_cas.get(name)
-            if ca is not None and directly_issued(cert, ca):
+            earlier = self.earlier_identity_cas.get(name, ())
+            if ca is not None and any(directly_issued(cert, issuer) for issuer in (ca, *earlier)):
                 return name
         return None

@@ -92,7 +92,7 @@ def check_identity(
         raise HttpRefusal(403, "the identity certificate is not currently valid")
     if not _is_client_auth_end_entity(cert):
         raise HttpRefusal(403, "the identity certificate must be an end-entity certificate with EKU clientAuth")
-    if not directly_issued(cert, identity_ca.certificate):
+    if not any(directly_issued(cert, g.chain[0]) for g in identity_ca.generations()):  # any key generation
         raise HttpRefusal(403, f"the identity certificate was not issued by CA {identity_ca.name!r}")
     record = good_record(identity_ca, cert, "the identity certificate")
     if label.identity_profiles and record.profile not in label.identity_profiles:

@@ -72,6 +72,7 @@ class GenerationWatcher:
                 self.auth.earlier_ca_certs[label_name] = earlier
         if name in self.auth.identity_cas:
             self.auth.identity_cas[name] = current
+            self.auth.earlier_identity_cas[name] = earlier
         self.known[name] = generation
         log.info("CA %s: now issuing with key generation %d; /cacerts and client trust updated", name, generation)
 
