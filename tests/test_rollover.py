@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from tests.conftest import DeviceKey, Kvpki
-from tests.helpers import openssl, write
+from tests.helpers import openssl, pkilint_findings, write
 
 PEM = serialization.Encoding.PEM
 
@@ -172,6 +172,10 @@ def test_root_rollover_cross_certificates_link_both_roots(
     assert verify(tmp_path, old_leaf, new_root, old_issuing).returncode != 0
     result = verify(tmp_path, old_leaf, new_root, old_issuing + cross_own)
     assert result.returncode == 0, result.stderr
+
+    # RFC 5280 lint of every certificate a rollover made (pkilint)
+    for index, made in enumerate((new_root, cross_nwo, cross_own, new_issuing)):
+        assert pkilint_findings(write(tmp_path / f"made{index}.pem", made)) == ""
 
     published = certs(pki.ok("get-ca", "--ca", "root", "--chain"))
     assert {new_root_cert, old_root_cert, new_with_old, old_with_new} <= set(published)
