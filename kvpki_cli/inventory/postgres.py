@@ -18,7 +18,14 @@ from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
-from kvpki_cli.inventory.base import CertificateRecord, CrlSnapshot, Inventory, SerialCollision, status_condition
+from kvpki_cli.inventory.base import (
+    CertificateRecord,
+    CrlSnapshot,
+    Inventory,
+    RevokedRow,
+    SerialCollision,
+    status_condition,
+)
 
 try:
     import psycopg
@@ -64,14 +71,18 @@ SCHEMA = (
 
 # The columns in CertificateRecord's field order, so a row maps onto a record positionally.
 COLUMNS = ", ".join(CertificateRecord._fields)
+COLUMNS_WITHOUT_DER = COLUMNS.replace(" der,", " ''::bytea,")
 INSERT = (
     "INSERT INTO kvpki_certificates (ca, serial, subject, sans, profile, requester, not_before, not_after,"
     " csr_sha256, der) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 # COLLATE "C": byte order, as SQLite sorts text, whatever the database's locale.
-REVOKED_UNEXPIRED = (
-    f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s AND status = 'revoked' AND not_after > %s"
-    ' ORDER BY serial COLLATE "C"'
+UNEXPIRED_CONDITION = "WHERE ca = %s AND status = 'revoked' AND not_after > %s ORDER BY serial COLLATE \"C\""
+REVOKED_UNEXPIRED = f"SELECT {COLUMNS} FROM kvpki_certificates {UNEXPIRED_CONDITION}"
+# The revocation time as the text SQLite stores (base.to_text): the CRL encoder takes it as is.
+CRL_ENTRIES = (
+    "SELECT serial, to_char(revoked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), reason"
+    f" FROM kvpki_certificates {UNEXPIRED_CONDITION}"
 )
 
 
@@ -244,10 +255,13 @@ class PostgresInventory(Inventory):
         assert updated is not None
         return _row_to_record(updated)
 
-    def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
+    def list_certificates(
+        self, ca: str, status: str | None, now: datetime, *, with_der: bool = True
+    ) -> list[CertificateRecord]:
         condition, binds_now = status_condition(status, "%s")
         params: list[Any] = [ca, utc_seconds(now)] if binds_now else [ca]
-        query = f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s{condition} ORDER BY issued_at, id"
+        columns = COLUMNS if with_der else COLUMNS_WITHOUT_DER
+        query = f"SELECT {columns} FROM kvpki_certificates WHERE ca = %s{condition} ORDER BY issued_at, id"
         return [_row_to_record(row) for row in self._query(query, params)]
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
@@ -279,8 +293,8 @@ class PostgresInventory(Inventory):
         with self._transaction() as cursor:
             number = self._take_crl_number(cursor, ca)
             this_update = utc_seconds(clock())
-            rows = cursor.execute(REVOKED_UNEXPIRED, (ca, this_update)).fetchall()
-        return CrlSnapshot(number, this_update, [_row_to_record(row) for row in rows])
+            rows = cursor.execute(CRL_ENTRIES, (ca, this_update)).fetchall()
+        return CrlSnapshot(number, this_update, [RevokedRow._make(row) for row in rows])
 
     def close(self) -> None:
         self._db.close()

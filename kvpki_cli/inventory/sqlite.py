@@ -21,6 +21,7 @@ from kvpki_cli.inventory.base import (
     CertificateRecord,
     CrlSnapshot,
     Inventory,
+    RevokedRow,
     SerialCollision,
     from_text,
     status_condition,
@@ -52,10 +53,11 @@ CREATE TABLE IF NOT EXISTS crl_numbers (ca TEXT PRIMARY KEY, last INTEGER NOT NU
 COLUMNS = (
     "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason"
 )
+COLUMNS_WITHOUT_DER = COLUMNS.replace(" der,", " X'',")
 
-REVOKED_UNEXPIRED = (
-    f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial"
-)
+UNEXPIRED_CONDITION = "WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial"
+REVOKED_UNEXPIRED = f"SELECT {COLUMNS} FROM certificates {UNEXPIRED_CONDITION}"
+CRL_ENTRIES = f"SELECT serial, revoked_at, reason FROM certificates {UNEXPIRED_CONDITION}"
 
 
 def _row_to_record(row: Sequence[object]) -> CertificateRecord:
@@ -218,10 +220,13 @@ class SqliteInventory(Inventory):
         assert record is not None
         return record
 
-    def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
+    def list_certificates(
+        self, ca: str, status: str | None, now: datetime, *, with_der: bool = True
+    ) -> list[CertificateRecord]:
         condition, binds_now = status_condition(status, "?")
         params: list[object] = [ca, to_text(now)] if binds_now else [ca]
-        return self._rows(f"SELECT {COLUMNS} FROM certificates WHERE ca=?{condition} ORDER BY issued_at, rowid", params)
+        columns = COLUMNS if with_der else COLUMNS_WITHOUT_DER
+        return self._rows(f"SELECT {columns} FROM certificates WHERE ca=?{condition} ORDER BY issued_at, rowid", params)
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
         return self._rows(REVOKED_UNEXPIRED, (ca, to_text(now)))
@@ -249,8 +254,8 @@ class SqliteInventory(Inventory):
         with self._transaction() as db:
             number = self._take_crl_number(db, ca)
             this_update = clock().replace(microsecond=0)
-            rows = db.execute(REVOKED_UNEXPIRED, (ca, to_text(this_update))).fetchall()
-        return CrlSnapshot(number, this_update, self._decode(rows))
+            rows = db.execute(CRL_ENTRIES, (ca, to_text(this_update))).fetchall()
+        return CrlSnapshot(number, this_update, [RevokedRow._make(row) for row in rows])
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Benchmark `kvpki crl` against `openssl ca -gencrl` over the same number of revoked entries.
+
+Creates a local-store CA with `kvpki init-ca`, fills its inventory directly (bulk SQL,
+same schema as kvpki's) with N revoked and N valid certificates, writes an openssl
+`ca` index.txt holding the same N revoked entries (serials, dates, reasons), then
+times both tools (best of --rounds), printing each time, the ratio and the peak RSS
+(ru_maxrss) of the kvpki process.  Also times `kvpki list --status revoked --json`.
+Goals (issue 8, goal 1): 100k revoked: kvpki <= 0.75x openssl; 1M: <= 15 s and <= 1 GiB.
+
+Usage: scripts/bench_crl.py [--count 100000] [--backend sqlite|postgres] [--rounds 3]
+PostgreSQL: KVPKI_BENCH_PG_URL=postgresql://... (an empty database), else a throwaway
+cluster is started as in tests/pg_fixture.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+CA = "bench"
+# Reasons both tools spell the same way (openssl ca knows no privilegeWithdrawn).
+REASONS = ["keyCompromise", "superseded", "cessationOfOperation", "affiliationChanged", "unspecified"]
+FAKE_DER = bytes(range(256)) * 2 + bytes(100)  # ~ a device certificate's size: the rows are as large as real ones
+
+
+def kvpki_env(home: Path, url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVPKI_", "AZURE_"))}
+    env.update(KVPKI_HOME=str(home), KVPKI_INVENTORY_URL=url, KVPKI_REQUESTER="bench", PYTHONPATH=str(REPO))
+    return env
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None, out: Path, cwd: Path | None = None) -> tuple[float, int]:
+    """Wall time and peak RSS (bytes) of one child process writing stdout to ``out``."""
+    with out.open("wb") as stdout:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env, cwd=cwd)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"bench_crl: {' '.join(cmd)} failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def make_rows(count: int, now: datetime) -> Iterator[tuple[str, str, str, str | None, str | None]]:
+    """(serial, not_after, status, revoked_at, reason) for count revoked then count valid certificates."""
+    rng = random.Random(8)
+    for index in range(2 * count):
+        serial = format(rng.getrandbits(158) | (1 << 158), "x")
+        not_after = (now + timedelta(days=30 + rng.randrange(700))).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if index < count:
+            revoked_at = (now - timedelta(seconds=rng.randrange(365 * 86400))).strftime("%Y-%m-%dT%H:%M:%SZ")
+            yield serial, not_after, "revoked", revoked_at, rng.choice(REASONS)
+        else:
+            yield serial, not_after, "valid", None, None
+
+
+def fill_sqlite(path: Path, rows: list[tuple[str, str, str, str | None, str | None]], now: datetime) -> None:
+    import sqlite3
+
+    not_before = (now - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO certificates (ca, serial, subject, sans, profile, requester, not_before, not_after,"
+        " csr_sha256, der, status, revoked_at, reason) VALUES (?, ?, ?, '[]', 'device', 'bench', ?, ?, ?, ?, ?, ?, ?)",
+        (
+            (CA, serial, f"CN=dev-{serial[:12]}", not_before, not_after, "0" * 64, FAKE_DER, status, revoked_at, reason)
+            for serial, not_after, status, revoked_at, reason in rows
+        ),
+    )
+    db.execute("COMMIT")
+    db.execute("ANALYZE")
+    db.close()
+
+
+def fill_postgres(url: str, rows: list[tuple[str, str, str, str | None, str | None]], now: datetime) -> None:
+    import psycopg
+
+    not_before = now - timedelta(days=1)
+    with psycopg.connect(url) as db:
+        with db.cursor() as cursor, cursor.copy(
+            "COPY kvpki_certificates (ca, serial, subject, sans, profile, requester, not_before, not_after,"
+            " csr_sha256, der, status, revoked_at, reason) FROM STDIN"
+        ) as copy:
+            for serial, not_after, status, revoked_at, reason in rows:
+                copy.write_row(
+                    (CA, serial, f"CN=dev-{serial[:12]}", [], "device", "bench", not_before, not_after,
+                     "0" * 64, FAKE_DER, status, revoked_at, reason)
+                )  # fmt: skip
+        db.commit()
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("VACUUM ANALYZE kvpki_certificates")
+
+
+def openssl_time(text: str) -> str:
+    """"YYYY-MM-DDTHH:MM:SSZ" -> openssl index's YYMMDDHHMMSSZ."""
+    return text[2:4] + text[5:7] + text[8:10] + text[11:13] + text[14:16] + text[17:19] + "Z"
+
+
+def write_openssl_ca(directory: Path, home: Path, rows: list[tuple[str, str, str, str | None, str | None]]) -> Path:
+    """index.txt with the revoked entries, the CA's key and certificate, and a matching config."""
+    ca_dir = home / "cas" / CA
+    lines = []
+    for serial, not_after, status, revoked_at, reason in rows:
+        if status != "revoked":
+            continue
+        assert revoked_at is not None and reason is not None
+        hex_serial = serial.upper() if len(serial) % 2 == 0 else "0" + serial.upper()
+        lines.append(f"R\t{openssl_time(not_after)}\t{openssl_time(revoked_at)},{reason}\t{hex_serial}\tunknown\t/CN=dev\n")
+    (directory / "index.txt").write_text("".join(lines))
+    (directory / "index.txt.attr").write_text("unique_subject = no\n")
+    (directory / "crlnumber").write_text("01\n")
+    config = directory / "openssl.cnf"
+    config.write_text(
+        f"""[ca]
+default_ca = bench
+[bench]
+database = {directory / "index.txt"}
+crlnumber = {directory / "crlnumber"}
+certificate = {ca_dir / "chain.pem"}
+private_key = {ca_dir / "key.pem"}
+default_md = sha256
+default_crl_days = 7
+unique_subject = no
+crl_extensions = crl_ext
+[crl_ext]
+authorityKeyIdentifier = keyid:always
+"""
+    )
+    return config
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    url = os.environ.get("KVPKI_BENCH_PG_URL")
+    if url:
+        yield url
+        return
+    import shutil
+
+    from tests.pg_fixture import PostgresServer, _unprivileged_account, find_bindir
+
+    bindir, account = find_bindir(), _unprivileged_account()
+    if bindir is None or account is None:
+        sys.exit("bench_crl: no PostgreSQL binaries or account to run them; set KVPKI_BENCH_PG_URL")
+    base = Path(tempfile.mkdtemp(prefix="kvpki-bench-pg-"))
+    os.chown(base, account.pw_uid, account.pw_gid)
+    server = PostgresServer(bindir, base, account)
+    try:
+        server.init()
+        server.start()
+        yield server.create_database("bench")
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def best(label: str, runs: list[tuple[float, int]]) -> tuple[float, int]:
+    time_s = min(t for t, _ in runs)
+    rss = max(r for _, r in runs)
+    print(f"{label:<44} best {time_s:7.2f} s  of {', '.join(f'{t:.2f}' for t, _ in runs)}  peak RSS {rss / 2**20:6.0f} MiB")
+    return time_s, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=100_000, help="revoked certificates (as many valid ones too)")
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--rounds", type=int, help="runs per tool, best counts (default 3, 1 above 200k)")
+    parser.add_argument("--skip-list", action="store_true", help="do not time `kvpki list`")
+    args = parser.parse_args()
+    rounds = args.rounds or (3 if args.count <= 200_000 else 1)
+
+    from kvpki_cli.inventory import open_inventory
+
+    with tempfile.TemporaryDirectory(prefix="kvpki-bench-crl-") as tmp, (
+        postgres_database() if args.backend == "postgres" else _sqlite_url(Path(tmp))
+    ) as url:
+        work = Path(tmp)
+        home = work / "home"
+        env = kvpki_env(home, url)
+        kvpki = [sys.executable, "-m", "kvpki_cli"]
+        subprocess.run([*kvpki, "init-ca", "--name", CA, "--subject", "CN=Bench CA"], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+        open_inventory(url, home).close()  # the schema, created by kvpki itself
+        now = datetime.now(UTC).replace(microsecond=0)
+        start = time.perf_counter()
+        rows = list(make_rows(args.count, now))
+        if args.backend == "postgres":
+            fill_postgres(url, rows, now)
+        else:
+            fill_sqlite(Path(url.removeprefix("sqlite:///")), rows, now)
+        config = write_openssl_ca(work, home, rows)
+        del rows
+        print(f"filled {args.backend} with {args.count:,} revoked + {args.count:,} valid in {time.perf_counter() - start:.1f} s")
+
+        ossl = [
+            best("openssl ca -gencrl", [
+                run_measured(["openssl", "ca", "-gencrl", "-config", str(config), "-out", str(work / "openssl.crl")],
+                             None, work / "openssl.out")
+                for _ in range(rounds)
+            ])
+        ]  # fmt: skip
+        ours = best("kvpki crl", [
+            run_measured([*kvpki, "crl", "--ca", CA, "--format", "der"], env, work / "kvpki.crl")
+            for _ in range(rounds)
+        ])  # fmt: skip
+        listed = None
+        if not args.skip_list:
+            listed = best("kvpki list --status revoked --json", [
+                run_measured([*kvpki, "list", "--ca", CA, "--status", "revoked", "--json"], env, work / "list.json")
+                for _ in range(rounds)
+            ])  # fmt: skip
+
+        check = subprocess.run(
+            ["openssl", "crl", "-inform", "DER", "-in", str(work / "kvpki.crl"), "-noout", "-verify",
+             "-CAfile", str(home / "cas" / CA / "chain.pem")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        from cryptography import x509
+
+        crl = x509.load_der_x509_crl((work / "kvpki.crl").read_bytes())
+        entries = sum(1 for _ in crl)
+        ossl_entries = sum(1 for _ in x509.load_pem_x509_crl((work / "openssl.crl").read_bytes()))
+        print(f"entries: kvpki {entries:,}, openssl {ossl_entries:,}; kvpki CRL {(work / 'kvpki.crl').stat().st_size:,}"
+              f" bytes; openssl crl -verify: {(check.stderr or check.stdout).strip()}")  # fmt: skip
+        ratio = ours[0] / ossl[0][0]
+        print(f"ratio kvpki/openssl: {ratio:.2f} (goal <= 0.75)")
+        if args.count >= 1_000_000:
+            print(f"1M goal: {ours[0]:.1f} s (<= 15), peak RSS {ours[1] / 2**30:.2f} GiB (<= 1)")
+        if listed:
+            print(f"list: {args.count / listed[0]:,.0f} rows/s")
+        if entries != args.count or "verify OK" not in (check.stderr + check.stdout):
+            sys.exit("bench_crl: the kvpki CRL is wrong")
+
+
+@contextmanager
+def _sqlite_url(work: Path) -> Iterator[str]:
+    yield f"sqlite:///{work / 'inventory.sqlite3'}"
+
+
+if __name__ == "__main__":
+    main()
