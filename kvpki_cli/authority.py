@@ -303,12 +303,16 @@ class CertificateAuthority:
         )
 
     def crl(self, next_update: timedelta) -> x509.CertificateRevocationList:
-        from kvpki_cli.pki.crl import build_crl
+        return x509.load_der_x509_crl(self.crl_der(next_update))
+
+    def crl_der(self, next_update: timedelta) -> bytes:
+        """A new CRL, DER-encoded (what `kvpki crl` prints; no re-encoding of a million entries)."""
+        from kvpki_cli.pki.crl import build_crl_der
 
         signer = self.keystore.signer()  # before taking a number: a failing key store burns none
         # Number, thisUpdate and revoked set from one transaction: a higher number never lists less.
         snapshot = self.inventory.crl_snapshot(self.name, utcnow)
-        return build_crl(
+        return build_crl_der(
             self.certificate,
             signer,
             snapshot.revoked,  # serial, time and reason as stored: encoded without conversion

@@ -281,10 +281,10 @@ def _load_certificate(data: bytes) -> Any:
 def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str) -> None:
     """Print a CRL signed by the CA key listing every revoked, unexpired certificate."""
     from kvpki_cli.durations import parse_duration
-    from kvpki_cli.pki.keys import Encoding
+    from kvpki_cli.pki.crl import pem
 
-    crl = obj.authority(ca_name).crl(parse_duration(next_update, what="--next-update"))
-    _write_stdout(crl.public_bytes(Encoding.PEM if fmt == "pem" else Encoding.DER))
+    der = obj.authority(ca_name).crl_der(parse_duration(next_update, what="--next-update"))
+    _write_stdout(pem(der) if fmt == "pem" else der)
 
 
 @cli.command("list")

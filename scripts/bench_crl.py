@@ -175,7 +175,8 @@ def postgres_database() -> Iterator[str]:
 def best(label: str, runs: list[tuple[float, int]]) -> tuple[float, int]:
     time_s = min(t for t, _ in runs)
     rss = max(r for _, r in runs)
-    print(f"{label:<44} best {time_s:7.2f} s  of {', '.join(f'{t:.2f}' for t, _ in runs)}  peak RSS {rss / 2**20:6.0f} MiB")
+    times = ", ".join(f"{t:.2f}" for t, _ in runs)
+    print(f"{label:<36} best {time_s:7.2f} s  of {times}  peak RSS {rss / 2**20:6.0f} MiB")
     return time_s, rss
 
 
@@ -209,7 +210,8 @@ def main() -> None:
             fill_sqlite(Path(url.removeprefix("sqlite:///")), rows, now)
         config = write_openssl_ca(work, home, rows)
         del rows
-        print(f"filled {args.backend} with {args.count:,} revoked + {args.count:,} valid in {time.perf_counter() - start:.1f} s")
+        took = time.perf_counter() - start
+        print(f"filled {args.backend} with {args.count:,} revoked + {args.count:,} valid in {took:.1f} s")
 
         ossl = [
             best("openssl ca -gencrl", [
