@@ -307,19 +307,20 @@ class CertificateAuthority:
 
     def crl_der(self, next_update: timedelta) -> bytes:
         """A new CRL, DER-encoded (what `kvpki crl` prints; no re-encoding of a million entries)."""
-        from kvpki_cli.pki.crl import build_crl_der
+        from kvpki_cli.pki.crl import build_crl_der, gc_paused
 
         signer = self.keystore.signer()  # before taking a number: a failing key store burns none
-        # Number, thisUpdate and revoked set from one transaction: a higher number never lists less.
-        snapshot = self.inventory.crl_snapshot(self.name, utcnow)
-        return build_crl_der(
-            self.certificate,
-            signer,
-            snapshot.revoked,  # serial, time and reason as stored: encoded without conversion
-            crl_number=snapshot.number,
-            this_update=snapshot.this_update,
-            next_update=snapshot.this_update + next_update,
-        )
+        with gc_paused():  # a million row tuples would set off full collections that free nothing
+            # Number, thisUpdate and revoked set from one transaction: a higher number never lists less.
+            snapshot = self.inventory.crl_snapshot(self.name, utcnow)
+            return build_crl_der(
+                self.certificate,
+                signer,
+                snapshot.revoked,  # serial, time and reason as stored: encoded without conversion
+                crl_number=snapshot.number,
+                this_update=snapshot.this_update,
+                next_update=snapshot.this_update + next_update,
+            )
 
 
 def init_ca(

@@ -42,19 +42,28 @@ def kvpki_env(home: Path, url: str) -> dict[str, str]:
     return env
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None, out: Path, cwd: Path | None = None) -> tuple[float, int]:
+# Runs the measured command from a small process: Linux carries a parent's peak RSS at fork into
+# the child's ru_maxrss, and this script holds the whole fill in memory.
+MEASURE = """
+import os, subprocess, sys, time
+with open(sys.argv[1], "wb") as out:
+    start = time.perf_counter()
+    proc = subprocess.Popen(sys.argv[2:], stdout=out, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+sys.stderr.buffer.write(err)
+print(os.waitstatus_to_exitcode(status), elapsed, usage.ru_maxrss * 1024)
+"""
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None, out: Path) -> tuple[float, int]:
     """Wall time and peak RSS (bytes) of one child process writing stdout to ``out``."""
-    with out.open("wb") as stdout:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env, cwd=cwd)
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        elapsed = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.exit(f"bench_crl: {' '.join(cmd)} failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
-    return elapsed, usage.ru_maxrss * 1024
+    result = subprocess.run([sys.executable, "-c", MEASURE, str(out), *cmd], env=env, capture_output=True, text=True)
+    code, elapsed, rss = result.stdout.split() if result.returncode == 0 else ("-1", "0", "0")
+    if code != "0":
+        sys.exit(f"bench_crl: {' '.join(cmd)} failed ({code}): {result.stderr.strip()}")
+    return float(elapsed), int(rss)
 
 
 def make_rows(count: int, now: datetime) -> Iterator[tuple[str, str, str, str | None, str | None]]:
