@@ -361,3 +361,20 @@ def test_crl_signed_in_key_vault(tmp_path: Path, request: pytest.FixtureRequest)
         str(write(tmp_path / "ca.pem", ca_pem)),
     )
     assert set(entries(x509.load_der_x509_crl(der))) == set(listed)
+
+
+def test_postgres_crl_reads_only_the_covering_index(postgres_url: str, tmp_path: Path) -> None:
+    """The same on PostgreSQL: an index-only scan in the CRL's order (a version-1 database gets the index)."""
+    import psycopg
+
+    from kvpki_cli.inventory.postgres import CRL_ENTRIES as PG_CRL_ENTRIES
+
+    open_inventory(postgres_url, tmp_path).close()
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("DROP INDEX kvpki_certificates_crl")
+    open_inventory(postgres_url, tmp_path).close()  # an existing version-1 database, reopened
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("SET enable_seqscan = off")  # an empty table would be scanned whatever the indexes
+        db.execute("VACUUM kvpki_certificates")
+        plan = " ".join(row[0] for row in db.execute(f"EXPLAIN {PG_CRL_ENTRIES}", ("root", NOW)))
+    assert "Index Only Scan using kvpki_certificates_crl" in plan and "Sort" not in plan, plan

@@ -40,6 +40,13 @@ CONNECT_TIMEOUT_S = 10
 # CREATE TABLE IF NOT EXISTS can still fail on the catalog's unique indexes.
 SCHEMA_LOCK = 0x6B76706B69  # "kvpki"
 
+# What a CRL is read from, in the order it lists: an index-only scan, no sort, no certificate read.
+# Not part of the version: a version-1 database gets it on the next connection (older kvpki ignores it).
+CRL_INDEX = (
+    "CREATE INDEX IF NOT EXISTS kvpki_certificates_crl ON kvpki_certificates"
+    ' (ca, status, serial COLLATE "C") INCLUDE (not_after, revoked_at, reason)'
+)
+
 # Table names carry a prefix: unlike the private SQLite file, a PostgreSQL
 # database may be shared with other applications.  They are unqualified, so
 # ``?options=-csearch_path%3Dpki`` in the URL picks a schema.
@@ -66,6 +73,7 @@ SCHEMA = (
     """,
     "CREATE INDEX IF NOT EXISTS kvpki_certificates_status ON kvpki_certificates (ca, status, not_after)",
     "CREATE TABLE IF NOT EXISTS kvpki_crl_numbers (ca text PRIMARY KEY, last bigint NOT NULL)",
+    CRL_INDEX,
     "CREATE TABLE IF NOT EXISTS kvpki_schema (version integer NOT NULL)",
 )
 
@@ -187,7 +195,7 @@ class PostgresInventory(Inventory):
         """Create the tables once; later connections only read the version (no DDL rights needed)."""
         with self._transaction() as cursor:
             version = self._schema_version(cursor)
-            if version == SCHEMA_VERSION:
+            if version == SCHEMA_VERSION and self._has_crl_index(cursor):
                 return
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             version = self._schema_version(cursor)  # another process may have won the race
@@ -201,6 +209,13 @@ class PostgresInventory(Inventory):
                     cursor.execute(statement)
                 cursor.execute("DELETE FROM kvpki_schema")
                 cursor.execute("INSERT INTO kvpki_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            else:
+                cursor.execute(CRL_INDEX)  # once, on the first connection after an upgrade
+
+    @staticmethod
+    def _has_crl_index(cursor: psycopg.Cursor[Any]) -> bool:
+        row = cursor.execute("SELECT to_regclass('kvpki_certificates_crl') IS NOT NULL").fetchone()
+        return bool(row and row[0])
 
     @staticmethod
     def _schema_version(cursor: psycopg.Cursor[Any]) -> int | None:
