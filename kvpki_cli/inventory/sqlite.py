@@ -83,7 +83,7 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         ca=str(ca),
         serial=str(serial),
         subject=str(subject),
-        sans=tuple(json.loads(str(sans))),
+        sans=() if sans == "[]" else tuple(json.loads(str(sans))),  # most devices: no SANs to parse
         profile=str(profile),
         requester=str(requester),
         not_before=from_text(str(not_before)),
