@@ -421,3 +421,23 @@ def test_column_encoder_agrees_with_the_row_encoder() -> None:
             assert fast is not None and fast == slow
         else:
             assert fast is None or fast == slow, odd
+
+
+def test_postgres_role_without_ddl_rights_still_connects(postgres_url: str, tmp_path: Path) -> None:
+    """An upgraded database whose index is missing stays usable by a role that may not create it."""
+    import psycopg
+
+    open_inventory(postgres_url, tmp_path).close()
+    password = "not-secret-42"
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("DROP INDEX kvpki_certificates_crl")
+        db.execute(f"CREATE ROLE crl_reader LOGIN PASSWORD '{password}'")
+        db.execute("GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO crl_reader")
+        db.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    user_url = postgres_url.replace(postgres_url.split("//")[1].split("@")[0], f"crl_reader:{password}")
+    inventory = open_inventory(user_url, tmp_path)
+    assert inventory.crl_snapshot("root", lambda: NOW).number == 1
+    inventory.close()
+    open_inventory(postgres_url, tmp_path).close()  # the owner's next connection creates it
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        assert db.execute("SELECT to_regclass('kvpki_certificates_crl') IS NOT NULL").fetchone() == (True,)

@@ -210,7 +210,17 @@ class PostgresInventory(Inventory):
                 cursor.execute("DELETE FROM kvpki_schema")
                 cursor.execute("INSERT INTO kvpki_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
             else:
-                cursor.execute(CRL_INDEX)  # once, on the first connection after an upgrade
+                self._create_crl_index(cursor)
+
+    @staticmethod
+    def _create_crl_index(cursor: psycopg.Cursor[Any]) -> None:
+        """Once, on the first connection after an upgrade.  A role without DDL rights still works
+        (CRLs are then read by a slower plan) until one with them connects."""
+        try:
+            with cursor.connection.transaction():  # a savepoint: the refusal must not end the transaction
+                cursor.execute(CRL_INDEX)
+        except pg_errors.InsufficientPrivilege:
+            pass
 
     @staticmethod
     def _has_crl_index(cursor: psycopg.Cursor[Any]) -> bool:
