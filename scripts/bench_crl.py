@@ -118,6 +118,12 @@ def fill_postgres(url: str, rows: list[tuple[str, str, str, str | None, str | No
         db.execute("VACUUM ANALYZE kvpki_certificates")
 
 
+def compile_package() -> None:
+    """Byte-compile kvpki as an installed package is (PYTHONDONTWRITEBYTECODE may be set here), as
+    scripts/bench_sign.py does: otherwise every run would compile kvpki's sources first."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "kvpki_cli")], check=True)
+
+
 def openssl_time(text: str) -> str:
     """"YYYY-MM-DDTHH:MM:SSZ" -> openssl index's YYMMDDHHMMSSZ."""
     return text[2:4] + text[5:7] + text[8:10] + text[11:13] + text[14:16] + text[17:19] + "Z"
@@ -200,6 +206,7 @@ def main() -> None:
 
     from kvpki_cli.inventory import open_inventory
 
+    compile_package()
     with tempfile.TemporaryDirectory(prefix="kvpki-bench-crl-") as tmp, (
         postgres_database() if args.backend == "postgres" else _sqlite_url(Path(tmp))
     ) as url:
