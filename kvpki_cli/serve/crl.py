@@ -67,7 +67,7 @@ class CrlCache:
             fresh = cached is not None and time.monotonic() - cached.created < self.validity.total_seconds() / 2
             if cached is not None and fresh and cached.revocations == count:
                 return cached.der
-            der = ca.crl(self.validity).public_bytes(Encoding.DER)
+            der = ca.crl_der(self.validity)  # as built: no parse and re-encode of every entry
             self._cache[ca.name] = CachedCrl(count, time.monotonic(), der)
             return der
 
