@@ -22,8 +22,8 @@ from kvpki_cli.inventory.base import (
     CertificateRecord,
     CrlSnapshot,
     Inventory,
-    RevokedRow,
     SerialCollision,
+    revoked_row,
     status_condition,
 )
 
@@ -318,8 +318,8 @@ class PostgresInventory(Inventory):
         with self._transaction() as cursor:
             number = self._take_crl_number(cursor, ca)
             this_update = utc_seconds(clock())
-            new = tuple.__new__  # RevokedRow._make without its per-row Python call
-            revoked = [new(RevokedRow, row) for row in cursor.execute(CRL_ENTRIES, (ca, this_update))]
+            # fetchall: psycopg loads rows in C (iterating calls Python per row); then tuple -> RevokedRow in C.
+            revoked = list(map(revoked_row, cursor.execute(CRL_ENTRIES, (ca, this_update)).fetchall()))
         return CrlSnapshot(number, this_update, revoked)
 
     def close(self) -> None:

@@ -21,9 +21,9 @@ from kvpki_cli.inventory.base import (
     CertificateRecord,
     CrlSnapshot,
     Inventory,
-    RevokedRow,
     SerialCollision,
     from_text,
+    revoked_row,
     status_condition,
     to_text,
 )
@@ -257,8 +257,7 @@ class SqliteInventory(Inventory):
         with self._transaction() as db:
             number = self._take_crl_number(db, ca)
             this_update = clock().replace(microsecond=0)
-            new = tuple.__new__  # RevokedRow._make without its per-row Python call
-            revoked = [new(RevokedRow, row) for row in db.execute(CRL_ENTRIES, (ca, to_text(this_update)))]
+            revoked = list(map(revoked_row, db.execute(CRL_ENTRIES, (ca, to_text(this_update)))))
         return CrlSnapshot(number, this_update, revoked)
 
     def close(self) -> None:
