@@ -173,7 +173,7 @@ def _encode_columns(rows: list[RevokedRow], default_time: str) -> bytes | None:
             return None
         contents = list(map(bytes.fromhex, serials))
         # Times: exactly "YYYY-MM-DDTHH:MM:SSZ", real dates, years 1950-2049 (UTCTime).
-        if None in times:
+        if None in times or "" in times:  # no recorded time: thisUpdate
             times = [t or default_time for t in times]
         blob = "\n".join(times).encode("ascii")
         if blob.translate(None, b"0123456789") != SEPARATORS * (len(times) - 1) + SEPARATORS[:-1]:
@@ -199,11 +199,12 @@ def _encode_rows(rows: list[RevokedRow], default_der: bytes) -> bytes:
     try:
         for serial, revoked_at, reason in rows:
             content = _serial_content(serial)
-            date = times.get(revoked_at)
+            when = revoked_at or None  # NULL or empty: no recorded time
+            date = times.get(when)
             if date is None:
                 if len(times) > TIME_CACHE:  # bounded: a million distinct seconds would cost 100 MB
                     times = {None: default_der}
-                date = times[revoked_at] = time_der(revoked_at)  # type: ignore[arg-type]
+                date = times[when] = time_der(when)  # type: ignore[arg-type]
             tail = date + extensions[reason]
             size = len(content)
             length = 2 + size + len(tail)
