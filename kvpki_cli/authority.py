@@ -199,24 +199,27 @@ class CertificateAuthority:
         return self.issue_many([request])[0]
 
     def issue_many(
-        self, requests: Sequence[SigningRequest], before_commit: Callable[[list[Issued]], None] | None = None
+        self,
+        requests: Sequence[SigningRequest],
+        before_commit: Callable[[list[Issued]], None] | None = None,
+        jobs: int | None = None,
     ) -> list[Issued]:
         """Approve every request first (a refusal issues nothing), sign, then commit all rows at once.
 
         The rows are committed before any certificate is returned, so nothing
         leaves kvpki without an inventory record.  ``before_commit`` sees each
         signed batch before its commit (to stage output files); raising there
-        commits nothing.
+        commits nothing.  ``jobs`` signatures are made at once (default: what the
+        key store asks for; a vault's governor keeps them within its budget).
         """
         self.check_not_revoked()
         now = utcnow()
         templates = [self.approve(request, now) for request in requests]
         signer = self.keystore.signer()
+        if jobs is None:
+            jobs = self.keystore.signing_jobs() if len(requests) > 1 else 1
         for _attempt in range(MAX_SERIAL_ATTEMPTS):
-            issued = [
-                self._sign(request, template, new_serial_number(), signer)
-                for request, template in zip(requests, templates, strict=True)
-            ]
+            issued = self._sign_all(requests, templates, signer, jobs)
             if before_commit is not None:
                 before_commit(issued)
             try:
@@ -225,6 +228,23 @@ class CertificateAuthority:
                 continue
             return issued
         raise BackendError("could not allocate a unique serial number")
+
+    def _sign_all(
+        self, requests: Sequence[SigningRequest], templates: Sequence[Template], signer: CAPrivateKey, jobs: int
+    ) -> list[Issued]:
+        """Sign each (request, template), in order; with ``jobs`` > 1 on a thread pool, stopping at the first error."""
+        work = [(request, template, new_serial_number()) for request, template in zip(requests, templates, strict=True)]
+        if jobs <= 1 or len(work) <= 1:
+            return [self._sign(request, template, serial, signer) for request, template, serial in work]
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.chain  # noqa: B018 - load once, before the threads read it
+        pool = ThreadPoolExecutor(max_workers=min(jobs, len(work)), thread_name_prefix="kvpki-sign")
+        try:
+            futures = [pool.submit(self._sign, request, template, serial, signer) for request, template, serial in work]
+            return [future.result() for future in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _sign(self, request: SigningRequest, template: Template, serial: int, signer: CAPrivateKey) -> Issued:
         certificate = issue_certificate(template, serial, self.certificate, signer, self.config.urls)

@@ -130,6 +130,11 @@ def init_ca_command(
 @click.option(
     "--out-dir", type=click.Path(file_okay=False), help="Write one file per CSR here (required for several CSRs)."
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(1, 256),
+    help="Signatures in flight at once (default: 1 for a local key, from the vault's sign_rate for Key Vault).",
+)
 @click.pass_obj
 def sign_csr_command(
     obj: Context,
@@ -144,6 +149,7 @@ def sign_csr_command(
     fmt: str,
     requester: str | None,
     out_dir: str | None,
+    jobs: int | None,
 ) -> None:
     """Sign CSRs (PEM, DER or base64; '-' or nothing for stdin) and print the certificate."""
     from kvpki_cli.signing import SignOptions, sign_csrs
@@ -162,6 +168,7 @@ def sign_csr_command(
             requester=requester,
             out_dir=out_dir,
             home=str(obj.home) if obj.home else None,
+            jobs=jobs,
         )
     )
 
@@ -199,8 +206,18 @@ def get_cert_command(obj: Context, serial: str, ca_name: str, with_chain: bool, 
 @click.option(
     "--reason", type=click.Choice(REVOCATION_REASONS, case_sensitive=False), default="unspecified", show_default=True
 )
+@click.option("--dps", "dps_url", help="Also disable the device in this Azure DPS (default: the CA's dps_url).")
+@click.option("--no-dps", is_flag=True, help="Skip the DPS step even if the CA has a dps_url.")
 @click.pass_obj
-def revoke_command(obj: Context, serial: str | None, cert_file: str | None, ca_name: str, reason: str) -> None:
+def revoke_command(
+    obj: Context,
+    serial: str | None,
+    cert_file: str | None,
+    ca_name: str,
+    reason: str,
+    dps_url: str | None,
+    no_dps: bool,
+) -> None:
     """Revoke a certificate by serial (hex) or by file; prints the updated record as JSON."""
     import json
 
@@ -214,10 +231,15 @@ def revoke_command(obj: Context, serial: str | None, cert_file: str | None, ca_n
 
         serial = authority.serial_of(_load_certificate(read_input(cert_file)))
     assert serial is not None
+    from kvpki_cli.dps_cli import plan_dps_step, run_dps_step
+
+    dps_target = plan_dps_step(obj.settings, authority, serial, dps_url, no_dps)  # checked before revoking
     record = authority.revoke(serial, parse_reason(reason))
     from kvpki_cli.authority import utcnow
 
-    _write_stdout((json.dumps(record.as_json(utcnow()), indent=2) + "\n").encode())
+    dps_result = run_dps_step(obj.settings, dps_target)  # after the commit: a DPS failure loses nothing
+    document = record.as_json(utcnow()) | ({"dps": dps_result} if dps_result else {})
+    _write_stdout((json.dumps(document, indent=2) + "\n").encode())
     sys.stderr.write(
         f"kvpki: revoked {record.serial} ({record.reason}); a running 'kvpki serve' re-signs its CRL and"
         " answers OCSP by itself; 'kvpki crl' writes a new CRL file for any other place you publish it\n"
@@ -273,17 +295,45 @@ def _load_certificate(data: bytes) -> Any:
     return load_certificate(data)
 
 
+@cli.command("init-ocsp-responder")
+@click.option("--ca", "ca_name", required=True, help="Name of the CA the responder answers for.")
+@click.option("--validity", default="7d", show_default=True, help="Lifetime; `serve` renews it with 1/3 left.")
+@click.pass_obj
+def init_ocsp_responder_command(obj: Context, ca_name: str, validity: str) -> None:
+    """Issue a delegated OCSP responder certificate (key kept locally); print it. `serve` then signs OCSP with it."""
+    from kvpki_cli.durations import parse_duration
+    from kvpki_cli.ocsp_responder import issue_responder, responder_root
+    from kvpki_cli.pki.keys import Encoding
+    from kvpki_cli.signing import default_requester
+
+    authority = obj.authority(ca_name)
+    certificate = issue_responder(authority, parse_duration(validity, what="--validity"), default_requester())
+    _write_stdout(certificate.public_bytes(Encoding.PEM))
+    sys.stderr.write(
+        f"kvpki: OCSP responder {certificate.serial_number:x} for CA {ca_name} stored in {responder_root(authority)};"
+        " a running 'kvpki serve' uses it within a minute\n"
+    )
+
+
 @cli.command("crl")
 @click.option("--ca", "ca_name", required=True, help="Name of the CA.")
 @click.option("--format", "fmt", type=click.Choice(("pem", "der")), default="pem", show_default=True)
 @click.option("--next-update", default="7d", show_default=True, help="How long the CRL is valid.")
+@click.option("--new", "force_new", is_flag=True, help="Sign a new CRL even if the stored one is current.")
 @click.pass_obj
-def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str) -> None:
-    """Print a CRL signed by the CA key listing every revoked, unexpired certificate."""
+def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str, force_new: bool) -> None:
+    """Print the CA's current CRL (every revoked, unexpired certificate), shared with `kvpki serve`.
+
+    The CRL stored in the inventory is printed if nothing was revoked since, it has the requested
+    validity and less than half of it has passed; otherwise (or with --new) a new one is signed and stored.
+    """
+
+    from kvpki_cli.crl_publish import published_crl
     from kvpki_cli.durations import parse_duration
     from kvpki_cli.pki.crl import pem
 
-    der = obj.authority(ca_name).crl_der(parse_duration(next_update, what="--next-update"))
+    validity = parse_duration(next_update, what="--next-update")
+    der = published_crl(obj.authority(ca_name), validity, exact_validity=True, new=force_new).der
     _write_stdout(pem(der) if fmt == "pem" else der)
 
 
@@ -291,8 +341,9 @@ def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str) -> None:
 @click.option("--ca", "ca_name", required=True, help="Name of the CA.")
 @click.option("--status", type=click.Choice(("valid", "revoked", "expired")), help="Only certificates in this state.")
 @click.option("--json", "as_json", is_flag=True, help="JSON on stdout instead of a table on stderr.")
+@click.option("--expiring", help="Only valid certificates expiring within this window, e.g. 30d (soonest first).")
 @click.pass_obj
-def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool) -> None:
+def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool, expiring: str | None) -> None:
     """List the certificates a CA issued (a table on stderr, or JSON on stdout for scripts)."""
     import json
 
@@ -300,7 +351,12 @@ def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool) 
 
     authority = obj.authority(ca_name)
     now = utcnow()
-    records = authority.inventory.list_certificates(authority.name, status, now, with_der=False)
+    if expiring is not None:
+        from kvpki_cli.report import expiring_records
+
+        records = expiring_records(authority, status, expiring, now)
+    else:
+        records = authority.inventory.list_certificates(authority.name, status, now, with_der=False)
     rows = [record.as_json(now) for record in records]
     if as_json:
         _write_stdout((json.dumps(rows, indent=2) + "\n").encode())
@@ -358,3 +414,54 @@ def serve_passwd_command(users_file: str, user: str, password_stdin: bool, delet
             password = click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
     set_user(Path(users_file), user, password)
     sys.stderr.write(f"kvpki: {'removed' if delete else 'set password for'} {user} in {users_file}\n")
+
+
+@cli.command("report")
+@click.option("--ca", "ca_name", help="Only this CA (default: every CA in the inventory).")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout instead of a table on stderr.")
+@click.pass_obj
+def report_command(obj: Context, ca_name: str | None, as_json: bool) -> None:
+    """Per CA and profile: valid, due for renewal (last 20% of life), expired without successor, revoked."""
+    import json
+
+    from kvpki_cli.report import lifecycle_report, print_report_table
+
+    report = lifecycle_report(obj.settings, obj.authority(ca_name) if ca_name else None)
+    if as_json:
+        _write_stdout((json.dumps(report, indent=2) + "\n").encode())
+        return
+    print_report_table(report)
+
+
+@cli.command("dps-verification")
+@click.option("--ca", "ca_name", required=True, help="The CA registered in DPS / IoT Hub.")
+@click.option("--code", required=True, help="The verification code DPS or IoT Hub shows for the CA certificate.")
+@click.option("--validity", default="1d", show_default=True, help="Lifetime (at most 30d).")
+@click.pass_obj
+def dps_verification_command(obj: Context, ca_name: str, code: str, validity: str) -> None:
+    """Print the proof-of-possession certificate (CN = CODE, signed by the CA, throwaway key) to upload."""
+    from kvpki_cli.dps_verification import issue_verification
+    from kvpki_cli.durations import parse_duration
+    from kvpki_cli.pki.keys import Encoding
+    from kvpki_cli.signing import default_requester
+
+    authority = obj.authority(ca_name)
+    certificate = issue_verification(
+        authority, code, parse_duration(validity, what="--validity"), default_requester()
+    )
+    _write_stdout(certificate.public_bytes(Encoding.PEM), issued=(format(certificate.serial_number, "x"), ca_name))
+
+
+@cli.command("dps-disable")
+@click.argument("serial")
+@click.option("--ca", "ca_name", required=True, help="Name of the CA that issued the certificate.")
+@click.option("--dps", "dps_url", help="https://<name>.azure-devices-provisioning.net (default: the CA's dps_url).")
+@click.pass_obj
+def dps_disable_command(obj: Context, serial: str, ca_name: str, dps_url: str | None) -> None:
+    """Create (or disable) the DPS individual enrollment of a certificate's device; prints it as JSON."""
+    import json
+
+    from kvpki_cli.dps_cli import dps_disable
+
+    result = dps_disable(obj.settings, obj.authority(ca_name), serial, dps_url)
+    _write_stdout((json.dumps(result.as_json(), indent=2) + "\n").encode())

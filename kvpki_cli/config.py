@@ -73,6 +73,11 @@ def _seconds(value: Any) -> str | None:
     return None if ok else "a positive number of seconds"
 
 
+def _rate(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6
+    return None if ok else "a positive number of signatures per second"
+
+
 def _url(value: Any) -> str | None:
     ok = isinstance(value, str) and _URL.fullmatch(value) is not None
     return None if ok else "an absolute URL (scheme://...) without spaces or control characters"
@@ -114,6 +119,7 @@ CA_KEYS: dict[str, Check] = {
     "crl_url": _url,
     "ocsp_url": _url,
     "ca_issuers_url": _url,
+    "dps_url": _url,  # Azure DPS whose enrollments `kvpki revoke` disables (kvpki_cli/dps.py)
 }
 # What each key store reads from [ca.NAME.store_settings]; a store that gains a setting adds it here.
 STORE_SETTINGS: dict[str, dict[str, Check]] = {
@@ -126,6 +132,7 @@ STORE_SETTINGS: dict[str, dict[str, Check]] = {
         "deadline": _seconds,
         "cache_ttl": _seconds,
         "create_timeout": _seconds,
+        "sign_rate": _rate,
     },
 }
 TOP_LEVEL = ("defaults", "inventory", "ca", "profiles")

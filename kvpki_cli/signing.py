@@ -40,6 +40,7 @@ class SignOptions(NamedTuple):
     requester: str | None = None
     out_dir: str | None = None
     home: str | None = None
+    jobs: int | None = None  # signatures in flight (None: the key store's default)
 
 
 class OutputFailed(BackendError):
@@ -154,7 +155,7 @@ def sign_csrs(options: SignOptions) -> None:
     def encode(issued: list[Issued]) -> None:  # before the commit: nothing can fail between commit and write
         outputs[:] = [encode_issued(item, options.fmt, options.with_chain) for item in issued]
 
-    issued = authority.issue_many(requests, before_commit=encode)
+    issued = authority.issue_many(requests, before_commit=encode, jobs=options.jobs)
     _warn_notes(issued)
     write_stdout(outputs[0], issued=(issued[0].record.serial, authority.name))
 
@@ -192,7 +193,7 @@ def _sign_into_directory(
         )
 
     try:
-        issued = authority.issue_many(requests, before_commit=stage)
+        issued = authority.issue_many(requests, before_commit=stage, jobs=options.jobs)
     except BaseException:
         try:
             batch.settle(committed)  # an ambiguous commit error: what did commit is still written

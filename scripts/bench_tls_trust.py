@@ -39,7 +39,7 @@ from tests.kvserver.tlsca import make_tls_files  # noqa: E402
 CLIENT = r"""
 import json, os, sys, time
 t0 = time.perf_counter()
-from kvpki_cli.keystores import azure_http
+from kvpki_cli.keystores.azure import http as azure_http
 mode, url = sys.argv[1], sys.argv[2]
 import ssl
 azure_http.ssl_context = lambda ca_bundle: ssl.create_default_context(cafile=os.environ["BENCH_SYSTEM_FILE"])

@@ -202,7 +202,8 @@ def test_fast_path_skips_sdk_imports(kv: KeyVaultTestServer, kv_env: dict[str, s
         "from kvpki_cli.keystores import open_keystore;"
         f"st = open_keystore('azure', 'Root CA', {{'vault_url': {kv.url!r}}}, Path({str(tmp_path)!r}));"
         "st.load_chain(); st.signer().sign(b'x', ec.ECDSA(hashes.SHA256()));"
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('azure', 'msal', 'requests')))))"
+        "slow = ('azure', 'msal', 'requests', 'kvpki_cli.keystores.azure.sdk', 'kvpki_cli.keystores.azure.initca');"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(slow))))"
     )
     env = {**os.environ, **kv_env}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, cwd=REPO)
@@ -298,14 +299,20 @@ def test_existing_and_soft_deleted_names_refused(
     with pytest.raises(AlreadyExists):
         store(kv, tmp_path / "h2").create_key(KeyType.EC_P256)
     kv.vault.delete_certificate("Root-CA")
-    with pytest.raises(AlreadyExists, match="soft-deleted"):
+    with pytest.raises(AlreadyExists, match=r"deleted but recoverable .*az keyvault certificate recover"):
         store(kv, tmp_path / "h3").create_key(KeyType.EC_P256)
 
 
-def test_discard_removes_half_created_ca(kv: KeyVaultTestServer, kv_env: dict[str, str], tmp_path: Path) -> None:
+def test_discard_keeps_half_built_ca_and_init_resumes(
+    kv: KeyVaultTestServer, kv_env: dict[str, str], tmp_path: Path
+) -> None:
     st = store(kv, tmp_path)
-    st.create_key(KeyType.EC_P256)
+    first = st.create_key(KeyType.EC_P256)
     st.discard()
-    assert "Root-CA" not in kv.vault.certs
-    assert not store(kv, tmp_path).exists()
-    make_root(store(kv, tmp_path))  # the name can be used again
+    assert kv.vault.certs["Root-CA"].deleted_at is None  # nothing deleted: a deletion burns the name
+    again = store(kv, tmp_path)
+    assert not again.exists()  # its own half-built state: init-ca continues
+    root = make_root(again)
+    assert root.public_key() == first  # the same vault key, not a new one
+    versions = kv.vault.certs["Root-CA"].versions
+    assert len(versions) == 2 and [v.enabled for v in versions] == [False, True]

@@ -3,7 +3,7 @@
 With no explicit bundle, vault connections first try OpenSSL's hashed default
 directory (``SSL_CERT_DIR`` here) instead of parsing the whole system CA file, and
 fall back once to the full default store when that handshake does not verify (see
-``kvpki_cli.keystores.azure_http.TrustStore``).  The Key Vault test server's TLS CA
+``kvpki_cli.keystores.azure.http.TrustStore``).  The Key Vault test server's TLS CA
 is put into a temporary hashed directory and/or a "system" bundle as each case
 needs; the network guard stays installed (servers listen on 127.0.0.1 only).
 """
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kvpki_cli.errors import BackendError
-from kvpki_cli.keystores import azure_http
+from kvpki_cli.keystores.azure import http as azure_http
 from tests.conftest import Kvpki, StoreSetup, make_env
 from tests.helpers import openssl
 from tests.kvserver.fixtures import azure_env, azure_init_args

@@ -167,7 +167,7 @@ def test_revoke_and_crl_verified_by_openssl_and_pkilint(
     assert revoked.returncode != 0 and "certificate revoked" in revoked.stdout + revoked.stderr
     assert openssl_verify(tmp_path, chain, keep, b"", "-crl_check", "-CRLfile", str(crl_path)).returncode == 0
     # CRL numbers strictly increase between publications
-    second = x509.load_der_x509_crl(kvpki.ok("crl", "--ca", "issuing", "--format", "der"))
+    second = x509.load_der_x509_crl(kvpki.ok("crl", "--ca", "issuing", "--format", "der", "--new"))
 
     def number(c: x509.CertificateRevocationList) -> int:
         return c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number

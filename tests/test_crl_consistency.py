@@ -254,7 +254,7 @@ def test_concurrent_crl_and_revoke_processes(inventory_url: str, tmp_path: Path)
     crl_files: list[Path] = []
     for round_number in range(ROUNDS):
         to_revoke = serials[round_number * REVOKE_PROCESSES : (round_number + 1) * REVOKE_PROCESSES]
-        commands = [["crl", "--ca", "root", "--format", "der"] for _ in range(CRL_PROCESSES)]
+        commands = [["crl", "--ca", "root", "--format", "der", "--new"] for _ in range(CRL_PROCESSES)]
         commands += [["revoke", serial, "--ca", "root", "--reason", "keyCompromise"] for serial in to_revoke]
         order = sorted(range(len(commands)), key=lambda i: (i * 7919) % len(commands))  # interleave the kinds
         processes = [
@@ -275,7 +275,7 @@ def test_concurrent_crl_and_revoke_processes(inventory_url: str, tmp_path: Path)
         verified = openssl("crl", "-inform", "DER", "-in", str(path), "-CAfile", str(root_pem), "-verify", "-noout")
         assert b"verify OK" in verified.stderr + verified.stdout
         crls.append(x509.load_der_x509_crl(path.read_bytes()))
-    final = x509.load_der_x509_crl(_kvpki(env, "crl", "--ca", "root", "--format", "der"))
+    final = x509.load_der_x509_crl(_kvpki(env, "crl", "--ca", "root", "--format", "der", "--new"))
     check_consistent([*crls, final])
     assert {format(r.serial_number, "x") for r in final} == set(serials)
     assert final.public_bytes(Encoding.DER)

@@ -46,7 +46,7 @@ def click_reading(args: Sequence[str], monkeypatch: pytest.MonkeyPatch) -> SignO
 
 OPTION_TOKENS = [
     "--ca", "--profile", "--format", "--requester", "--validity", "--subject", "--chain", "--san",
-    "--out-dir", "--path-length", "--help", "-h", "--", "-", "--c", "--chai", "--form", "--debug", "--home",
+    "--out-dir", "--path-length", "--help", "-h", "--", "-", "--c", "--chai", "--form", "--debug", "--home", "--jobs",
 ]  # fmt: skip
 VALUE_TOKENS = [
     "x", "sub", "a.csr", "b.der", "", "-", "-x", "--ca", "--chain", "pem", "der", "json", "pkcs7", "xml", "PEM",

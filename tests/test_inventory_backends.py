@@ -286,7 +286,7 @@ def test_cli_end_to_end_on_postgresql(postgres_url: str, tmp_path: Path) -> None
     revoked = json.loads(_ok(run("revoke", "--ca", "root", "--reason", "keycompromise", serial)))
     assert revoked["serial"] == serial and revoked["status"] == "revoked"
 
-    crls = [x509.load_der_x509_crl(_ok(run("crl", "--ca", "root", "--format", "der"))) for _ in range(2)]
+    crls = [x509.load_der_x509_crl(_ok(run("crl", "--ca", "root", "--format", "der", "--new"))) for _ in range(2)]
     assert all(crl.is_signature_valid(root.public_key()) for crl in crls)  # type: ignore[arg-type]
     assert [entry.serial_number for entry in crls[0]] == [leaf.serial_number]
     numbers = [crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number for crl in crls]

@@ -626,7 +626,7 @@ def test_a_slow_inventory_check_serves_the_cached_crl_and_ocsp_answer() -> None:
 
     async def scenario() -> tuple[float, bytes, float, bytes]:
         crls = CrlCache(datetime.timedelta(days=1))
-        crls._cache["ca"] = CachedCrl(0, time.monotonic(), b"CACHED-CRL")
+        crls._cache["ca"] = CachedCrl(1, now, now + datetime.timedelta(days=1), 0, b"CACHED-CRL")
         publisher = Publisher({"ca"}, StuckWorkers(), crls, 10)  # type: ignore[arg-type]
         start = time.monotonic()
         crl = await publisher.crl(make_mocked_request("GET", "/crl/ca.crl", match_info={"name": "ca.crl"}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -90,12 +91,71 @@ class RevokedRow(NamedTuple):
 revoked_row = functools.partial(tuple.__new__, RevokedRow)
 
 
+class LifecycleCounts(NamedTuple):
+    """One row of ``kvpki report``: certificates of one CA and profile by where they are in their life."""
+
+    ca: str
+    profile: str
+    valid: int  # unrevoked, notAfter in the future
+    due: int  # valid and in the last RENEW_FRACTION of their lifetime
+    expired: int  # unrevoked, notAfter passed
+    expired_without_successor: int  # expired, and no valid certificate of the same CA has the same subject
+    revoked: int
+
+
+RENEW_FRACTION = 0.2  # "due for renewal": the last 20% of the lifetime (aziot-certd renews at 80%)
+
+
+def lifecycle_counts_of(records: Sequence[CertificateRecord], now: datetime) -> list[LifecycleCounts]:
+    """The report computed in Python: the reference the SQL of each backend must agree with."""
+    live = {(r.ca, r.subject) for r in records if r.effective_status(now) == "valid"}
+    table: dict[tuple[str, str], list[int]] = {}
+    for r in records:
+        counts = table.setdefault((r.ca, r.profile), [0, 0, 0, 0, 0])
+        state = r.effective_status(now)
+        if state == "valid":
+            counts[0] += 1
+            # now >= notAfter - 20% of the lifetime, in whole seconds as both backends compute it
+            if 5 * int(now.timestamp()) >= 4 * int(r.not_after.timestamp()) + int(r.not_before.timestamp()):
+                counts[1] += 1
+        elif state == "expired":
+            counts[2] += 1
+            counts[3] += (r.ca, r.subject) not in live
+        else:
+            counts[4] += 1
+    return [LifecycleCounts(ca, profile, *counts) for (ca, profile), counts in sorted(table.items())]
+
+
 class CrlSnapshot(NamedTuple):
     """What one CRL says, read atomically: its number, its thisUpdate and the revoked set at that time."""
 
     number: int
     this_update: datetime
     revoked: list[RevokedRow]
+
+
+class StoredCrl(NamedTuple):
+    """A signed CRL kept in the inventory, so every ``serve`` instance publishes the same bytes.
+
+    ``revocations`` is the CA's revocation count read before the CRL's snapshot was taken: while the
+    count is still the same, no certificate was revoked since and the CRL is complete.
+    """
+
+    number: int
+    this_update: datetime
+    next_update: datetime
+    revocations: int
+    der: bytes
+
+
+class CrlState(NamedTuple):
+    """One cheap read per request: the CA's revocation count and the number of its latest stored CRL."""
+
+    revocations: int
+    latest: int | None
+
+
+CRLS_KEPT = 100  # stored CRLs per CA (the latest ones): history for audits, bounded in size
 
 
 class SerialCollision(Exception):
@@ -154,5 +214,37 @@ class Inventory(ABC):
         """
         return len(self.list_certificates(ca, "revoked", datetime.now(UTC)))
 
+    # Stored CRLs (``crl_publish.py`` coordinates them).  Backends create their table on first use.
+
+    def crl_lock(self, ca: str) -> AbstractContextManager[None]:
+        """Held while deciding whether to sign a new CRL of ``ca`` and storing it: across processes and
+        machines sharing the inventory, so exactly one of them signs each new CRL."""
+        raise UsageError("this inventory cannot store CRLs")
+
+    def crl_state(self, ca: str) -> CrlState:
+        """The revocation count and the latest stored CRL number, in one round trip."""
+        raise UsageError("this inventory cannot store CRLs")
+
+    def latest_crl(self, ca: str, *, with_der: bool = True) -> StoredCrl | None:
+        """The stored CRL of ``ca`` with the highest number, or None (``with_der=False``: ``der`` empty)."""
+        raise UsageError("this inventory cannot store CRLs")
+
+    def store_crl(self, ca: str, crl: StoredCrl) -> None:
+        """Keep a newly signed CRL (call under ``crl_lock``); older ones beyond ``CRLS_KEPT`` are dropped."""
+        raise UsageError("this inventory cannot store CRLs")
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""
+
+    # --- lifecycle reporting (kvpki list --expiring, kvpki report); backends override with one query each
+
+    def expiring(self, ca: str, now: datetime, until: datetime) -> list[CertificateRecord]:
+        """Valid certificates of ``ca`` whose notAfter is in (now, until], soonest first."""
+        rows = [r for r in self.list_certificates(ca, "valid", now) if r.not_after <= until]
+        return sorted(rows, key=lambda r: (r.not_after, r.serial))
+
+    def lifecycle_counts(self, ca: str | None, now: datetime) -> list[LifecycleCounts]:
+        """Per (CA, profile) counts for ``kvpki report``, of ``ca`` or (None) of every CA, sorted."""
+        if ca is None:
+            raise NotImplementedError("this inventory backend cannot report across CAs")
+        return lifecycle_counts_of(self.list_certificates(ca, None, now), now)

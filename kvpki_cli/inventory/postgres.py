@@ -12,17 +12,21 @@ psycopg stays an optional dependency (``pip install 'kvpki[postgres]'``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
 from kvpki_cli.inventory.base import (
+    CRLS_KEPT,
     CertificateRecord,
     CrlSnapshot,
+    CrlState,
     Inventory,
+    LifecycleCounts,
     SerialCollision,
+    StoredCrl,
     revoked_row,
     status_condition,
 )
@@ -46,6 +50,22 @@ CRL_INDEX = (
     "CREATE INDEX IF NOT EXISTS kvpki_certificates_crl ON kvpki_certificates"
     ' (ca, status, serial COLLATE "C") INCLUDE (not_after, revoked_at, reason)'
 )
+# Advisory lock class of "one instance signs the next CRL of a CA" (second key: hashtext of the CA name).
+CRL_LOCK = 0x6B63726C  # "kcrl"
+CRL_LOCK_TIMEOUT = "120s"  # longer than signing a 1M-entry CRL; a holder that dies releases it at once
+# Created on first use (no schema version bump): the signed CRLs every serve instance publishes.
+CRLS_TABLE = """
+    CREATE TABLE IF NOT EXISTS kvpki_crls (
+        ca          text        NOT NULL,
+        number      bigint      NOT NULL,
+        this_update timestamptz NOT NULL,
+        next_update timestamptz NOT NULL,
+        revocations bigint      NOT NULL,
+        der         bytea       NOT NULL,
+        stored_at   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (ca, number)
+    )
+"""
 
 # Table names carry a prefix: unlike the private SQLite file, a PostgreSQL
 # database may be shared with other applications.  They are unqualified, so
@@ -322,5 +342,97 @@ class PostgresInventory(Inventory):
             revoked = list(map(revoked_row, cursor.execute(CRL_ENTRIES, (ca, this_update)).fetchall()))
         return CrlSnapshot(number, this_update, revoked)
 
+    def _crls_table(self) -> None:
+        if getattr(self, "_crls_ready", False):
+            return
+        with self._transaction() as cursor:
+            if cursor.execute("SELECT to_regclass('kvpki_crls') IS NULL").fetchone() == (True,):
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                cursor.execute(CRLS_TABLE)
+        self._crls_ready = True
+
+    def crl_lock(self, ca: str) -> AbstractContextManager[None]:
+        return self._crl_lock(ca)
+
+    @contextmanager
+    def _crl_lock(self, ca: str) -> Iterator[None]:
+        # A session-level advisory lock on this connection: it outlives the transactions in between
+        # (the CRL snapshot, the insert) and is released if the process or its connection dies.
+        self._crls_table()
+        with self._transaction() as cursor:
+            cursor.execute(f"SET LOCAL lock_timeout = '{CRL_LOCK_TIMEOUT}'")
+            cursor.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (CRL_LOCK, ca))
+        try:
+            yield
+        finally:
+            with suppress(BackendError):  # a lost connection has released the lock already
+                self._query("SELECT pg_advisory_unlock(%s, hashtext(%s))", (CRL_LOCK, ca))
+
+    def crl_state(self, ca: str) -> CrlState:
+        self._crls_table()
+        rows = self._query(
+            "SELECT (SELECT count(*) FROM kvpki_certificates WHERE ca = %s AND status = 'revoked'),"
+            " (SELECT max(number) FROM kvpki_crls WHERE ca = %s)",
+            (ca, ca),
+        )
+        revocations, latest = rows[0]
+        return CrlState(int(revocations), None if latest is None else int(latest))
+
+    def latest_crl(self, ca: str, *, with_der: bool = True) -> StoredCrl | None:
+        self._crls_table()
+        der_column = "der" if with_der else "NULL"
+        rows = self._query(
+            f"SELECT number, this_update, next_update, revocations, {der_column} FROM kvpki_crls WHERE ca = %s"
+            " ORDER BY number DESC LIMIT 1",
+            (ca,),
+        )
+        if not rows:
+            return None
+        number, this_update, next_update, revocations, der = rows[0]
+        return StoredCrl(int(number), this_update.astimezone(UTC), next_update.astimezone(UTC), int(revocations),
+                         bytes(der or b""))  # fmt: skip
+
+    def store_crl(self, ca: str, crl: StoredCrl) -> None:
+        self._crls_table()
+        with self._transaction() as cursor:
+            cursor.execute(
+                "INSERT INTO kvpki_crls (ca, number, this_update, next_update, revocations, der)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (ca, crl.number, utc_seconds(crl.this_update), utc_seconds(crl.next_update), crl.revocations, crl.der),
+            )
+            cursor.execute("DELETE FROM kvpki_crls WHERE ca = %s AND number <= %s", (ca, crl.number - CRLS_KEPT))
+
     def close(self) -> None:
         self._db.close()
+
+    # --- lifecycle reporting (kvpki list --expiring, kvpki report)
+
+    def expiring(self, ca: str, now: datetime, until: datetime) -> list[CertificateRecord]:
+        query = (
+            f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s AND status = 'valid'"
+            ' AND not_after > %s AND not_after <= %s ORDER BY not_after, serial COLLATE "C"'
+        )
+        return [_row_to_record(row) for row in self._query(query, (ca, utc_seconds(now), utc_seconds(until)))]
+
+    def lifecycle_counts(self, ca: str | None, now: datetime) -> list[LifecycleCounts]:
+        # One scan grouped by (ca, profile), hash-joined against the set of subjects that have a valid
+        # certificate: no per-row subquery, no index on subject needed.
+        only = " AND ca = %(ca)s" if ca is not None else ""
+        query = f"""
+            WITH live AS (SELECT DISTINCT ca, subject FROM kvpki_certificates
+                          WHERE status = 'valid' AND not_after > %(now)s{only})
+            SELECT c.ca, c.profile,
+                   count(*) FILTER (WHERE c.status = 'valid' AND c.not_after > %(now)s),
+                   count(*) FILTER (WHERE c.status = 'valid' AND c.not_after > %(now)s AND 5 * %(now_s)s::bigint >=
+                       4 * extract(epoch FROM c.not_after)::bigint + extract(epoch FROM c.not_before)::bigint),
+                   count(*) FILTER (WHERE c.status = 'valid' AND c.not_after <= %(now)s),
+                   count(*) FILTER (WHERE c.status = 'valid' AND c.not_after <= %(now)s AND l.subject IS NULL),
+                   count(*) FILTER (WHERE c.status = 'revoked')
+            FROM kvpki_certificates c LEFT JOIN live l ON l.ca = c.ca AND l.subject = c.subject
+            WHERE true{only.replace("ca =", "c.ca =")}
+            GROUP BY c.ca, c.profile ORDER BY c.ca COLLATE "C", c.profile COLLATE "C"
+        """
+        params = {"ca": ca, "now": utc_seconds(now), "now_s": int(now.timestamp())}
+        with self._errors():
+            rows = self._connection().execute(query, params).fetchall()
+        return [LifecycleCounts(str(r[0]), str(r[1]), *(int(v) for v in r[2:])) for r in rows]

@@ -7,21 +7,26 @@ write lock up front so transactions never deadlock on upgrade.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound
 from kvpki_cli.inventory.base import (
+    CRLS_KEPT,
     CertificateRecord,
     CrlSnapshot,
+    CrlState,
     Inventory,
+    LifecycleCounts,
     SerialCollision,
+    StoredCrl,
     from_text,
     revoked_row,
     status_condition,
@@ -61,6 +66,19 @@ UNEXPIRED_CONDITION = "WHERE ca=? AND status='revoked' AND not_after>? ORDER BY 
 REVOKED_UNEXPIRED = f"SELECT {COLUMNS} FROM certificates {UNEXPIRED_CONDITION}"
 # Answered from certificates_crl alone, in serial order: no certificate row is read, nothing is sorted.
 CRL_ENTRIES = f"SELECT serial, revoked_at, reason FROM certificates {UNEXPIRED_CONDITION}"
+# Created on first use (no schema version bump): signed CRLs every process of this machine publishes.
+CRLS_TABLE = """
+CREATE TABLE IF NOT EXISTS crls (
+    ca TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    this_update TEXT NOT NULL,
+    next_update TEXT NOT NULL,
+    revocations INTEGER NOT NULL,
+    der BLOB NOT NULL,
+    PRIMARY KEY (ca, number)
+)
+"""
+
 
 
 def _row_to_record(row: Sequence[object]) -> CertificateRecord:
@@ -260,5 +278,115 @@ class SqliteInventory(Inventory):
             revoked = list(map(revoked_row, db.execute(CRL_ENTRIES, (ca, to_text(this_update)))))
         return CrlSnapshot(number, this_update, revoked)
 
+    def _crls_table(self) -> None:
+        if not getattr(self, "_crls_ready", False):
+            with self._transaction() as db:
+                db.execute(CRLS_TABLE)
+            self._crls_ready = True
+
+    def crl_lock(self, ca: str) -> AbstractContextManager[None]:
+        return self._crl_lock()
+
+    @contextmanager
+    def _crl_lock(self) -> Iterator[None]:
+        # A lock file beside the database (one machine, so flock is enough; SQLite's own write lock
+        # cannot span the separate snapshot transaction).  One lock for all CAs: CRLs are rare.
+        self._crls_table()
+        lock_path = self.path.with_name(self.path.name + ".crl-lock")
+        with self._errors("has no usable CRL lock file"):
+            handle = lock_path.open("a+b")
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def crl_state(self, ca: str) -> CrlState:
+        self._crls_table()
+        with self._errors("is unreadable"):
+            row = self._db.execute(
+                "SELECT (SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'),"
+                " (SELECT MAX(number) FROM crls WHERE ca=?)",
+                (ca, ca),
+            ).fetchone()
+        return CrlState(int(row[0]), None if row[1] is None else int(row[1]))
+
+    def latest_crl(self, ca: str, *, with_der: bool = True) -> StoredCrl | None:
+        self._crls_table()
+        der_column = "der" if with_der else "NULL"
+        with self._errors("is unreadable"):
+            row = self._db.execute(
+                f"SELECT number, this_update, next_update, revocations, {der_column} FROM crls WHERE ca=?"
+                " ORDER BY number DESC LIMIT 1",
+                (ca,),
+            ).fetchone()
+        if row is None:
+            return None
+        try:
+            return StoredCrl(int(row[0]), from_text(row[1]), from_text(row[2]), int(row[3]), bytes(row[4] or b""))
+        except (ValueError, TypeError) as exc:
+            raise BackendError(f"inventory {self.path} holds an unreadable CRL: {_describe(exc)}") from None
+
+    def store_crl(self, ca: str, crl: StoredCrl) -> None:
+        self._crls_table()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO crls (ca, number, this_update, next_update, revocations, der) VALUES (?, ?, ?, ?, ?, ?)",
+                (ca, crl.number, to_text(crl.this_update), to_text(crl.next_update), crl.revocations, crl.der),
+            )
+            db.execute("DELETE FROM crls WHERE ca=? AND number <= ?", (ca, crl.number - CRLS_KEPT))
+
     def close(self) -> None:
         self._db.close()
+
+    # --- lifecycle reporting (kvpki list --expiring, kvpki report)
+
+    def expiring(self, ca: str, now: datetime, until: datetime) -> list[CertificateRecord]:
+        return self._rows(
+            f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND status='valid' AND not_after>? AND not_after<=?"
+            " ORDER BY not_after, serial",
+            (ca, to_text(now), to_text(until)),
+        )
+
+    def lifecycle_counts(self, ca: str | None, now: datetime) -> list[LifecycleCounts]:
+        # Two statements in one read transaction: a single scan grouped by (ca, profile), then the
+        # expired-without-successor count, where the subjects of expired certificates (a minority)
+        # are collected first and only valid certificates with one of those subjects are probed.
+        # 200,000 rows: ~1.4 s, against ~3 s for a LEFT JOIN of every row to the set of live subjects.
+        only = " AND ca=:ca" if ca is not None else ""
+        totals = f"""
+            SELECT ca, profile,
+                   SUM(status='valid' AND not_after>:now),
+                   SUM(status='valid' AND not_after>:now AND 5*:now_s >=
+                       4*CAST(strftime('%s', not_after) AS INTEGER) + CAST(strftime('%s', not_before) AS INTEGER)),
+                   SUM(status='valid' AND not_after<=:now),
+                   SUM(status='revoked')
+            FROM certificates WHERE 1=1{only} GROUP BY ca, profile ORDER BY ca, profile"""
+        orphans = f"""
+            WITH expired AS (SELECT ca, subject, profile FROM certificates
+                             WHERE status='valid' AND not_after<=:now{only}),
+                 live AS (SELECT DISTINCT ca, subject FROM certificates
+                          WHERE status='valid' AND not_after>:now{only} AND subject IN (SELECT subject FROM expired))
+            SELECT e.ca, e.profile, COUNT(*) FROM expired e LEFT JOIN live l ON l.ca=e.ca AND l.subject=e.subject
+            WHERE l.subject IS NULL GROUP BY e.ca, e.profile"""
+        params = {"ca": ca, "now": to_text(now), "now_s": int(now.timestamp())}
+        with self._errors("is unreadable"):
+            self._db.execute("BEGIN")
+            try:
+                rows = self._db.execute(totals, params).fetchall()
+                missing = {(str(r[0]), str(r[1])): int(r[2]) for r in self._db.execute(orphans, params)}
+            finally:
+                self._db.execute("COMMIT")
+        return [
+            LifecycleCounts(
+                str(r[0]),
+                str(r[1]),
+                int(r[2] or 0),
+                int(r[3] or 0),
+                int(r[4] or 0),
+                missing.get((str(r[0]), str(r[1])), 0),
+                int(r[5] or 0),
+            )
+            for r in rows
+        ]

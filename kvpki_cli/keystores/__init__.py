@@ -22,7 +22,7 @@ def open_keystore(store: str, ca_name: str, settings: Mapping[str, Any], home: P
 
         return LocalKeyStore(ca_name, settings, home)
     if store == "azure":
-        from kvpki_cli.keystores.azure import AzureKeyStore  # type: ignore[import-not-found,unused-ignore]
+        from kvpki_cli.keystores.azure.store import AzureKeyStore
 
-        return AzureKeyStore(ca_name, settings, home)  # type: ignore[no-any-return,unused-ignore]
+        return AzureKeyStore(ca_name, settings, home)
     raise UsageError(f"unknown key store {store!r} (expected one of: {', '.join(STORE_NAMES)})")

@@ -44,5 +44,13 @@ class KeyStore(ABC):
     def load_chain(self) -> list[x509.Certificate]:
         """The CA certificate first, then its issuers up to the root."""
 
+    def signing_jobs(self) -> int:
+        """How many signatures are worth having in flight at once (the default of ``sign-csr --jobs``).
+
+        1 for a local key (threads would only contend for the CPU); a remote store whose
+        latency dominates says how many keep its rate busy.
+        """
+        return 1
+
     def discard(self) -> None:  # noqa: B027 - optional capability, default is a no-op
         """Remove a half-created CA after a failed ``init-ca`` (best effort)."""

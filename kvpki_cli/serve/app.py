@@ -27,7 +27,7 @@ from kvpki_cli.serve.crl import CrlCache, Publisher
 from kvpki_cli.serve.est import EstLabel, EstService
 from kvpki_cli.serve.limits import ConnectionLimits, connection_cap, log_summaries, raise_fd_limit
 from kvpki_cli.serve.listener import GatedSite, Timeouts, request_deadline
-from kvpki_cli.serve.ocsp import Delegate, OcspResponder, load_delegate
+from kvpki_cli.serve.ocsp import OcspResponder, Responders, load_delegate
 from kvpki_cli.serve.passwd import UserDirectory
 from kvpki_cli.serve.wire import certs_only_body
 from kvpki_cli.serve.workers import CaWorkers
@@ -67,6 +67,7 @@ class Apps:
     context: ssl.SSLContext
     workers: CaWorkers  # signing: runs the issuance core
     publishing: CaWorkers  # CRL/OCSP inventory reads and signatures, so they never queue behind issuance
+    ocsp: OcspResponder | None = None  # its maintain() task keeps delegated responders renewed
 
     def shutdown(self) -> None:
         self.workers.shutdown()
@@ -97,7 +98,7 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
         name: [cert for path in label.client_cas for cert in _load_certificates(path)]
         for name, label in config.labels.items()
     }
-    delegates: dict[str, Delegate] = {
+    delegates = {
         name: load_delegate(signer, CertificateAuthority.open(settings, name).certificate)
         for name, signer in config.ocsp_signers.items()
     }
@@ -105,7 +106,7 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     trusted += [cert for certs in client_cas.values() for cert in certs]
     context = tls_context(config, trusted)
 
-    workers = CaWorkers(settings, config.signing_concurrency)
+    workers = CaWorkers(settings, config.signing_concurrency, deadline=config.request_timeout)
     publishing = CaWorkers(settings, max(PUBLISHING_THREADS, config.signing_concurrency))
     auth = Authenticator(
         UserDirectory(config.users_file),
@@ -117,10 +118,13 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     ca_names = set(settings.ca_names())
     ca_certificates = {name: chain[0].public_bytes(Encoding.DER) for name, chain in chains.items()}
     publisher = Publisher(ca_names, publishing, CrlCache(config.crl_validity), config.retry_after, ca_certificates)
-    publish = [
-        *publisher.routes(),
-        *OcspResponder(ca_names, publishing, delegates, config.ocsp_validity, config.retry_after).routes(),
-    ]
+    responders = Responders(delegates)
+    for name in sorted(ca_names - set(delegates)):  # responders of init-ocsp-responder, renewed if due
+        responders.refresh(publishing.authority(name))
+    ocsp = OcspResponder(
+        ca_names, publishing, delegates, config.ocsp_validity, config.retry_after, config.ocsp_nonces, responders
+    )
+    publish = [*publisher.routes(), *ocsp.routes()]
     https = web.Application(client_max_size=config.max_body_bytes, middlewares=[request_deadline])
     https.add_routes(EstService(config, labels, auth, workers).routes())
     https.add_routes(publish)
@@ -128,7 +132,7 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     if config.http_port is not None:
         http = web.Application(client_max_size=config.max_body_bytes, middlewares=[request_deadline])
         http.add_routes(publish)
-    return Apps(https, http, context, workers, publishing)
+    return Apps(https, http, context, workers, publishing, ocsp)
 
 
 async def _start(
@@ -155,6 +159,7 @@ async def _serve(apps: Apps, config: ServeConfig) -> None:
         log.warning("max_connections lowered to %d: the open-file limit is %d", cap, fd_limit)
     limits = ConnectionLimits(cap, config.max_connections_per_client)
     summaries = asyncio.get_running_loop().create_task(log_summaries(limits))
+    maintenance = asyncio.get_running_loop().create_task(apps.ocsp.maintain()) if apps.ocsp else None
     runners = []
     if apps.http is not None and config.http_port is not None:
         runners.append(await _start(apps.http, config, config.http_port, None, limits))
@@ -168,6 +173,8 @@ async def _serve(apps: Apps, config: ServeConfig) -> None:
     finally:
         log.info("shutting down")
         summaries.cancel()
+        if maintenance is not None:
+            maintenance.cancel()
         for runner in runners:
             await runner.cleanup()
 

@@ -78,6 +78,7 @@ class ServeConfig:
     max_body_bytes: int = 64 * 1024
     crl_validity: timedelta = timedelta(days=1)
     ocsp_validity: timedelta = timedelta(hours=1)
+    ocsp_nonces: str = "echo"  # "echo" (signed per request) or "ignore" (RFC 5019: the cached response)
     retry_after: int = 10
     # availability (docs/serve.md "Timeouts and connection limits"): seconds, connection counts
     tls_handshake_timeout: float = 10.0
@@ -111,6 +112,13 @@ def _line_length(table: Mapping[str, Any], where: str, default: int) -> int:
             f"serve config: {where} base64_line_length must be 0 (no breaks) or a multiple of 4 up to 76, e.g. 64"
         )
     return value
+
+
+def _choice(table: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = table.get(key, choices[0])
+    if value not in choices:
+        raise UsageError(f"serve config: [server] {key} must be one of {', '.join(choices)}")
+    return str(value)
 
 
 def _seconds(table: Mapping[str, Any], key: str, default: float) -> float:
@@ -222,6 +230,7 @@ def load_serve_config(path: Path) -> ServeConfig:
         max_body_bytes=_int(server, "max_body_bytes", 64 * 1024, 1024, 16 * 1024 * 1024),
         crl_validity=parse_duration(str(server.get("crl_validity", "1d")), what="crl_validity"),
         ocsp_validity=parse_duration(str(server.get("ocsp_validity", "1h")), what="ocsp_validity"),
+        ocsp_nonces=_choice(server, "ocsp_nonces", ("echo", "ignore")),
         retry_after=_int(server, "retry_after", 10, 1, 3600),
         tls_handshake_timeout=_seconds(server, "tls_handshake_timeout", 10.0),
         idle_timeout=_seconds(server, "idle_timeout", 15.0),

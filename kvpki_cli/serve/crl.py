@@ -1,11 +1,15 @@
 """Publishing ``/crl/<ca>.crl`` and ``/ca/<ca>.crt`` (the URLs the core puts into certificates).
 
-A CRL is signed once and served from memory until the inventory's revocation
-count changes (a ``kvpki revoke`` in another process) or half its validity has
-passed, so relying parties always fetch a current, unexpired CRL cheaply.  CA
-certificates are served from memory.  Neither ever waits for a signing worker:
-inventory checks and re-signing run on the publishing pool, and a cached CRL is
-served when its check is slow (``fresh.py``).
+CRLs are shared through the inventory (``crl_publish.py``): one process signs
+each new CRL of a CA and stores it, and every ``serve`` instance on that
+inventory publishes those same bytes.  Each instance keeps the CRL in memory and
+serves it while the CA's revocation count and the latest stored CRL number are
+unchanged (one cheap query per check, shared by concurrent requests) and less
+than half its validity has passed; otherwise it takes the stored CRL, signing a
+new one only when that is not current either.  CA certificates are served from
+memory.  Neither ever waits for a signing worker: inventory checks and re-signing
+run on the publishing pool, and a cached CRL is served when its check is slow
+(``fresh.py``).
 """
 
 from __future__ import annotations
@@ -13,16 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.authority import CertificateAuthority
+from kvpki_cli.crl_publish import is_current, published_crl
 from kvpki_cli.errors import KvpkiError
+from kvpki_cli.inventory.base import StoredCrl
 from kvpki_cli.serve.fresh import FreshJob, within
 from kvpki_cli.serve.wire import HttpRefusal, text_response
 from kvpki_cli.serve.workers import CaWorkers
@@ -30,46 +34,47 @@ from kvpki_cli.serve.workers import CaWorkers
 log = logging.getLogger("kvpki.serve")
 USABLE_FRACTION = 0.9  # a cached CRL is served while its check is slow, up to 90% of its validity
 
-
-@dataclass(frozen=True)
-class CachedCrl:
-    revocations: int
-    created: float
-    der: bytes
+CachedCrl = StoredCrl  # the former name of what the cache holds
 
 
 class CrlCache:
-    """Per-CA signed CRLs; regeneration is serialised per CA so a burst of fetches signs once
-    (and a CA whose re-signing waits on the inventory holds up no other CA)."""
+    """Per-CA CRLs as last taken from the inventory; one publishing thread per CA at a time goes to the
+    inventory, so a burst of fetches reads (or signs) once."""
 
     def __init__(self, validity: timedelta) -> None:
         self.validity = validity
         self._locks_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
-        self._cache: dict[str, CachedCrl] = {}
+        self._cache: dict[str, StoredCrl] = {}
 
     def _lock(self, name: str) -> threading.Lock:
         with self._locks_lock:
             return self._locks.setdefault(name, threading.Lock())
 
-    def usable(self, name: str) -> CachedCrl | None:
+    def usable(self, name: str) -> StoredCrl | None:
         """Event loop: the cached CRL of CA ``name`` if it is still well within its validity."""
         cached = self._cache.get(name)
-        if cached is None or time.monotonic() - cached.created > self.validity.total_seconds() * USABLE_FRACTION:
+        if cached is None:
+            return None
+        lifetime = cached.next_update - cached.this_update
+        if datetime.now(UTC) > cached.this_update + lifetime * USABLE_FRACTION:
             return None
         return cached
 
     def der(self, ca: CertificateAuthority) -> bytes:
-        """Publishing thread: the current CRL of ``ca`` in DER."""
+        """Publishing thread: the current CRL of ``ca`` in DER, the same bytes every instance serves."""
         with self._lock(ca.name):
-            count = ca.inventory.revocation_count(ca.name)
+            state = ca.inventory.crl_state(ca.name)
             cached = self._cache.get(ca.name)
-            fresh = cached is not None and time.monotonic() - cached.created < self.validity.total_seconds() / 2
-            if cached is not None and fresh and cached.revocations == count:
+            if (
+                cached is not None
+                and state.latest == cached.number
+                and is_current(cached, state.revocations, datetime.now(UTC))
+            ):
                 return cached.der
-            der = ca.crl_der(self.validity)  # as built: no parse and re-encode of every entry
-            self._cache[ca.name] = CachedCrl(count, time.monotonic(), der)
-            return der
+            stored = published_crl(ca, self.validity)
+            self._cache[ca.name] = stored
+            return stored.der
 
 
 class Publisher:

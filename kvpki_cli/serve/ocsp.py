@@ -1,36 +1,49 @@
-"""An RFC 6960 OCSP responder at ``/ocsp/<ca>`` answering from the inventory.
+"""The OCSP responder at ``/ocsp/<ca>`` (POST) and ``/ocsp/<ca>/<base64 request>`` (GET, RFC 6960 A.1).
 
-Status comes straight from the inventory row, so a ``kvpki revoke`` in another
-process is visible on the next request.  Answers without a nonce for known
-certificates are cached and served from memory while the CA's revocation count
-is unchanged (checked per request on the publishing pool, never a signing
-worker; a slow check serves the cached answer, see ``fresh.py``).  Responses are signed by the CA key
-(its certificate has digitalSignature) or by a configured delegated responder
-certificate, which is then included in the response.
+Responses are built in ``pki/ocsp.py``; this module decides when to sign.  A
+response is signed once per (certificate, status) and served from memory (POST
+and GET share the cache) until half of ``ocsp_validity`` has passed or the
+certificate's status changes.  Status changes are noticed through the CA's
+revocation count, checked per request on the publishing pool (a slow check
+serves the cached answer, see ``fresh.py``); when the count moves, each cached
+certificate is looked up again and re-signed only if its own status changed.
+
+Signer: the ``[ocsp.<ca>]`` certificate of the serve config if set, else the
+responder made by ``kvpki init-ocsp-responder`` (renewed here before it
+expires), else the CA key.  With a delegated responder no OCSP response costs a
+CA-key (Key Vault) signature.  GET answers carry RFC 5019 caching headers so a
+CDN can answer most traffic.  Nonces: echoed (``ocsp_nonces = "echo"``, a fresh
+signature per such request) or ignored (``"ignore"``, RFC 5019 2.1: the cached
+response, without a nonce).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from urllib.parse import unquote
 
 from aiohttp import web
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.errors import KvpkiError, UsageError
-from kvpki_cli.pki.crl import REASONS
-from kvpki_cli.pki.keys import CAPrivateKey, signing_hash
+from kvpki_cli.pki import ocsp as pki_ocsp
+from kvpki_cli.pki.ocsp import CertStatus, OcspQuery, Responder, parse_request
+from kvpki_cli.pki.ocsp import _key_bits as _key_bits  # the former home of these helpers
 from kvpki_cli.serve.config import OcspSignerConfig
 from kvpki_cli.serve.fresh import FreshJob, within
 from kvpki_cli.serve.wire import HttpRefusal, media_type, text_response
@@ -39,20 +52,17 @@ from kvpki_cli.serve.workers import CaWorkers
 OCSP_REQUEST = "application/ocsp-request"
 OCSP_RESPONSE = "application/ocsp-response"
 MAX_REQUEST_BYTES = 8 * 1024
-CACHE_ENTRIES = 10_000
+CACHE_ENTRIES = 100_000
+RESPONDER_CHECK_S = 60.0  # how often serve looks for a new responder and renews an ageing one
+NONCE_MODES = ("echo", "ignore")
 log = logging.getLogger("kvpki.serve")
 
-
-@dataclass(frozen=True)
-class Delegate:
-    """A delegated OCSP signing certificate and its private key."""
-
-    certificate: x509.Certificate
-    key: CAPrivateKey
+MALFORMED = pki_ocsp.unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+UNAUTHORIZED = pki_ocsp.unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
 
 
-def load_delegate(config: OcspSignerConfig, ca_certificate: x509.Certificate) -> Delegate:
-    """Load and check a delegated responder: issued by the CA, with EKU id-kp-OCSPSigning."""
+def load_delegate(config: OcspSignerConfig, ca_certificate: x509.Certificate) -> Responder:
+    """Load and check a configured delegated responder: issued by the CA, with EKU id-kp-OCSPSigning."""
     try:
         cert = x509.load_pem_x509_certificate(config.cert.read_bytes())
         key = serialization.load_pem_private_key(config.key.read_bytes(), password=None)
@@ -67,194 +77,278 @@ def load_delegate(config: OcspSignerConfig, ca_certificate: x509.Certificate) ->
         raise UsageError(f"OCSP signer {config.cert} must be issued by the CA and have EKU OCSPSigning") from None
     if x509.oid.ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
         raise UsageError(f"OCSP signer {config.cert} lacks EKU id-kp-OCSPSigning")
-    return Delegate(cert, key)
+    return Responder(cert, key, delegated=True)
 
 
-def _key_bits(certificate: x509.Certificate) -> bytes:
-    """The subjectPublicKey BIT STRING contents, which issuerKeyHash hashes."""
-    key = certificate.public_key()
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-    if isinstance(key, rsa.RSAPublicKey):
-        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
-    raise UsageError("unsupported CA key type for OCSP")
+Delegate = Responder  # the former name
 
 
-def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
-    h = hashes.Hash(algorithm)
-    h.update(data)
-    return h.finalize()
+def certificate_status(ca: CertificateAuthority, serial: int, now: datetime) -> CertStatus:
+    record = ca.inventory.get(ca.name, format(serial, "x"))
+    if record is None:
+        return CertStatus(ocsp.OCSPCertStatus.UNKNOWN)
+    if record.status == "revoked":
+        return CertStatus(ocsp.OCSPCertStatus.REVOKED, record.revoked_at or now, record.reason)
+    return CertStatus(ocsp.OCSPCertStatus.GOOD)
 
 
 @dataclass(frozen=True)
 class OcspAnswer:
+    """One signed response and what the cache needs to know about it."""
+
     body: bytes
-    cacheable: bool  # no nonce, and the certificate is known (good or revoked)
+    cacheable: bool  # successful, for a certificate the inventory knows (good or revoked)
     revocations: int  # the CA's revocation count, read before the certificate's status
+    status: CertStatus | None = None
+    this_update: datetime | None = None
+    next_update: datetime | None = None
+    delegated: bool = False  # signed by a responder key, not the CA key
+
+
+def build_answer(
+    ca: CertificateAuthority,
+    request_der: bytes,
+    responder: Responder | None,
+    validity: timedelta,
+    *,
+    echo_nonce: bool = True,
+    known: OcspAnswer | None = None,
+) -> OcspAnswer:
+    """Worker thread: the answer to one request (``known``: a cached answer to reuse if the status is the same)."""
+    revocations = ca.inventory.revocation_count(ca.name)
+    query = parse_request(request_der)
+    if query is None:
+        return OcspAnswer(MALFORMED, False, revocations)
+    if not pki_ocsp.issued_by(query, ca.certificate):
+        return OcspAnswer(UNAUTHORIZED, False, revocations)
+    now = datetime.now(UTC).replace(microsecond=0)
+    status = certificate_status(ca, query.serial, now)
+    if known is not None and known.status == status:
+        return replace(known, revocations=revocations)  # same status: no new signature
+    signer = responder or Responder(ca.certificate, ca.keystore.signer(), delegated=False)
+    next_update = now + validity
+    if signer.delegated:
+        next_update = min(next_update, signer.certificate.not_valid_after_utc)
+    body = pki_ocsp.build_response(query, status, signer, now, next_update, echo_nonce=echo_nonce)
+    cacheable = status.status != ocsp.OCSPCertStatus.UNKNOWN and not (echo_nonce and query.nonce)
+    return OcspAnswer(body, cacheable, revocations, status, now, next_update, signer.delegated)
 
 
 def build_response(
-    ca: CertificateAuthority, request_der: bytes, delegate: Delegate | None, validity: timedelta
+    ca: CertificateAuthority, request_der: bytes, delegate: Responder | None, validity: timedelta
 ) -> bytes:
     """Worker thread: a signed OCSPResponse (or an unsuccessful one) in DER."""
     return build_answer(ca, request_der, delegate, validity).body
 
 
-def build_answer(
-    ca: CertificateAuthority, request_der: bytes, delegate: Delegate | None, validity: timedelta
-) -> OcspAnswer:
-    """Worker thread: the response and whether it may be cached (see ``OcspAnswer``)."""
-    revocations = ca.inventory.revocation_count(ca.name)
-    try:
-        request = ocsp.load_der_ocsp_request(request_der)
-        algorithm = request.hash_algorithm
-        serial, name_hash, key_hash = request.serial_number, request.issuer_name_hash, request.issuer_key_hash
-    except (ValueError, NotImplementedError, UnsupportedAlgorithm, x509.UnsupportedGeneralNameType):
-        return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, revocations)
-    issuer = ca.certificate
-    if (name_hash, key_hash) != (
-        _digest(algorithm, issuer.subject.public_bytes()),
-        _digest(algorithm, _key_bits(issuer)),
-    ):
-        return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, revocations)
-    record = ca.inventory.get(ca.name, format(serial, "x"))
-    now = datetime.now(UTC).replace(microsecond=0)
-    if record is None:
-        status, revoked_at, reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
-    elif record.status == "revoked":
-        status, revoked_at = ocsp.OCSPCertStatus.REVOKED, record.revoked_at or now
-        reason = REASONS[record.reason] if record.reason and record.reason != "unspecified" else None
-    else:
-        status, revoked_at, reason = ocsp.OCSPCertStatus.GOOD, None, None
-    responder = delegate.certificate if delegate else issuer
-    builder = (
-        ocsp.OCSPResponseBuilder()
-        .add_response_by_hash(name_hash, key_hash, serial, algorithm, status, now, now + validity, revoked_at, reason)
-        .responder_id(ocsp.OCSPResponderEncoding.HASH, responder)
-    )
-    if delegate:
-        builder = builder.certificates([delegate.certificate])
-    try:
-        nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
-        builder = builder.add_extension(nonce, critical=False)
-    except x509.ExtensionNotFound:
-        nonce = None
-    signer = delegate.key if delegate else ca.keystore.signer()
-    body = builder.sign(signer, signing_hash(signer)).public_bytes(serialization.Encoding.DER)
-    return OcspAnswer(body, nonce is None and status != ocsp.OCSPCertStatus.UNKNOWN, revocations)
-
-
-def _unsuccessful(status: ocsp.OCSPResponseStatus, revocations: int) -> OcspAnswer:
-    body = ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(serialization.Encoding.DER)
-    return OcspAnswer(body, False, revocations)
-
-
-@dataclass(frozen=True)
-class _Cached:
-    answer: OcspAnswer
-    created: float  # time.monotonic()
-
-
 CacheKey = tuple[str, str, bytes, bytes, int]
 
 
-def cache_key(ca_name: str, request_der: bytes) -> CacheKey | None:
+def cache_key(ca_name: str, query: OcspQuery | bytes) -> CacheKey | None:
     """(CA, hash, issuer name hash, issuer key hash, serial): all a nonce-less answer depends on.
 
-    None for requests that cannot be cached (with a nonce) or parsed (the worker answers those).
+    Given the DER request, None when it cannot be parsed or carries a nonce.
     """
-    try:
-        request = ocsp.load_der_ocsp_request(request_der)
-        if any(isinstance(ext.value, x509.OCSPNonce) for ext in request.extensions):
+    if isinstance(query, bytes):
+        parsed = parse_request(query)
+        if parsed is None or parsed.nonce is not None:
             return None
-        algorithm = request.hash_algorithm.name
-        return (ca_name, algorithm, request.issuer_name_hash, request.issuer_key_hash, request.serial_number)
-    except (ValueError, NotImplementedError, UnsupportedAlgorithm, x509.UnsupportedGeneralNameType):
-        return None
+        query = parsed
+    return (ca_name, *query.cert_id)
+
+
+@dataclass
+class Cached:
+    """A cached answer with its HTTP caching headers (RFC 5019 6.2), computed once."""
+
+    answer: OcspAnswer
+    refresh_at: float  # time.monotonic() after which it is re-signed (half its validity)
+    etag: str
+    last_modified: str
+    expires: str
+
+    @classmethod
+    def of(cls, answer: OcspAnswer, max_age: float) -> Cached:
+        this_update, next_update = answer.this_update, answer.next_update
+        lifetime = (next_update - this_update).total_seconds() if this_update and next_update else 2 * max_age
+        return cls(
+            answer,
+            time.monotonic() + min(max_age, lifetime / 2),
+            '"' + hashlib.sha1(answer.body, usedforsecurity=False).hexdigest() + '"',
+            format_datetime(this_update, usegmt=True) if this_update else "",
+            format_datetime(next_update, usegmt=True) if next_update else "",
+        )
+
+    def headers(self) -> dict[str, str]:
+        max_age = max(0, int(self.refresh_at - time.monotonic()))
+        headers = {
+            "Content-Type": OCSP_RESPONSE,
+            "Cache-Control": f"max-age={max_age}, public, no-transform, must-revalidate",
+            "ETag": self.etag,
+        }
+        if self.last_modified:
+            headers.update({"Last-Modified": self.last_modified, "Expires": self.expires})
+        return headers
 
 
 class OcspCache:
-    """Cacheable answers by certificate ID (``cache_key``): a bounded LRU, fresh for half their validity."""
+    """Cacheable answers by certificate ID: a bounded LRU, each fresh for half its validity."""
 
-    def __init__(self, validity: timedelta) -> None:
+    def __init__(self, validity: timedelta, entries: int = CACHE_ENTRIES) -> None:
         self.max_age = validity.total_seconds() / 2
-        self._entries: OrderedDict[CacheKey, _Cached] = OrderedDict()
+        self.entries = entries
+        self._entries: OrderedDict[CacheKey, Cached] = OrderedDict()
 
-    def get(self, key: CacheKey) -> OcspAnswer | None:
+    def get(self, key: CacheKey) -> Cached | None:
         cached = self._entries.get(key)
-        if cached is None or time.monotonic() - cached.created > self.max_age:
+        if cached is None or time.monotonic() >= cached.refresh_at:
             return None
         self._entries.move_to_end(key)
-        return cached.answer
+        return cached
 
-    def put(self, key: CacheKey, answer: OcspAnswer) -> None:
-        self._entries[key] = _Cached(answer, time.monotonic())
+    def put(self, key: CacheKey, answer: OcspAnswer) -> Cached:
+        cached = Cached.of(answer, self.max_age)
+        self._entries[key] = cached
         self._entries.move_to_end(key)
-        while len(self._entries) > CACHE_ENTRIES:
+        while len(self._entries) > self.entries:
             self._entries.popitem(last=False)
+        return cached
+
+    def confirm(self, key: CacheKey, cached: Cached, revocations: int) -> None:
+        """The status was re-read after a revocation elsewhere and is unchanged: keep the signature."""
+        cached.answer = replace(cached.answer, revocations=revocations)
+
+
+class Responders:
+    """The signer per CA: configured delegate, else the stored responder (kept renewed), else the CA key."""
+
+    def __init__(self, configured: dict[str, Responder]) -> None:
+        self.configured = configured
+        self.current: dict[str, Responder | None] = dict(configured)
+
+    def get(self, name: str) -> Responder | None:
+        return self.current.get(name)
+
+    def refresh(self, ca: CertificateAuthority) -> None:
+        """Publishing worker: pick up a new responder, renew an ageing one (one CA signature)."""
+        from kvpki_cli.ocsp_responder import refresh
+
+        if ca.name in self.configured:
+            return
+        responder = refresh(ca)
+        previous = self.current.get(ca.name)
+        if responder is not None and (previous is None or previous.certificate != responder.certificate):
+            certificate = responder.certificate
+            log.info("OCSP for CA %s signed by responder %x (valid until %s)", ca.name,
+                     certificate.serial_number, certificate.not_valid_after_utc.isoformat())  # fmt: skip
+        self.current[ca.name] = responder
 
 
 class OcspResponder:
     """POST ``/ocsp/<ca>`` and GET ``/ocsp/<ca>/<base64 request>`` (RFC 6960 appendix A)."""
 
     def __init__(
-        self, ca_names: set[str], workers: CaWorkers, delegates: dict[str, Delegate], validity: timedelta, retry: int
+        self,
+        ca_names: set[str],
+        workers: CaWorkers,
+        delegates: dict[str, Responder],
+        validity: timedelta,
+        retry: int,
+        nonces: str = "echo",
+        responders: Responders | None = None,
     ) -> None:
         self.ca_names = ca_names
         self.workers = workers
-        self.delegates = delegates
+        self.responders = responders or Responders(delegates)
         self.validity = validity
         self.retry_after = retry
+        self.echo_nonce = nonces == "echo"
         self.cache = OcspCache(validity)
         self._counts: dict[str, FreshJob[int]] = {}
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/ocsp/{ca}", self.post), web.get("/ocsp/{ca}/{request:.+}", self.get)]
 
+    async def maintain(self, interval: float = RESPONDER_CHECK_S) -> None:
+        """Background task: keep every stored responder current (new ones picked up, ageing ones renewed)."""
+        while True:
+            await asyncio.sleep(interval)
+            for name in sorted(self.ca_names):
+                try:
+                    await self.workers.run(name, self.responders.refresh)
+                except KvpkiError as error:
+                    log.error("OCSP responder check for CA %s failed: %s", name, error)
+
     async def post(self, request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
             return text_response(413, "OCSP request too large")
         if media_type(request.headers.get("Content-Type")) != OCSP_REQUEST:
             return text_response(415, f"Content-Type must be {OCSP_REQUEST}")
-        return await self._answer(request.match_info["ca"], await request.read())
+        return await self._answer(request.match_info["ca"], await request.read(), None)
 
     async def get(self, request: web.Request) -> web.Response:
+        """RFC 6960 A.1: the URL-encoded base64 (standard or URL-safe, padding optional) of the DER request."""
         prefix = f"/ocsp/{request.match_info['ca']}/"
         encoded = unquote(request.raw_path.split("?", 1)[0].removeprefix(prefix))
+        if len(encoded) > MAX_REQUEST_BYTES * 2:
+            return text_response(413, "OCSP request too large")
         try:
-            der = base64.b64decode(encoded, validate=True)
+            encoded = encoded.replace("-", "+").replace("_", "/")
+            der = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
         except (binascii.Error, ValueError):
             return text_response(400, "the OCSP request in the URL is not valid base64")
-        return await self._answer(request.match_info["ca"], der)
+        return await self._answer(request.match_info["ca"], der, request)
 
-    async def _answer(self, name: str, der: bytes) -> web.Response:
+    async def _answer(self, name: str, der: bytes, get: web.Request | None = None) -> web.Response:
         if name not in self.ca_names:
             return text_response(404, "unknown CA")
         if len(der) > MAX_REQUEST_BYTES:
             return text_response(413, "OCSP request too large")
-        key = cache_key(name, der)
-        cached = self.cache.get(key) if key is not None else None
-        if cached is not None and await self._still_current(name, cached):
-            return web.Response(body=cached.body, headers={"Content-Type": OCSP_RESPONSE})
+        query = parse_request(der)
+        if query is None:
+            return web.Response(body=MALFORMED, headers={"Content-Type": OCSP_RESPONSE})
+        key = (name, *query.cert_id)
+        fresh_signature = self.echo_nonce and query.nonce is not None
+        cached = None if fresh_signature else self.cache.get(key)
+        if cached is not None:
+            current = await self._current_count(name)
+            if current is None or current == cached.answer.revocations:
+                return self._cached_response(cached, get)
+        responder = self.responders.get(name)
+        known = cached.answer if cached is not None else None
+        job: Callable[[CertificateAuthority], OcspAnswer] = lambda ca: build_answer(  # noqa: E731
+            ca, der, responder, self.validity, echo_nonce=self.echo_nonce, known=known
+        )
         try:
-            answer = await self.workers.run(
-                name, lambda ca: build_answer(ca, der, self.delegates.get(name), self.validity)
-            )
+            answer = await self.workers.run(name, job)
         except KvpkiError as error:
             refusal = HttpRefusal.from_error(error, self.retry_after, f"OCSP for CA {name}")
             return text_response(refusal.status, refusal.reason, refusal.headers)
-        if answer.cacheable and key is not None:
-            self.cache.put(key, answer)
-        return web.Response(body=answer.body, headers={"Content-Type": OCSP_RESPONSE})
+        if cached is not None and answer.body is cached.answer.body:
+            self.cache.confirm(key, cached, answer.revocations)
+            return self._cached_response(cached, get)
+        if answer.cacheable:
+            return self._cached_response(self.cache.put(key, answer), get)
+        return web.Response(body=answer.body, headers={"Content-Type": OCSP_RESPONSE, "Cache-Control": "no-cache"})
 
-    async def _still_current(self, name: str, cached: OcspAnswer) -> bool:
-        """No revocation since the cached answer was built; a slow or failing check keeps the cache."""
+    @staticmethod
+    def _cached_response(cached: Cached, get: web.Request | None) -> web.Response:
+        if get is None:
+            return web.Response(body=cached.answer.body, headers={"Content-Type": OCSP_RESPONSE})
+        headers = cached.headers()
+        if get.headers.get("If-None-Match") == cached.etag:
+            del headers["Content-Type"]
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=cached.answer.body, headers=headers)
+
+    async def _current_count(self, name: str) -> int | None:
+        """The CA's revocation count read after this request arrived; None when the check is slow or fails."""
         job = self._counts.get(name)
         if job is None:
             job = self._counts[name] = FreshJob(
                 lambda: self.workers.run(name, lambda ca: ca.inventory.revocation_count(ca.name))
             )
         try:
-            return await within(job.result()) == cached.revocations
+            return await within(job.result())
         except (TimeoutError, KvpkiError):
-            return True
+            return None

@@ -4,16 +4,23 @@ The pool size is the signing concurrency.  Each worker thread keeps its own
 ``CertificateAuthority`` objects and one inventory connection they share (an
 SQLite connection may not cross threads); each CA loads its chain and key once,
 not per request.  ``serve`` runs two pools: signing, and publishing (CRL, OCSP).
+
+A pool with a ``deadline`` gives each job that many seconds from its submission
+(``kvpki_cli.deadline``): a job that would queue for the Key Vault budget past
+it fails at once with a ``BackendError`` carrying ``retry_after`` (a 503 with
+Retry-After for the client) instead of answering after the client gave up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from kvpki_cli import deadline
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.config import Settings
 from kvpki_cli.inventory import open_inventory
@@ -25,8 +32,9 @@ T = TypeVar("T")
 class CaWorkers:
     """A thread pool whose jobs receive the calling thread's ``CertificateAuthority``."""
 
-    def __init__(self, settings: Settings, concurrency: int) -> None:
+    def __init__(self, settings: Settings, concurrency: int, deadline: float | None = None) -> None:
         self.settings = settings
+        self.deadline = deadline
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kvpki-ca")
         self._local = threading.local()
 
@@ -49,7 +57,12 @@ class CaWorkers:
 
     async def run(self, ca_name: str, job: Callable[[CertificateAuthority], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: job(self.authority(ca_name)))
+        at = time.monotonic() + self.deadline if self.deadline is not None else None
+        return await loop.run_in_executor(self._pool, lambda: self._run(at, ca_name, job))
+
+    def _run(self, at: float | None, ca_name: str, job: Callable[[CertificateAuthority], T]) -> T:
+        with deadline.until(at):
+            return job(self.authority(ca_name))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

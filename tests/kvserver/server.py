@@ -1,15 +1,24 @@
 """HTTPS server speaking the Key Vault data-plane and Entra ID client-credentials protocols on 127.0.0.1.
 
 Real SDK clients (azure-keyvault-*, azure-identity/MSAL) talk to it unmodified apart
-from the documented loopback seams.  Faults (latency, 429s, 500s, dropped
-connections) are injected at runtime through ``faults`` or ``POST /_admin/faults``;
-every request is logged (method, path, kind) so tests can count round trips.
+from the documented loopback seams.  Faults are injected at runtime through
+``set_faults`` or ``POST /_admin/faults``: latency; the next N requests matching a
+method and path answer a status (429, 5xx, a 403 with a chosen inner error code) or
+lose their connection before the vault sees them; or the vault *applies* the
+request and then the reply is lost (``apply-then-status`` with e.g. 504, as when a
+gateway times out after the backend committed; ``apply-then-drop``).  A throttle
+(``set_throttle``, ``POST /_admin/throttle``, ``--throttle``) answers 429 Throttled
+to sign requests beyond a limit per sliding window, as Key Vault's per-vault budget
+does.  Every request is logged (method, path, kind, status, time) so tests can count
+round trips.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
+import re
 import secrets
 import ssl
 import tempfile
@@ -40,20 +49,57 @@ PERMISSIONS = {
     "certificates/update": "Microsoft.KeyVault/vaults/certificates/update/action",
     "certificates/delete": "Microsoft.KeyVault/vaults/certificates/delete",
     "certificates/purge": "Microsoft.KeyVault/vaults/deletedcertificates/delete",
+    "certificates/recover": "Microsoft.KeyVault/vaults/deletedcertificates/recover/action",
 }
+
+
+# Error bodies for injected statuses, as Key Vault and its gateway send them.
+FAULT_ERRORS = {
+    408: ("RequestTimeout", "The request timed out."),
+    429: (
+        "Throttled",
+        "Request was not processed because too many requests were received. Reason: VaultRequestTypeLimitReached",
+    ),
+    500: ("InternalServerError", "The server encountered an internal error."),
+    502: ("BadGateway", "The gateway received an invalid response from the service."),
+    503: ("ServiceUnavailable", "The service is temporarily unavailable. Please retry."),
+    504: ("GatewayTimeout", "The gateway did not receive a response from the service in time."),
+    403: ("Forbidden", "Client address is not authorized and caller is not a trusted service."),
+}
+FAULT_KINDS = ("status", "drop", "apply-then-status", "apply-then-drop")
 
 
 @dataclass
 class FaultRule:
-    """Answer matching requests with ``status`` (or drop the connection) ``count`` times (None = always)."""
+    """A fault for matching requests, ``count`` times (None = always).
 
-    kind: str = "status"  # "status" | "drop"
+    ``status``/``drop`` answer instead of the vault (it never sees the request);
+    ``apply-then-status``/``apply-then-drop`` let the vault apply the request and lose its
+    reply (counted only when the vault succeeded, so a challenge or refusal is not eaten).
+    ``code``/``inner_code``/``message`` override the error body (e.g. a 403 with inner
+    code ``ForbiddenByFirewall``).
+    """
+
+    kind: str = "status"
     status: int = 429
     retry_after: str | None = None
     count: int | None = 1
     path_contains: str = ""
     method: str = ""
     target: str = "vault"  # "vault" | "token" | "any"
+    path_regex: str = ""  # re.search on the path, in addition to path_contains
+    skip: int = 0  # let this many matching requests through first (e.g. fail only the second create)
+    code: str = ""
+    inner_code: str = ""
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind {self.kind!r} not in {FAULT_KINDS}")
+
+    @property
+    def applies_first(self) -> bool:
+        return self.kind.startswith("apply-then-")
 
     def matches(self, method: str, path: str, kind: str) -> bool:
         if self.count is not None and self.count <= 0:
@@ -62,7 +108,15 @@ class FaultRule:
             return False
         if self.method and self.method.upper() != method:
             return False
+        if self.path_regex and not re.search(self.path_regex, path):
+            return False
         return self.path_contains in path
+
+    def reply(self) -> Reply:
+        code, message = FAULT_ERRORS.get(self.status, ("InternalServerError", "The server encountered an error."))
+        status, body, _ = error(self.status, self.code or code, self.message or message, self.inner_code or None)
+        headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
+        return status, body, headers
 
 
 @dataclass
@@ -79,6 +133,27 @@ class LoggedRequest:
     kind: str  # "vault" | "token" | "discovery" | "other"
     status: int
     authorized: bool
+    at: float = 0.0  # time.time() when answered
+
+
+@dataclass
+class Throttle:
+    """At most ``limit`` accepted sign requests in any ``window_s`` (sliding); the rest get 429 Throttled."""
+
+    limit: int = 0  # 0: off
+    window_s: float = 10.0
+    retry_after: str | None = None  # real throttled replies often carry none
+    accepted: collections.deque[float] = field(default_factory=collections.deque)
+
+    def admit(self, now: float) -> bool:
+        if self.limit <= 0:
+            return True
+        while self.accepted and self.accepted[0] <= now - self.window_s:
+            self.accepted.popleft()
+        if len(self.accepted) >= self.limit:
+            return False
+        self.accepted.append(now)
+        return True
 
 
 @dataclass
@@ -97,15 +172,18 @@ class KeyVaultTestServer:
         tenant_id: str = DEFAULT_TENANT,
         token_lifetime: int = 3600,
         self_issue_delay: float = 0.0,
+        purge_protection: bool = False,
     ) -> None:
         self._tmp = None if tls_dir else tempfile.TemporaryDirectory(prefix="kvserver-tls-")
         self.tls: TLSFiles = make_tls_files(tls_dir or Path(self._tmp.name))  # type: ignore[union-attr]
         self.tenant_id = tenant_id
         self.token_lifetime = token_lifetime
-        self.vault = Vault(self_issue_delay=self_issue_delay)
+        self.purge_protection = purge_protection  # kept by reset(); tests may also set vault.purge_protection
+        self.vault = Vault(self_issue_delay=self_issue_delay, purge_protection=purge_protection)
         self.clients: dict[str, Client] = {DEFAULT_CLIENT_ID: Client(DEFAULT_SECRET)}
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (client_id, expires_at)
         self.faults = Faults()
+        self.throttle = Throttle()
         self.log: list[LoggedRequest] = []
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
@@ -163,6 +241,17 @@ class KeyVaultTestServer:
         with self._lock:
             self.faults = Faults(latency_ms, token_latency_ms, list(rules or []))
 
+    def set_throttle(self, limit: int, window_s: float = 10.0, retry_after: str | None = None) -> None:
+        """Answer 429 to sign requests beyond ``limit`` per sliding ``window_s`` (0: no throttle)."""
+        with self._lock:
+            self.throttle = Throttle(limit, window_s, retry_after)
+
+    def _throttled(self, method: str, path: str, authorized: bool) -> bool:
+        if method != "POST" or not authorized or not path.rstrip("/").endswith("/sign"):
+            return False
+        with self._lock:
+            return not self.throttle.admit(time.monotonic())
+
     def clear_log(self) -> None:
         with self._lock:
             self.log.clear()
@@ -181,9 +270,10 @@ class KeyVaultTestServer:
     def reset(self) -> None:
         """Empty vault, default faults, empty log, all permissions: a fresh vault on the same port."""
         with self._lock:
-            self.vault = Vault(self_issue_delay=self.vault.self_issue_delay)
+            self.vault = Vault(self_issue_delay=self.vault.self_issue_delay, purge_protection=self.purge_protection)
             self.vault.base = self.url
             self.faults = Faults()
+            self.throttle = Throttle()
             self.log.clear()
             self.tokens.clear()
             self.clients = {DEFAULT_CLIENT_ID: Client(DEFAULT_SECRET)}
@@ -194,10 +284,18 @@ class KeyVaultTestServer:
             self.tokens.clear()
 
     # ------------------------------------------------------------- internals
-    def _take_fault(self, method: str, path: str, kind: str) -> FaultRule | None:
+    def _take_fault(self, method: str, path: str, kind: str, applied: bool | None = None) -> FaultRule | None:
+        """The first matching rule (and count it); ``applied`` selects apply-then rules after a success."""
         with self._lock:
             for rule in self.faults.rules:
+                if applied is None and rule.applies_first:
+                    continue
+                if applied is not None and (not rule.applies_first or not applied):
+                    continue
                 if rule.matches(method, path, kind):
+                    if rule.skip > 0:
+                        rule.skip -= 1
+                        continue
                     if rule.count is not None:
                         rule.count -= 1
                     return rule
@@ -319,22 +417,13 @@ class _Handler(BaseHTTPRequestHandler):
         fault = kv._take_fault(self.command, path, kind)
         authorized = kind == "vault" and kv.token_client(self.headers.get("Authorization")) is not None
         if fault is not None and fault.kind == "drop":
-            kv._record(LoggedRequest(self.command, path, kind, 0, authorized))
+            kv._record(LoggedRequest(self.command, path, kind, 0, authorized, time.time()))
             self._drop()
             return
+        if fault is None and kind == "vault" and kv._throttled(self.command, path, authorized):
+            fault = FaultRule(status=429, retry_after=kv.throttle.retry_after)
         if fault is not None:
-            status = fault.status
-            if status == 429:
-                reply: Reply = error(
-                    429,
-                    "Throttled",
-                    "Request was not processed because too many requests were "
-                    "received. Reason: VaultRequestTypeLimitReached",
-                )
-            else:
-                reply = error(status, "InternalServerError", "The server encountered an internal error.")
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
-            reply = (reply[0], reply[1], headers)
+            reply: Reply = fault.reply()
         elif kind == "vault":
             reply = self._vault(path, query, body)
         elif kind == "token":
@@ -343,7 +432,15 @@ class _Handler(BaseHTTPRequestHandler):
             reply = self._discovery(path)
         else:
             reply = error(404, "NotFound", f"no route for {path}")
-        kv._record(LoggedRequest(self.command, path, kind, reply[0], authorized))
+        if fault is None:
+            lost = kv._take_fault(self.command, path, kind, applied=200 <= reply[0] < 300)
+            if lost is not None and lost.kind == "apply-then-drop":
+                kv._record(LoggedRequest(self.command, path, kind, 0, authorized, time.time()))
+                self._drop()
+                return
+            if lost is not None:
+                reply = lost.reply()
+        kv._record(LoggedRequest(self.command, path, kind, reply[0], authorized, time.time()))
         self._send(*reply)
 
     # ---------------------------------------------------------------- vault
@@ -413,6 +510,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return "certificates/update", lambda b: vault.update_certificate(name, version, b)
             if method == "DELETE" and n == 2:
                 return "certificates/delete", lambda b: vault.delete_certificate(name)
+        if parts[0] == "deletedcertificates" and n == 3 and method == "POST" and parts[2] == "recover":
+            name = parts[1]
+            return "certificates/recover", lambda b: vault.recover_certificate(name)
         if parts[0] == "deletedcertificates" and n == 2:
             name = parts[1]
             if method == "GET":
@@ -516,6 +616,10 @@ class _Handler(BaseHTTPRequestHandler):
             spec = json.loads(raw or b"{}")
             rules = [FaultRule(**rule) for rule in spec.get("rules", [])]
             kv.set_faults(float(spec.get("latency_ms", 0)), rules, spec.get("token_latency_ms"))
+            self._send(200, {"ok": True})
+        elif path == "/_admin/throttle" and self.command == "POST":
+            spec = json.loads(raw or b"{}")
+            kv.set_throttle(int(spec.get("limit", 0)), float(spec.get("window_s", 10.0)), spec.get("retry_after"))
             self._send(200, {"ok": True})
         elif path == "/_admin/log" and self.command == "GET":
             with kv._lock:

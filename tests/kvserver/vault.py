@@ -120,9 +120,10 @@ class Certificate:
 class Vault:
     """Thread-safe vault state; ``base`` is the scheme://host:port clients use (ids echo it)."""
 
-    def __init__(self, self_issue_delay: float = 0.0) -> None:
+    def __init__(self, self_issue_delay: float = 0.0, purge_protection: bool = False) -> None:
         self.base = ""
         self.self_issue_delay = self_issue_delay
+        self.purge_protection = purge_protection  # as `az keyvault create --enable-purge-protection true`
         self._lock = threading.RLock()
         self.keys: dict[str, list[KeyVersion]] = {}
         self.certs: dict[str, Certificate] = {}
@@ -333,7 +334,7 @@ class Vault:
                 "exp": int(parsed.not_valid_after_utc.timestamp()),
                 "created": cv.created,
                 "updated": cv.updated,
-                "recoveryLevel": "Recoverable+Purgeable",
+                "recoveryLevel": "Recoverable" if self.purge_protection else "Recoverable+Purgeable",
                 "recoverableDays": 90,
             },
         }
@@ -484,6 +485,8 @@ class Vault:
             cv = next(cv for cv in cert.versions if cv.version == op.version)
             cv.der = chain[0].public_bytes(serialization.Encoding.DER)
             cv.created = cv.updated = _now()
+            if isinstance(body.get("tags"), dict):
+                cv.tags = dict(body["tags"])
             kv.pending = False
             cert.pending = None
             return (
@@ -584,9 +587,27 @@ class Vault:
             cert = self.certs.get(name)
             if cert is None or cert.deleted_at is None:
                 return error(404, "CertificateNotFound", f"Deleted Certificate not found: {name}")
+            if self.purge_protection:
+                return error(
+                    403,
+                    "Forbidden",
+                    'Operation "purge" is not allowed because purge protection is enabled for this vault. Key Vault '
+                    "service will automatically purge it after the retention period has passed.",
+                )
             del self.certs[name]
             self.keys.pop(name, None)
             return 204, None, {}
+
+    def recover_certificate(self, name: str) -> Reply:
+        with self._lock:
+            cert = self.certs.get(name)
+            if cert is None or cert.deleted_at is None:
+                return error(404, "CertificateNotFound", f"Deleted Certificate not found: {name}")
+            cert.deleted_at = None
+            latest = self._latest(cert)
+            if latest is None:
+                return 200, {"id": f"{self.base}/certificates/{name}"}, {}
+            return 200, self._bundle(cert, latest), {}
 
     def get_deleted_certificate(self, name: str) -> Reply:
         with self._lock:

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kvpki_cli.errors import BackendError
-from kvpki_cli.keystores.azure_cache import TokenCache
+from kvpki_cli.keystores.azure.cache import TokenCache
 
 DEFAULT_SCOPE = "https://vault.azure.net/.default"
 

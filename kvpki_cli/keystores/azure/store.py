@@ -1,10 +1,11 @@
-"""The Azure Key Vault key store: a non-exportable CA key next to a Key Vault certificate.
+"""``AzureKeyStore``: a non-exportable CA key next to a Key Vault certificate.
 
-init-ca (``create_key`` + ``store_chain``): a Self-issued certificate version gives a
-completed, signing-capable key; a second version with issuer Unknown and
-``reuse_key`` keeps that key pending; kvpki's core builds the real CA certificate
-(self-signed with the completed version's key, or by a parent CA), we merge it
-with its chain and disable the temporary version.
+init-ca (``create_key`` + ``store_chain``, driven by ``initca``): a Self-issued
+certificate version gives a completed, signing-capable key; a second version with
+issuer Unknown and ``reuse_key`` keeps that key pending; kvpki's core builds the
+real CA certificate (self-signed with the completed version's key, or by a parent
+CA), we merge it with its chain and disable the temporary version.  A failure
+leaves the half-built CA in the vault for the same init-ca to continue from.
 
 Signing processes read the chain, key id and token from disk caches and make a
 single ``sign`` request; the Azure SDK is imported only on cold caches and init.
@@ -12,6 +13,8 @@ single ``sign`` request; the Azure SDK is imported only on cold caches and init.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import re
 import time
@@ -20,15 +23,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
 from kvpki_cli.fileutil import write_file_atomic
-from kvpki_cli.keystores.azure_auth import DEFAULT_SCOPE, CachingCredential
-from kvpki_cli.keystores.azure_cache import CachedCA, ChainCache, TokenCache
-from kvpki_cli.keystores.azure_fastsign import VaultSignClient
-from kvpki_cli.keystores.azure_http import VaultHTTP
-from kvpki_cli.keystores.azure_retry import RetryPolicy
-from kvpki_cli.keystores.azure_signer import vault_private_key
+from kvpki_cli.keystores.azure.auth import DEFAULT_SCOPE, CachingCredential
+from kvpki_cli.keystores.azure.cache import CachedCA, ChainCache, TokenCache, install_id, spki_b64
+from kvpki_cli.keystores.azure.fastsign import VaultSignClient
+from kvpki_cli.keystores.azure.governor import SignBudget, default_jobs, default_rate, governor_for
+from kvpki_cli.keystores.azure.http import VaultHTTP
+from kvpki_cli.keystores.azure.retry import RetryPolicy
+from kvpki_cli.keystores.azure.signer import vault_private_key
 from kvpki_cli.keystores.base import CAPrivateKey, CAPublicKey, KeyStore, KeyType
 from kvpki_cli.messages import warn
 from kvpki_cli.pki.lean import Encoding, PublicFormat
@@ -36,7 +41,8 @@ from kvpki_cli.pki.lean import Encoding, PublicFormat
 if TYPE_CHECKING:
     from azure.keyvault.certificates import KeyVaultCertificate
 
-    from kvpki_cli.keystores.azure_sdk import VaultCertificates
+    from kvpki_cli.keystores.azure.initca import InitCA
+    from kvpki_cli.keystores.azure.sdk import VaultCertificates
 
 CA_BUNDLE_ENV = "KVPKI_AZURE_CA_BUNDLE"
 DEADLINE_ENV = "KVPKI_AZURE_DEADLINE"
@@ -67,6 +73,20 @@ def _as_seconds(value: Any, what: str) -> float:
     return seconds
 
 
+def _as_rate(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = 0.0
+    if not 0 < rate < 1e6:
+        raise UsageError(
+            f"azure store setting sign_rate must be a positive number of signatures per second, got {value!r}"
+        )
+    return rate
+
+
 class AzureSettings(NamedTuple):
     vault_url: str
     key_name: str
@@ -75,6 +95,7 @@ class AzureSettings(NamedTuple):
     deadline: float  # overall retry deadline per vault operation
     cache_ttl: float  # how long a cached chain/key id is trusted without asking the vault
     create_timeout: float  # how long init-ca waits for the vault to issue the temporary certificate
+    sign_rate: float | None = None  # signatures/s this process may ask of the vault (None: from the key type)
 
     @classmethod
     def from_mapping(cls, ca_name: str, settings: Mapping[str, Any]) -> AzureSettings:
@@ -100,7 +121,18 @@ class AzureSettings(NamedTuple):
             deadline=_as_seconds(os.environ.get(DEADLINE_ENV) or settings.get("deadline", 30), "deadline"),
             cache_ttl=_as_seconds(settings.get("cache_ttl", 3600), "cache_ttl"),
             create_timeout=_as_seconds(settings.get("create_timeout", 120), "create_timeout"),
+            sign_rate=_as_rate(settings.get("sign_rate")),
         )
+
+
+def _links_verify(chain: Sequence[x509.Certificate]) -> bool:
+    """Each certificate is signed by the next one (the saved issuers really issued the vault's certificate)."""
+    try:
+        for child, parent in itertools.pairwise(chain):
+            child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _version(cert: KeyVaultCertificate) -> str | None:
@@ -110,7 +142,6 @@ def _version(cert: KeyVaultCertificate) -> str | None:
 class _PendingCA(NamedTuple):
     """State between create_key and store_chain (one init-ca process)."""
 
-    temp_version: str
     kid: str  # the completed Self-issued version's key: it signs a root
     public_key: CAPublicKey
 
@@ -132,9 +163,10 @@ class AzureKeyStore(KeyStore):
         self._sdk: VaultCertificates | None = None
         self._pending: _PendingCA | None = None
         self._active: CachedCA | None = None
-        self._created = False
-        self._known_absent = False  # exists() just said no: create_key need not ask again
+        self._init: InitCA | None = None
+        self._init_lock_fd: int | None = None
         self._sign_clients: dict[str, VaultSignClient] = {}
+        self._budget: SignBudget | None = None
 
     # ------------------------------------------------------------ helpers
     @property
@@ -143,10 +175,24 @@ class AzureKeyStore(KeyStore):
 
     def _certs(self) -> VaultCertificates:
         if self._sdk is None:
-            from kvpki_cli.keystores.azure_sdk import VaultCertificates
+            from kvpki_cli.keystores.azure.sdk import VaultCertificates
 
             self._sdk = VaultCertificates(self.settings.vault_url, self.credential, self.settings.ca_bundle, self.retry)
         return self._sdk
+
+    def _initca(self) -> InitCA:
+        if self._init is None:
+            from kvpki_cli.keystores.azure.initca import InitCA
+
+            self._init = InitCA(
+                self._certs(),
+                self.ca_name,
+                self.name,
+                self.settings.deadline,
+                self.settings.create_timeout,
+                home_id=install_id(self.home),
+            )
+        return self._init
 
     def _vault_http(self) -> VaultHTTP:
         if self._http is None:
@@ -170,6 +216,7 @@ class AzureKeyStore(KeyStore):
         leaf = x509.load_der_x509_certificate(bytes(cert.cer))
         chain = self._with_issuers(leaf)
         cached = CachedCA(
+            key_spki=spki_b64(leaf.public_key()),
             vault_url=self.settings.vault_url,
             cert_name=self.name,
             cert_version=version,
@@ -188,49 +235,55 @@ class AzureKeyStore(KeyStore):
             saved = x509.load_pem_x509_certificates(self.chain_path.read_bytes())
         except (OSError, ValueError):
             saved = []
-        if saved and saved[0] == leaf:
+        if saved and saved[0] == leaf and _links_verify(saved):
             return saved
         if leaf.issuer == leaf.subject:
             return [leaf]
-        if len(saved) > 1 and saved[1].subject == leaf.issuer:
+        if len(saved) > 1 and saved[1].subject == leaf.issuer and _links_verify([leaf, *saved[1:]]):
             return [leaf, *saved[1:]]
         warn(f"issuer chain of CA {self.ca_name!r} is unknown ({self.chain_path} missing or stale)")
         return [leaf]
 
     def _stale_key(self) -> None:
         self.chain_cache.clear()
+        self._active = None
 
     # ----------------------------------------------------------- interface
     def exists(self) -> bool:
+        """True for a CA this home already knows (warm cache, no request); False for an empty name or for
+        this CA's own half-built state, which ``create_key`` continues.  Anything else the vault holds
+        under the name (another CA, a CA certificate merged by another installation, a foreign pending
+        operation) raises ``AlreadyExists`` with one line naming that state.
+        """
         if self.chain_cache.load(self.settings.cache_ttl) is not None:
             return True
-        certs = self._certs()
-        found = certs.get(self.name) is not None or certs.operation(self.name) is not None
-        self._known_absent = not found
-        return found
+        self._lock_init()
+        return self._initca().check_absent_or_resumable()
+
+    def _lock_init(self) -> None:
+        """One init-ca per CA name and home at a time: a second one would resume the first one's state.
+
+        The lock is held until the process exits (an flock dies with its process, even on SIGKILL).
+        """
+        import fcntl
+
+        path = self.chain_cache.path.with_suffix(".init.lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            raise BackendError(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise AlreadyExists(f"another init-ca for CA {self.ca_name!r} is running in {self.home}") from None
+        self._init_lock_fd = fd
 
     def create_key(self, key_type: KeyType) -> CAPublicKey:
-        if not self._known_absent and self.exists():
-            raise AlreadyExists(f"certificate {self.name!r} already exists in {self.settings.vault_url}")
-        certs = self._certs()
-        subject = f"CN={self.name}"
-        self._created = True
-        temp = certs.create_self_issued(
-            self.name, certs.policy("Self", subject, key_type, self.settings.hsm), self.settings.create_timeout
-        )
-        temp_version = _version(temp)
-        if not temp.cer or not temp.key_id or not temp_version:
-            raise BackendError(f"Key Vault returned an incomplete certificate for {self.name}")
-        public = x509.load_der_x509_certificate(bytes(temp.cer)).public_key()
-        op = certs.create_pending(self.name, certs.policy("Unknown", subject, key_type, self.settings.hsm))
-        if op.csr:
-            csr_key = x509.load_der_x509_csr(bytes(op.csr)).public_key()
-            if csr_key.public_bytes(DER, SPKI) != public.public_bytes(DER, SPKI):
-                raise BackendError(f"Key Vault did not reuse the key of {self.name} for the pending version")
-        if not isinstance(public, CAPublicKey):
-            raise BackendError(f"Key Vault created an unexpected key type for {self.name}")
-        self._pending = _PendingCA(temp_version, temp.key_id, public)
-        return public
+        ready = self._initca().run(key_type, self.settings.hsm)
+        self._pending = _PendingCA(ready.kid, ready.public_key)
+        return ready.public_key
 
     def signer(self) -> CAPrivateKey:
         if self._pending is not None:
@@ -240,7 +293,17 @@ class AzureKeyStore(KeyStore):
             if not isinstance(found, CAPublicKey):
                 raise BackendError(f"CA {self.ca_name!r} has an unsupported key type")
             public = found
-        return vault_private_key(public, self._sign)
+        self._budget = SignBudget(
+            governor_for(self.settings.vault_url), self.settings.sign_rate or default_rate(public, self.settings.hsm)
+        )
+        return vault_private_key(public, self._sign, on_mismatch=self._stale_key)
+
+    def signing_jobs(self) -> int:
+        """Enough signatures in flight to use this process's share of the vault budget."""
+        if self._budget is None:
+            self.signer()
+        assert self._budget is not None
+        return default_jobs(self._budget.rate)
 
     def _sign(self, alg: str, digest: bytes) -> bytes:
         """Sign with the key version that is current now (it changes when init-ca merges)."""
@@ -260,6 +323,7 @@ class AzureKeyStore(KeyStore):
                 scope,
                 tenant,
                 on_stale_key=self._stale_key,
+                budget=self._budget,
             )
             self._sign_clients[kid] = client
         return client.sign(alg, digest)
@@ -273,20 +337,24 @@ class AzureKeyStore(KeyStore):
             )
         if not chain or chain[0].public_key().public_bytes(DER, SPKI) != pending.public_key.public_bytes(DER, SPKI):
             raise BackendError(f"CA certificate does not match the vault key of {self.name}")
-        certs = self._certs()
-        merged = certs.merge(self.name, [cert.public_bytes(DER) for cert in chain])
-        certs.disable(self.name, pending.temp_version)
-        merged_version = _version(merged)
-        if not merged.key_id or not merged_version:
-            raise BackendError(f"Key Vault returned an incomplete merged certificate for {self.name}")
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        init = self._initca()
+        merged_version, merged_kid = init.merge(chain)
+        init.disable_others(merged_version)
         pem = b"".join(cert.public_bytes(PEM) for cert in chain)
-        write_file_atomic(self.chain_path, pem, mode=0o644, overwrite=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_file_atomic(self.chain_path, pem, mode=0o644, overwrite=True)
+        except OSError as exc:
+            raise BackendError(
+                f"cannot write {self.chain_path}: {exc.strerror}; the CA certificate is merged in the vault, "
+                "run the same init-ca again to continue"
+            ) from None
         self._active = CachedCA(
+            key_spki=spki_b64(pending.public_key),
             vault_url=self.settings.vault_url,
             cert_name=self.name,
             cert_version=merged_version,
-            kid=merged.key_id,
+            kid=merged_kid,
             chain_pem=[c.public_bytes(PEM).decode() for c in chain],
             scope=self.credential.last_scope or DEFAULT_SCOPE,
             tenant=self.credential.last_tenant,
@@ -301,13 +369,9 @@ class AzureKeyStore(KeyStore):
         return [x509.load_pem_x509_certificate(pem.encode()) for pem in self._cached_ca().chain_pem]
 
     def discard(self) -> None:
+        """Forget local state only: the half-built CA stays in the vault for the same init-ca to continue."""
         self.chain_cache.clear()
-        self.chain_path.unlink(missing_ok=True)
-        if self._created:
-            try:
-                self._certs().remove(self.name)
-            except BackendError as exc:
-                warn(f"could not remove half-created certificate {self.name!r} from the vault: {exc}")
-            self._created = False
+        with contextlib.suppress(OSError):
+            self.chain_path.unlink(missing_ok=True)
         self._pending = None
         self._active = None

@@ -20,10 +20,15 @@ T = TypeVar("T")
 class Retryable(Exception):
     """A transient failure (throttled, 5xx, timeout, connection lost); ``retry_after`` in seconds if given."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None, status: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.status = status  # the HTTP status, when the vault answered
+
+
+class RetriesExhausted(BackendError):
+    """Every attempt failed transiently until the deadline: the vault may work again later."""
 
 
 class RetryPolicy(NamedTuple):
@@ -47,7 +52,7 @@ class RetryPolicy(NamedTuple):
                 remaining = end - time.monotonic()
                 if delay >= remaining:
                     elapsed = time.monotonic() - start
-                    raise BackendError(
+                    raise RetriesExhausted(
                         f"{what} failed after {tries} attempt{'s' if tries > 1 else ''} in {elapsed:.1f}s: "
                         f"{exc.reason} (retry deadline {self.deadline:g}s, KVPKI_AZURE_DEADLINE)",
                         retry_after=exc.retry_after,

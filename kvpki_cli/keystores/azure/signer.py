@@ -3,6 +3,10 @@
 They subclass ``cryptography``'s RSA/EC private key ABCs, so certificate, CRL and
 OCSP builders call our Python ``sign()`` and need no vault-specific code.  The
 key material never leaves the vault: export and decryption/exchange raise.
+
+Every signature the vault returns is verified locally with the public key kvpki
+put into the issuer certificate (~0.1 ms): if a cached chain ever names a key that
+is not the vault key, nothing signed with the mismatch leaves kvpki.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
@@ -44,6 +49,14 @@ def _suffix(hash_alg: hashes.HashAlgorithm) -> str:
     return suffix
 
 
+def _mismatch(on_mismatch: Callable[[], None]) -> NoReturn:
+    on_mismatch()
+    raise BackendError(
+        "the signature made by the Key Vault key does not verify with the CA certificate's public key "
+        "(cached CA data cleared; run the command again)"
+    )
+
+
 def _not_exportable(what: str) -> NoReturn:
     raise BackendError(f"cannot {what}: the CA key is non-exportable and held in Azure Key Vault")
 
@@ -51,9 +64,12 @@ def _not_exportable(what: str) -> NoReturn:
 class VaultECPrivateKey(ec.EllipticCurvePrivateKey):
     """An EC key in Key Vault; ``sign()`` returns DER ECDSA (the vault answers raw r||s)."""
 
-    def __init__(self, public: ec.EllipticCurvePublicKey, sign_digest: SignDigest) -> None:
+    def __init__(
+        self, public: ec.EllipticCurvePublicKey, sign_digest: SignDigest, on_mismatch: Callable[[], None]
+    ) -> None:
         self._public = public
         self._sign_digest = sign_digest
+        self._on_mismatch = on_mismatch
 
     @property
     def curve(self) -> ec.EllipticCurve:
@@ -76,7 +92,12 @@ class VaultECPrivateKey(ec.EllipticCurvePrivateKey):
         size = (self.curve.key_size + 7) // 8
         if len(raw) != 2 * size:
             raise BackendError(f"Key Vault returned a {len(raw)}-byte ECDSA signature, expected {2 * size}")
-        return utils.encode_dss_signature(int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big"))
+        der = utils.encode_dss_signature(int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big"))
+        try:
+            self._public.verify(der, digest, ec.ECDSA(utils.Prehashed(hash_alg)))
+        except InvalidSignature:
+            _mismatch(self._on_mismatch)
+        return der
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
         _not_exportable("do ECDH")
@@ -102,9 +123,10 @@ class VaultECPrivateKey(ec.EllipticCurvePrivateKey):
 class VaultRSAPrivateKey(rsa.RSAPrivateKey):
     """An RSA key in Key Vault: PKCS#1 v1.5 -> RS*, PSS (salt = digest length) -> PS*."""
 
-    def __init__(self, public: rsa.RSAPublicKey, sign_digest: SignDigest) -> None:
+    def __init__(self, public: rsa.RSAPublicKey, sign_digest: SignDigest, on_mismatch: Callable[[], None]) -> None:
         self._public = public
         self._sign_digest = sign_digest
+        self._on_mismatch = on_mismatch
 
     @property
     def key_size(self) -> int:
@@ -124,7 +146,7 @@ class VaultRSAPrivateKey(rsa.RSAPrivateKey):
         digest, hash_alg = _digest(bytes(data), algorithm)
         suffix = _suffix(hash_alg)
         if isinstance(padding_, padding.PKCS1v15):
-            return self._sign_digest(f"RS{suffix}", digest)
+            return self._verified(self._sign_digest(f"RS{suffix}", digest), digest, padding_, hash_alg)
         if isinstance(padding_, padding.PSS):
             salt = padding_._salt_length
             mgf_hash = getattr(padding_._mgf, "_algorithm", None)
@@ -132,8 +154,18 @@ class VaultRSAPrivateKey(rsa.RSAPrivateKey):
                 raise BackendError("Azure Key Vault PSS signatures use salt length = digest length")
             if mgf_hash is not None and mgf_hash.name != hash_alg.name:
                 raise BackendError("Azure Key Vault PSS signatures use MGF1 with the signing hash")
-            return self._sign_digest(f"PS{suffix}", digest)
+            pss = padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
+            return self._verified(self._sign_digest(f"PS{suffix}", digest), digest, pss, hash_alg)
         raise BackendError(f"Azure Key Vault RSA keys cannot sign with {padding_.name} padding")
+
+    def _verified(
+        self, signature: bytes, digest: bytes, padding_: AsymmetricPadding, hash_alg: hashes.HashAlgorithm
+    ) -> bytes:
+        try:
+            self._public.verify(signature, digest, padding_, utils.Prehashed(hash_alg))
+        except InvalidSignature:
+            _mismatch(self._on_mismatch)
+        return signature
 
     def decrypt(self, ciphertext: bytes, padding: AsymmetricPadding) -> bytes:
         _not_exportable("decrypt locally")
@@ -157,9 +189,11 @@ class VaultRSAPrivateKey(rsa.RSAPrivateKey):
 
 
 def vault_private_key(
-    public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, sign_digest: SignDigest
+    public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
+    sign_digest: SignDigest,
+    on_mismatch: Callable[[], None] = lambda: None,
 ) -> VaultRSAPrivateKey | VaultECPrivateKey:
-    """The signer object matching ``public``'s algorithm."""
+    """The signer object matching ``public``'s algorithm; ``on_mismatch`` runs when a signature does not verify."""
     if isinstance(public, rsa.RSAPublicKey):
-        return VaultRSAPrivateKey(public, sign_digest)
-    return VaultECPrivateKey(public, sign_digest)
+        return VaultRSAPrivateKey(public, sign_digest, on_mismatch)
+    return VaultECPrivateKey(public, sign_digest, on_mismatch)

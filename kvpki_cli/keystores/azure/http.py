@@ -13,13 +13,14 @@ import os
 import re
 import socket
 import ssl
+import threading
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from kvpki_cli.keystores.azure_retry import Retryable, parse_retry_after
+from kvpki_cli.keystores.azure.errors import RETRY_STATUSES, VaultError, parse_error
+from kvpki_cli.keystores.azure.retry import Retryable, parse_retry_after
 
 KEYS_API_VERSION = "2025-07-01"
-RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 
 
 class Response(NamedTuple):
@@ -28,20 +29,16 @@ class Response(NamedTuple):
     body: dict[str, Any]
 
     @property
+    def error(self) -> VaultError:
+        return parse_error(self.status, self.body)
+
+    @property
     def error_code(self) -> str:
-        err = self.body.get("error")
-        if isinstance(err, dict):
-            inner = err.get("innererror")
-            if isinstance(inner, dict) and inner.get("code"):
-                return str(inner["code"])
-            return str(err.get("code") or "")
-        return ""
+        return self.error.most_specific_code
 
     @property
     def error_message(self) -> str:
-        err = self.body.get("error")
-        message = err.get("message") if isinstance(err, dict) else None
-        return " ".join(str(message or f"HTTP {self.status}").split())
+        return self.error.message
 
 
 def _env_cafile() -> str | None:
@@ -153,7 +150,8 @@ class _HTTPSConnection(http.client.HTTPSConnection):
 
 
 class VaultHTTP:
-    """Keeps one connection per process; every call is a single attempt (retries are the caller's)."""
+    """Keeps one connection per thread (signing threads share the object); every call is a single attempt
+    (retries are the caller's)."""
 
     def __init__(self, vault_url: str, ca_bundle: str | None) -> None:
         parts = urlsplit(vault_url)
@@ -162,25 +160,33 @@ class VaultHTTP:
         self.host = parts.hostname
         self.port = parts.port or 443
         self._trust = TrustStore(ca_bundle)
-        self._conn: http.client.HTTPSConnection | None = None
+        self._local = threading.local()
+
+    @property
+    def _conn(self) -> http.client.HTTPSConnection | None:
+        conn: http.client.HTTPSConnection | None = getattr(self._local, "conn", None)
+        return conn
 
     def _connection(self, timeout: float) -> http.client.HTTPSConnection:
-        if self._conn is None:
+        conn = self._conn
+        if conn is None:
             proxy = _proxy_for(self.host)
             host, port = proxy if proxy is not None else (self.host, self.port)
             conn = _HTTPSConnection(host, port, timeout=timeout, trust=self._trust, tls_host=self.host)
             if proxy is not None:
                 conn.set_tunnel(self.host, self.port)
-            self._conn = conn
-        self._conn.timeout = timeout
-        if self._conn.sock is not None:
-            self._conn.sock.settimeout(timeout)
-        return self._conn
+            self._local.conn = conn
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close this thread's connection."""
+        conn = self._conn
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     def request(
         self, method: str, path: str, token: str | None, body: dict[str, Any] | None, timeout: float
@@ -220,7 +226,7 @@ class VaultHTTP:
         if response.status in RETRY_STATUSES:
             code = response.error_code or http.client.responses.get(response.status, "")
             retry_after = parse_retry_after(resp_headers.get("retry-after"))
-            raise Retryable(f"HTTP {response.status} {code}".strip(), retry_after)
+            raise Retryable(f"HTTP {response.status} {code}".strip(), retry_after, response.status)
         return response
 
 

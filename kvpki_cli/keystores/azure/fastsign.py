@@ -3,39 +3,25 @@
 On a 401 (token revoked, expired early, vault moved tenant) it does what the
 SDK's challenge policy does: reads the challenge, gets a fresh token through
 ``DefaultAzureCredential`` and repeats once.  Throttling, 5xx, timeouts and lost
-connections are retried under the store's deadline (see ``azure_retry``).
+connections are retried under the store's deadline (see ``retry``).  Every
+attempt first takes its turn from the vault's rate governor (``governor``); a 429
+tells the governor to stop bursting.
 """
 
 from __future__ import annotations
 
 import base64
 import ssl
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from kvpki_cli.errors import BackendError, NotFound
-from kvpki_cli.keystores.azure_auth import DEFAULT_SCOPE, CachingCredential
-from kvpki_cli.keystores.azure_http import KEYS_API_VERSION, Response, VaultHTTP, parse_challenge
-from kvpki_cli.keystores.azure_retry import RetryPolicy
-
-# Data-plane permission -> the built-in RBAC role that grants it.
-ROLE_FOR = {
-    "keys/sign": "Key Vault Crypto User",
-    "keys/get": "Key Vault Crypto User",
-    "certificates/get": "Key Vault Certificates Officer",
-    "certificates/create": "Key Vault Certificates Officer",
-    "certificates/update": "Key Vault Certificates Officer",
-    "certificates/delete": "Key Vault Certificates Officer",
-}
-
-
-def denied_message(permission: str, vault_url: str, detail: str = "") -> str:
-    role = ROLE_FOR.get(permission, "a Key Vault data-plane role")
-    extra = f" ({detail})" if detail else ""
-    return (
-        f"Key Vault denied {permission} on {vault_url}: grant '{role}' (RBAC) or the '{permission}' "
-        f"access-policy permission to this identity{extra}"
-    )
+from kvpki_cli.keystores.azure.auth import DEFAULT_SCOPE, CachingCredential
+from kvpki_cli.keystores.azure.errors import tls_error, to_kvpki_error
+from kvpki_cli.keystores.azure.governor import SignBudget
+from kvpki_cli.keystores.azure.http import KEYS_API_VERSION, Response, VaultHTTP, parse_challenge
+from kvpki_cli.keystores.azure.retry import Retryable, RetryPolicy
 
 
 def _b64url(data: bytes) -> str:
@@ -59,6 +45,7 @@ class VaultSignClient:
         scope: str | None,
         tenant: str | None,
         on_stale_key: Callable[[], None] = lambda: None,
+        budget: SignBudget | None = None,
     ) -> None:
         self.vault_url = vault_url
         self.kid = kid
@@ -69,18 +56,27 @@ class VaultSignClient:
         self.scope = scope or DEFAULT_SCOPE
         self.tenant = tenant
         self._on_stale_key = on_stale_key
+        self.budget = budget
+
+    def _attempt(self, token: str, body: dict[str, str], timeout: float) -> Response:
+        """One sign request, in its turn of the vault's budget (its wait counts against ``timeout``)."""
+        if self.budget is not None:
+            self.budget.take(time.monotonic() + timeout)
+        try:
+            return self.http.request("POST", self.path, token, body, timeout)
+        except Retryable as exc:
+            if exc.status == 429 and self.budget is not None:
+                self.budget.governor.throttled(exc.retry_after)
+            raise
 
     def _post(self, token: str, body: dict[str, str]) -> Response:
         try:
             return self.retry.run(
-                lambda timeout: self.http.request("POST", self.path, token, body, timeout),
+                lambda timeout: self._attempt(token, body, timeout),
                 f"Key Vault sign with {self.kid}",
             )
         except ssl.SSLCertVerificationError as exc:
-            raise BackendError(
-                f"TLS verification of {self.vault_url} failed: {exc.verify_message} "
-                "(set ca_bundle or KVPKI_AZURE_CA_BUNDLE)"
-            ) from None
+            raise tls_error(self.vault_url, str(exc.verify_message)) from None
 
     def sign(self, alg: str, digest: bytes) -> bytes:
         body = {"alg": alg, "value": _b64url(digest)}
@@ -102,15 +98,9 @@ class VaultSignClient:
     def _result(self, response: Response) -> bytes:
         if response.status == 200 and isinstance(response.body.get("value"), str):
             return _b64url_decode(response.body["value"])
-        code = response.error_code
-        if response.status == 403 and code in ("KeyDisabled", "KeyOperationForbidden"):
-            self._on_stale_key()
-            raise BackendError(f"Key Vault refused to sign with {self.kid}: {response.error_message}")
-        if response.status == 403:
-            raise BackendError(denied_message("keys/sign", self.vault_url, code))
+        error = response.error
+        if response.status == 404 or error.most_specific_code in ("KeyDisabled", "KeyOperationForbidden"):
+            self._on_stale_key()  # gone or disabled: the cached key id must not be used again
         if response.status == 404:
-            self._on_stale_key()
-            raise NotFound(f"CA key {self.kid} is not in the vault (cached CA data cleared): {response.error_message}")
-        raise BackendError(
-            f"Key Vault sign with {self.kid} failed: HTTP {response.status} {code}: {response.error_message}"
-        )
+            raise NotFound(f"CA key {self.kid} is not in the vault (cached CA data cleared): {error.message}")
+        raise to_kvpki_error(error, "keys/sign", f"sign with {self.kid}", self.vault_url)
