@@ -11,17 +11,34 @@ JSON object, hostile request text included.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import http.client
 import json
 import sqlite3
 import ssl
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvpki_cli.authority import CertificateAuthority, SigningRequest, init_ca
+from kvpki_cli.config import Settings
+from kvpki_cli.keystores.base import KeyType
+from kvpki_cli.pki.csr import parse_csr
+from kvpki_cli.pki.names import parse_san, parse_subject
+from kvpki_cli.serve.passwd import set_user
 from tests import pg_fixture
+from tests.kvserver.server import FaultRule, KeyVaultTestServer
 from tests.test_rate_limits import Instance, base_env, csr_body, start_instances, stop_instances
 
 OPS_LABELS = """
@@ -207,3 +224,115 @@ def test_healthz_fails_while_postgresql_is_stopped(
         stop_instances(instances)
 
 
+
+
+# ----------------------------------------------------------------------------- Key Vault CA, in process
+def _vault_home(home: Path, kv: KeyVaultTestServer) -> Settings:
+    settings = Settings(home)
+    init_ca(settings, "tls", parse_subject("CN=TLS Root"), KeyType("ec-p256"))
+    init_ca(
+        settings, "vault", parse_subject("CN=Vault Root"), KeyType("ec-p256"),
+        store="azure", store_settings={"vault_url": kv.url, "sign_rate": 50},
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr_der = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(Encoding.DER)
+    )
+    request = SigningRequest(csr_der, parse_csr(csr_der), profile="server", sans=[parse_san("DNS:localhost")])
+    issued = CertificateAuthority.open(settings, "tls").issue(request)
+    (home / "server.pem").write_bytes(issued.certificate.public_bytes(Encoding.PEM))
+    (home / "server.key").write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    set_user(home / "est-users", "alice", "alice-secret")
+    (home / "serve.toml").write_text(
+        '[server]\ntls_cert = "server.pem"\ntls_key = "server.key"\nusers_file = "est-users"\nhttp_port = 0\n'
+        '[est.default]\nca = "vault"\nprofile = "device"\nusers = ["alice"]\n'
+    )
+    return settings
+
+
+@pytest.fixture
+def vault_ports(tmp_path: Path, kv: KeyVaultTestServer, kv_env: dict[str, str]) -> Iterator[tuple[int, int]]:
+    """(EST port without TLS, plain-HTTP port) of an in-process server whose CA key is in the test vault."""
+    from kvpki_cli.serve.app import build_app
+    from kvpki_cli.serve.config import load_serve_config
+
+    apps = build_app(_vault_home(tmp_path, kv), load_serve_config(tmp_path / "serve.toml"))
+    assert apps.http is not None
+    loop = asyncio.new_event_loop()
+    runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app in (apps.https, apps.http)]
+    ports: list[int] = []
+    started = threading.Event()
+
+    async def start() -> None:
+        for runner in runners:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            ports.append(runner.addresses[0][1])
+        started.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert started.wait(20)
+    try:
+        yield ports[0], ports[1]
+    finally:
+        for runner in runners:
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(20)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(20)
+        apps.shutdown()
+
+
+def _plain(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {
+        "Content-Type": "application/pkcs10",
+        "Authorization": "Basic " + base64.b64encode(b"alice:alice-secret").decode(),
+    }
+    try:
+        connection.request(method, path, body=body, headers=headers if body is not None else {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def _samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = _plain(port, "GET", "/metrics")
+    assert status == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def test_vault_requests_throttles_and_retries_are_counted_and_healthz_follows_the_vault(
+    vault_ports: tuple[int, int], kv: KeyVaultTestServer
+) -> None:
+    est, plain = vault_ports
+    kv.set_faults(rules=[FaultRule(status=429, retry_after="0", path_contains="/sign", count=1)])
+    status, body = _plain(est, "POST", "/.well-known/est/simpleenroll", csr_body("vault-1"))
+    assert status == 200, body
+    samples = _samples(plain)
+    assert value(samples, "kvpki_vault_requests_total", status="429") >= 1
+    assert value(samples, "kvpki_vault_requests_total", status="200") >= 1
+    assert value(samples, "kvpki_vault_throttled_total") >= 1
+    assert value(samples, "kvpki_vault_retries_total", reason="429") >= 1
+    assert value(samples, "kvpki_est_enrollments_total", label="default", outcome="issued") == 1
+    assert _plain(plain, "GET", "/healthz")[0] == 200
+
+    kv.set_faults(rules=[FaultRule(status=503, path_contains="/sign", count=None)])  # the vault is down
+    assert _plain(est, "POST", "/.well-known/est/simpleenroll", csr_body("vault-2"))[0] == 503
+    assert value(_samples(plain), "kvpki_vault_requests_total", status="503") >= 1
+    time.sleep(1.1)
+    assert _plain(plain, "GET", "/healthz")[0] == 503
+    assert _plain(est, "GET", "/healthz")[0] == 503
+
+    kv.set_faults()
+    assert _plain(est, "POST", "/.well-known/est/simpleenroll", csr_body("vault-3"))[0] == 200
+    time.sleep(1.1)
+    assert _plain(plain, "GET", "/healthz")[0] == 200
