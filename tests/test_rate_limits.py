@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvpki_cli.errors import UsageError
 from kvpki_cli.inventory import open_inventory
@@ -242,3 +244,37 @@ def test_concurrent_attempts_pass_exactly_the_limit(
     later = RateLimiter(clock=lambda: 1_000_000.0 + 3600)
     later.check(inventory, "l", "someone", Rate(limit, 3600), None)
     inventory.close()
+
+
+RATE_CASES = int(os.environ.get("KVPKI_FUZZ_CASES", "40"))
+
+
+@settings(max_examples=RATE_CASES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    limit=st.integers(1, 5),
+    window=st.sampled_from([10, 60, 3600]),
+    attempts=st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 200)), max_size=40),
+)
+def test_limiter_matches_a_fixed_window_model(
+    limit: int, window: int, attempts: list[tuple[str, int]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Random identities and (sorted) times: the limiter answers exactly as a per-window counter would,
+    including its in-memory shortcut, the Retry-After it gives and the windows it forgets."""
+    inventory = open_inventory(None, tmp_path_factory.mktemp("model"))
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    model: dict[tuple[str, int], int] = {}
+    try:
+        for who, at in sorted(attempts, key=lambda a: a[1]):
+            now[0] = 1_000_000.0 + at
+            start = int(now[0] // window) * window
+            model[(who, start)] = model.get((who, start), 0) + 1
+            allowed = model[(who, start)] <= limit
+            try:
+                limiter.check(inventory, "l", who, Rate(limit, window), None)
+                assert allowed
+            except RateLimited as refusal:
+                assert not allowed
+                assert int(refusal.headers["Retry-After"]) == max(1, start + window - int(now[0]))
+    finally:
+        inventory.close()

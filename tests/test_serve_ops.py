@@ -15,6 +15,8 @@ import asyncio
 import base64
 import http.client
 import json
+import logging
+import os
 import sqlite3
 import ssl
 import threading
@@ -29,6 +31,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvpki_cli.authority import CertificateAuthority, SigningRequest, init_ca
@@ -36,7 +40,10 @@ from kvpki_cli.config import Settings
 from kvpki_cli.keystores.base import KeyType
 from kvpki_cli.pki.csr import parse_csr
 from kvpki_cli.pki.names import parse_san, parse_subject
+from kvpki_cli.serve.logformat import JsonFormatter
+from kvpki_cli.serve.logsafe import EscapingFilter
 from kvpki_cli.serve.passwd import set_user
+from kvpki_cli.textsafe import escape, first_unsafe
 from tests import pg_fixture
 from tests.kvserver.server import FaultRule, KeyVaultTestServer
 from tests.test_rate_limits import Instance, base_env, csr_body, start_instances, stop_instances
@@ -336,3 +343,23 @@ def test_vault_requests_throttles_and_retries_are_counted_and_healthz_follows_th
     assert _plain(est, "POST", "/.well-known/est/simpleenroll", csr_body("vault-3"))[0] == 200
     time.sleep(1.1)
     assert _plain(plain, "GET", "/healthz")[0] == 200
+
+
+LOG_CASES = int(os.environ.get("KVPKI_FUZZ_CASES", "200"))
+
+
+@settings(max_examples=LOG_CASES, deadline=None)
+@given(message=st.text(), fields=st.dictionaries(st.text(max_size=8), st.one_of(st.text(), st.integers())))
+def test_json_log_lines_stay_one_escaped_line_whatever_the_text(message: str, fields: dict[str, object]) -> None:
+    """Any message and field text: one line, valid JSON, no unsafe character after decoding either."""
+    record = logging.LogRecord("kvpki.serve", logging.INFO, __file__, 1, "%s", (message,), None)
+    record.fields = fields
+    EscapingFilter().filter(record)
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and line.isascii()
+    entry = json.loads(line)
+    assert entry["level"] == "info" and entry["message"] == escape(message)
+    assert first_unsafe(entry["message"]) is None
+    for key, value in entry.items():
+        assert first_unsafe(key) is None
+        assert not isinstance(value, str) or first_unsafe(value) is None
