@@ -414,6 +414,7 @@ class PostgresInventory(Inventory):
                     cursor.execute(RATES_TABLE)
             self._rates_ready = True
         with self._transaction() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit = off")  # a counter is not worth a WAL flush wait
             row = cursor.execute(
                 "INSERT INTO kvpki_rate_counters (key, window_start, hits) VALUES (%s, %s, 1)"
                 " ON CONFLICT (key, window_start) DO UPDATE SET hits = kvpki_rate_counters.hits + 1"
