@@ -43,6 +43,12 @@ profile = "device"
 users = ["alice", "edge"]
 rate_limit = "{identity}"
 
+[est.certs]
+ca = "issuing"
+profile = "device"
+client_cas = ["bootstrap.pem"]
+rate_limit = "3/1h"
+
 [est.pooled]
 ca = "issuing"
 profile = "device"
@@ -73,11 +79,17 @@ class Instance:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def enroll(self, label: str, user: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    def enroll(
+        self, label: str, user: str | None, body: bytes, cert: tuple[Path, Path] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         context = ssl.create_default_context(cafile=str(self.root_pem))
+        if cert is not None:
+            context.load_cert_chain(*cert)
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=30)
-        token = base64.b64encode(f"{user}:{servekit.PASSWORDS[user]}".encode()).decode()
-        headers = {"Content-Type": "application/pkcs10", "Authorization": f"Basic {token}"}
+        headers = {"Content-Type": "application/pkcs10"}
+        if user is not None:
+            token = base64.b64encode(f"{user}:{servekit.PASSWORDS[user]}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
         try:
             conn.request("POST", f"/.well-known/est/{label}/simpleenroll", body=body, headers=headers)
             response = conn.getresponse()
@@ -163,6 +175,24 @@ def test_21st_enrollment_of_one_identity_gets_429_and_others_are_unaffected(limi
         if r["requester"] == "est-basic:alice" and re.fullmatch(r"CN=alice-\d+", str(r["subject"]))
     ]  # fmt: skip
     assert len(issued) == 20
+
+
+def test_bootstrap_certificates_are_limited_each_by_their_subject(limited: Instance, tmp_path: Path) -> None:
+    home = limited.root_pem.parent
+    certs = {}
+    for name in ("boot-a", "boot-b"):
+        key, csr = servekit.make_key_csr(tmp_path, name, f"/CN={name}")
+        (tmp_path / f"{name}.der").write_bytes(csr)
+        result = subprocess.run(
+            [*servekit.KVPKI, "sign-csr", str(tmp_path / f"{name}.der"), "--ca", "bootstrap"],
+            capture_output=True, env=base_env(home), timeout=60, check=True,
+        )  # fmt: skip
+        (tmp_path / f"{name}.pem").write_bytes(result.stdout)
+        certs[name] = (tmp_path / f"{name}.pem", key)
+    statuses = [limited.enroll("certs", None, csr_body("boot-a"), certs["boot-a"])[0] for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    assert limited.enroll("certs", None, csr_body("boot-b"), certs["boot-b"])[0] == 200
+    assert "label=certs identity=est-cert:CN=boot-a" in limited.log()
 
 
 def test_label_limit_counts_all_identities_together(limited: Instance) -> None:
