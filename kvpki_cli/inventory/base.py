@@ -248,3 +248,19 @@ class Inventory(ABC):
         if ca is None:
             raise NotImplementedError("this inventory backend cannot report across CAs")
         return lifecycle_counts_of(self.list_certificates(ca, None, now), now)
+
+    # --- serving: enrollment rate limits, health (kvpki serve)
+
+    def rate_count(self, key: str, window_start: int) -> int:
+        """Count one attempt for ``key`` in the fixed window starting at ``window_start`` (epoch seconds),
+        atomically across every process sharing the inventory; return the window's count so far.
+        Older windows of ``key`` are dropped."""
+        raise UsageError("this inventory cannot count enrollment rates")
+
+    def count_expiring(self, ca: str, now: datetime, until: datetime) -> int:
+        """How many valid certificates of ``ca`` expire in (now, until] (a metric, computed periodically)."""
+        return len(self.expiring(ca, now, until))
+
+    def ping(self) -> None:
+        """Raise unless the inventory can answer now (``/healthz``); backends check they could also write."""
+        self.revocation_count("")

@@ -436,3 +436,44 @@ class PostgresInventory(Inventory):
         with self._errors():
             rows = self._connection().execute(query, params).fetchall()
         return [LifecycleCounts(str(r[0]), str(r[1]), *(int(v) for v in r[2:])) for r in rows]
+
+    # --- serving: enrollment rate limits (kvpki serve), created on first use like kvpki_crls
+
+    def rate_count(self, key: str, window_start: int) -> int:
+        if not getattr(self, "_rates_ready", False):
+            with self._transaction() as cursor:
+                if cursor.execute("SELECT to_regclass('kvpki_rate_counters') IS NULL").fetchone() == (True,):
+                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                    cursor.execute(RATES_TABLE)
+            self._rates_ready = True
+        with self._transaction() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit = off")  # a counter is not worth a WAL flush wait
+            row = cursor.execute(
+                "INSERT INTO kvpki_rate_counters (key, window_start, hits) VALUES (%s, %s, 1)"
+                " ON CONFLICT (key, window_start) DO UPDATE SET hits = kvpki_rate_counters.hits + 1"
+                " RETURNING hits",
+                (key, window_start),
+            ).fetchone()
+            cursor.execute("DELETE FROM kvpki_rate_counters WHERE key = %s AND window_start < %s", (key, window_start))
+        return int(row[0]) if row else 0
+
+    def count_expiring(self, ca: str, now: datetime, until: datetime) -> int:
+        rows = self._query(
+            "SELECT COUNT(*) FROM kvpki_certificates WHERE ca = %s AND status = 'valid'"
+            " AND not_after > %s AND not_after <= %s",
+            (ca, utc_seconds(now), utc_seconds(until)),
+        )
+        return int(rows[0][0])
+
+    def ping(self) -> None:
+        self._query("SELECT 1", ())
+
+
+RATES_TABLE = """
+CREATE TABLE IF NOT EXISTS kvpki_rate_counters (
+    key text NOT NULL,
+    window_start bigint NOT NULL,
+    hits bigint NOT NULL,
+    PRIMARY KEY (key, window_start)
+)
+"""
