@@ -254,8 +254,26 @@ class PostgresInventory(Inventory):
                 cursor.execute("INSERT INTO kvpki_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
             else:
                 self._create_crl_index(cursor)
-                for statement in PARTITION_SCHEMA:  # needed to write the new column: no DDL rights, no start
-                    cursor.execute(statement)
+                self._add_partitions(cursor)
+
+    @staticmethod
+    def _add_partitions(cursor: psycopg.Cursor[Any]) -> None:
+        """What CRL partitions add to an older database, once: the column and the counter table (needed
+        to record certificates: without them a role lacking DDL rights fails until the owner connects),
+        then the index (optional, like the CRL index)."""
+        row = cursor.execute(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'kvpki_certificates'::regclass"
+            " AND attname = 'crl_partition' AND NOT attisdropped"
+        ).fetchone()
+        if not row or not row[0]:
+            cursor.execute(PARTITION_SCHEMA[0])
+        if cursor.execute("SELECT to_regclass('kvpki_crl_partitions') IS NULL").fetchone() == (True,):
+            cursor.execute(PARTITION_SCHEMA[2])
+        try:
+            with cursor.connection.transaction():
+                cursor.execute(PARTITION_SCHEMA[1])
+        except pg_errors.InsufficientPrivilege:
+            pass
 
     @staticmethod
     def _has_partitions(cursor: psycopg.Cursor[Any]) -> bool:
