@@ -67,7 +67,7 @@ def published_crl(
             return stored
         # Before the snapshot: never newer than the CRL.
         revocations = inventory.revocation_count(ca.name, partition)
-        crl = ca.crl(validity, partition)
+        crl = ca.crl(validity) if partition is None else ca.crl(validity, partition)
         fresh = StoredCrl(
             number=crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number,
             this_update=crl.last_update_utc,
