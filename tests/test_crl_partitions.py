@@ -328,3 +328,62 @@ def test_postgres_adds_the_partition_column(postgres_url: str, tmp_path: Path) -
     inventory.close()
     with psycopg.connect(postgres_url, autocommit=True) as db:
         assert db.execute("SELECT to_regclass('kvpki_certificates_partition_crl') IS NOT NULL").fetchone() == (True,)
+
+
+def test_partition_snapshots_race_revocations(inventory_url: str, tmp_path: Path) -> None:
+    """The one-transaction guarantee per partition, under real concurrency (threads with their own
+    connections): within each partition's scope a higher number never lists less nor has an older
+    thisUpdate, and numbers are unique across the CA's scopes."""
+    import itertools
+    import threading
+
+    from kvpki_cli.inventory.base import CrlSnapshot
+    from tests.test_crl_scale import record
+
+    setup = open_inventory(inventory_url, tmp_path)
+    far = datetime.now(UTC) + timedelta(days=30)
+    rows = [record("ca", 0x1000 + i, far)._replace(crl_partition=i % 2) for i in range(40)]
+    setup.record_issued(rows)
+    setup.close()
+    snapshots: dict[int, list[CrlSnapshot]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def snapshotter(partition: int) -> None:
+        inventory = open_inventory(inventory_url, tmp_path)
+        try:
+            start.wait()
+            for _ in range(15):
+                snapshots[partition].append(inventory.crl_snapshot("ca", lambda: datetime.now(UTC), partition))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            inventory.close()
+
+    def revoker(mine: list[str]) -> None:
+        inventory = open_inventory(inventory_url, tmp_path)
+        try:
+            start.wait()
+            for serial in mine:
+                inventory.revoke("ca", serial, datetime.now(UTC), "keyCompromise")
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            inventory.close()
+
+    threads = [threading.Thread(target=snapshotter, args=(k % 2,)) for k in range(4)]
+    threads += [threading.Thread(target=revoker, args=([r.serial for r in rows[i::2]],)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    numbers = [s.number for taken in snapshots.values() for s in taken]
+    assert len(set(numbers)) == len(numbers) == 60
+    for partition, taken in snapshots.items():
+        members = {r.serial for r in rows if r.crl_partition == partition}
+        ordered = sorted(taken, key=lambda s: s.number)
+        for lower, higher in itertools.pairwise(ordered):
+            assert higher.this_update >= lower.this_update
+            assert {r.serial for r in lower.revoked} <= {r.serial for r in higher.revoked}
+        assert all({r.serial for r in s.revoked} <= members for s in ordered)
