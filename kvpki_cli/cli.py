@@ -338,29 +338,41 @@ def init_ocsp_responder_command(obj: Context, ca_name: str, validity: str) -> No
 @click.option("--next-update", default="7d", show_default=True, help="How long the CRL is valid.")
 @click.option("--new", "force_new", is_flag=True, help="Sign a new CRL even if the stored one is current.")
 @click.option(
+    "--partition",
+    type=click.IntRange(min=0),
+    help="Print partition K's CRL (a CA with crl_partition_size): its certificates only, with an IDP.",
+)
+@click.option(
     "--generation",
     type=click.IntRange(0),
     help="The CRL of this key generation (see `kvpki rollover`; default: the current key's).",
 )
 @click.pass_obj
 def crl_command(
-    obj: Context, ca_name: str, fmt: str, next_update: str, force_new: bool, generation: int | None
+    obj: Context,
+    ca_name: str,
+    fmt: str,
+    next_update: str,
+    force_new: bool,
+    partition: int | None,
+    generation: int | None,
 ) -> None:
     """Print the CA's current CRL (every revoked, unexpired certificate), shared with `kvpki serve`.
 
     The CRL stored in the inventory is printed if nothing was revoked since, it has the requested
     validity and less than half of it has passed; otherwise (or with --new) a new one is signed and stored.
     """
-    from cryptography import x509
 
     from kvpki_cli.crl_publish import published_crl
     from kvpki_cli.durations import parse_duration
-    from kvpki_cli.pki.keys import Encoding
+    from kvpki_cli.pki.crl import pem
 
     validity = parse_duration(next_update, what="--next-update")
     authority = obj.authority(ca_name)
-    der = published_crl(authority, validity, exact_validity=True, new=force_new, generation=generation).der
-    _write_stdout(x509.load_der_x509_crl(der).public_bytes(Encoding.PEM) if fmt == "pem" else der)
+    der = published_crl(
+        authority, validity, exact_validity=True, new=force_new, partition=partition, generation=generation
+    ).der
+    _write_stdout(pem(der) if fmt == "pem" else der)
 
 
 @cli.command("rollover")
@@ -412,7 +424,7 @@ def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool, 
 
         records = expiring_records(authority, status, expiring, now)
     else:
-        records = authority.inventory.list_certificates(authority.name, status, now)
+        records = authority.inventory.list_certificates(authority.name, status, now, with_der=False)
     rows = [record.as_json(now) for record in records]
     if as_json:
         _write_stdout((json.dumps(rows, indent=2) + "\n").encode())

@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.authority import CertificateAuthority
-from kvpki_cli.inventory.base import Inventory, StoredCrl
+from kvpki_cli.inventory.base import Inventory, StoredCrl, crl_key
 
 
 def is_current(stored: StoredCrl | None, revocations: int, now: datetime, validity: timedelta | None = None) -> bool:
@@ -43,29 +43,34 @@ def published_crl(
     *,
     exact_validity: bool = False,
     new: bool = False,
+    partition: int | None = None,
     generation: int | None = None,
 ) -> StoredCrl:
     """The CA's current CRL: the stored one if current, else a new one signed and stored here.
 
     ``exact_validity``: a stored CRL signed with another validity is not current (``kvpki crl
     --next-update``); ``serve`` accepts whichever current CRL is stored.  ``new``: sign one anyway
-    (``kvpki crl --new``); serve instances then publish it.  ``generation``: the CRL of that key
-    generation (``kvpki rollover``; default: the current one), stored under ``ca.crl_scope``.
+    (``kvpki crl --new``); serve instances then publish it.  ``partition``: the CRL of that
+    partition (RFC 5280 5.2.5), stored, locked and judged current on its own.  ``generation``: the CRL
+    of that key generation (``kvpki rollover``; default: the current one), stored under ``ca.crl_scope``.
     """
     inventory = ca.inventory
+    if partition is not None:
+        ca.check_crl_partition(partition)
     number = ca.current().number if generation is None else ca.generation(generation).number
-    scope = ca.crl_scope(number)
+    key = crl_key(ca.name, partition) if partition is not None else ca.crl_scope(number)
     wanted = validity if exact_validity else None
-    stored = None if new else _current(inventory, ca.name, wanted, scope)
+    stored = None if new else _current(inventory, ca.name, partition, wanted, key)
     if stored is not None:
         return stored
-    with inventory.crl_lock(scope):
+    with inventory.crl_lock(key):
         # Look again under the lock: another process may have signed while we waited.
-        stored = None if new else _current(inventory, ca.name, wanted, scope)
+        stored = None if new else _current(inventory, ca.name, partition, wanted, key)
         if stored is not None:
             return stored
-        revocations = inventory.revocation_count(ca.name)  # before the snapshot: never newer than the CRL
-        crl = ca.crl(validity, number)
+        # Before the snapshot: never newer than the CRL.  Counted over every key generation.
+        revocations = inventory.revocation_count(ca.name, partition)
+        crl = ca.crl(validity, partition, number)
         fresh = StoredCrl(
             number=crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number,
             this_update=crl.last_update_utc,
@@ -73,17 +78,19 @@ def published_crl(
             revocations=revocations,
             der=crl.public_bytes(Encoding.DER),
         )
-        inventory.store_crl(scope, fresh)
+        inventory.store_crl(key, fresh)
         return fresh
 
 
-def _current(inventory: Inventory, ca: str, validity: timedelta | None, scope: str | None = None) -> StoredCrl | None:
-    """The latest stored CRL (of ``scope``, default ``ca``) if it is current; its bytes are read only then
-    (a CRL may be 50 MB).  Revocations are counted over the whole CA, every generation."""
-    scope = scope or ca
-    revocations = inventory.revocation_count(ca)
-    head = inventory.latest_crl(scope, with_der=False)
+def _current(
+    inventory: Inventory, ca: str, partition: int | None, validity: timedelta | None, key: str | None = None
+) -> StoredCrl | None:
+    """The latest stored CRL (under ``key``, default the CA's or partition's) if it is current; its bytes
+    are read only then (a CRL may be 50 MB)."""
+    key = key or crl_key(ca, partition)
+    revocations = inventory.revocation_count(ca, partition)
+    head = inventory.latest_crl(key, with_der=False)
     if not is_current(head, revocations, datetime.now(UTC), validity):
         return None
-    stored = inventory.latest_crl(scope)
+    stored = inventory.latest_crl(key)
     return stored if stored is not None and stored.number == head.number else None  # type: ignore[union-attr]

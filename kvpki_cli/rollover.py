@@ -37,6 +37,7 @@ from kvpki_cli.authority import (
     utcnow,
 )
 from kvpki_cli.config import Settings
+from kvpki_cli.errors import UsageError
 from kvpki_cli.fileutil import write_file_atomic
 from kvpki_cli.pki.certificates import issue_certificate, new_serial_number, self_signed_certificate
 from kvpki_cli.pki.keys import CAPublicKey, Encoding, KeyType
@@ -110,6 +111,10 @@ def rollover(
 ) -> Rollover:
     """Add CA ``name``'s next key generation and switch issuance to it (see the module docstring)."""
     ca = CertificateAuthority.open(settings, name)
+    if ca.config.crl_partition_size is not None:
+        raise UsageError(
+            f"CA {name!r} has partitioned CRLs (crl_partition_size): 'kvpki rollover' does not support them yet"
+        )
     ca.check_not_revoked()
     old: Generation = ca.current()
     old_certificate = old.chain[0]

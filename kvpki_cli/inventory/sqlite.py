@@ -27,12 +27,18 @@ from kvpki_cli.inventory.base import (
     LifecycleCounts,
     SerialCollision,
     StoredCrl,
+    crl_key,
+    fill_partitions,
     from_text,
+    revoked_row,
     status_condition,
     to_text,
 )
 
-SCHEMA_VERSION = 2  # 2: certificates.issuer_generation (kvpki rollover)
+# 2: certificates_crl, the covering index a CRL is read from (created on first open of a version-1 file).
+# 3: certificates.crl_partition, its covering index and crl_partitions (added on first open of a 1 or 2).
+# 4: certificates.issuer_generation (kvpki rollover; added on first open of an older file, 0 for every row).
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
     ca TEXT NOT NULL,
@@ -49,19 +55,36 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked_at TEXT,
     reason TEXT,
     issued_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    crl_partition INTEGER,
     issuer_generation INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (ca, serial)
 );
 CREATE INDEX IF NOT EXISTS certificates_status ON certificates (ca, status, not_after);
+CREATE INDEX IF NOT EXISTS certificates_crl ON certificates (ca, status, serial, not_after, revoked_at, reason);
 CREATE TABLE IF NOT EXISTS crl_numbers (ca TEXT PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS crl_partitions (
+    ca TEXT PRIMARY KEY, last_partition INTEGER NOT NULL, filled INTEGER NOT NULL
+);
 """
+# After the column exists (an older file gains it by ALTER TABLE first): a partition CRL's covering index.
+PARTITION_INDEX = (
+    "CREATE INDEX IF NOT EXISTS certificates_partition_crl"
+    " ON certificates (ca, crl_partition, status, serial, not_after, revoked_at, reason)"
+)
 COLUMNS = (
     "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason,"
-    " issuer_generation"
+    " crl_partition, issuer_generation"
 )
-# Schema 1 -> 2: every existing row was signed by the CA's first key (generation 0).
+COLUMNS_WITHOUT_DER = COLUMNS.replace(" der,", " X'',")
+# Schema 4: every existing row was signed by the CA's first key (generation 0).
 ADD_GENERATION = "ALTER TABLE certificates ADD COLUMN issuer_generation INTEGER NOT NULL DEFAULT 0"
 
+UNEXPIRED_CONDITION = "WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial"
+REVOKED_UNEXPIRED = f"SELECT {COLUMNS} FROM certificates {UNEXPIRED_CONDITION}"
+# Answered from certificates_crl alone, in serial order: no certificate row is read, nothing is sorted.
+CRL_ENTRIES = f"SELECT serial, revoked_at, reason FROM certificates {UNEXPIRED_CONDITION}"
+# One partition's entries, from certificates_partition_crl alone, in serial order.
+PARTITION_CRL_ENTRIES = CRL_ENTRIES.replace("WHERE ca=?", "WHERE ca=? AND crl_partition=?")
 # Created on first use (no schema version bump): signed CRLs every process of this machine publishes.
 CRLS_TABLE = """
 CREATE TABLE IF NOT EXISTS crls (
@@ -75,9 +98,6 @@ CREATE TABLE IF NOT EXISTS crls (
 )
 """
 
-REVOKED_UNEXPIRED = (
-    f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial"
-)
 
 
 def _row_to_record(row: Sequence[object]) -> CertificateRecord:
@@ -95,13 +115,14 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         status,
         revoked_at,
         reason,
+        crl_partition,
         issuer_generation,
     ) = row
     return CertificateRecord(
         ca=str(ca),
         serial=str(serial),
         subject=str(subject),
-        sans=tuple(json.loads(str(sans))),
+        sans=() if sans == "[]" else tuple(json.loads(str(sans))),  # most devices: no SANs to parse
         profile=str(profile),
         requester=str(requester),
         not_before=from_text(str(not_before)),
@@ -111,8 +132,16 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         status=str(status),
         revoked_at=from_text(str(revoked_at)) if revoked_at else None,
         reason=str(reason) if reason else None,
+        crl_partition=None if crl_partition is None else int(crl_partition),  # type: ignore[call-overload]
         issuer_generation=int(issuer_generation),  # type: ignore[call-overload]
     )
+
+
+def _revocations(ca: str, partition: int | None) -> tuple[str, tuple[object, ...]]:
+    """How many certificates of ``ca`` (of one partition) were ever revoked, as SQL and parameters."""
+    if partition is None:
+        return "SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'", (ca,)
+    return "SELECT COUNT(*) FROM certificates WHERE ca=? AND crl_partition=? AND status='revoked'", (ca, partition)
 
 
 # A damaged file can make even SQLite's error message undecodable: Python then raises UnicodeDecodeError.
@@ -144,6 +173,9 @@ class SqliteInventory(Inventory):
                 if statement.strip():
                     self._db.execute(statement)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(certificates)")}
+            if "crl_partition" not in columns:  # a version 1 or 2 file: its certificates stay on the full CRL
+                self._db.execute("ALTER TABLE certificates ADD COLUMN crl_partition INTEGER")
+            self._db.execute(PARTITION_INDEX)
             if "issuer_generation" not in columns:
                 self._db.execute(ADD_GENERATION)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -211,6 +243,7 @@ class SqliteInventory(Inventory):
                 to_text(r.not_after),
                 r.csr_sha256,
                 r.der,
+                r.crl_partition,
                 r.issuer_generation,
             )
             for r in records
@@ -219,7 +252,8 @@ class SqliteInventory(Inventory):
             try:
                 db.executemany(
                     "INSERT INTO certificates (ca, serial, subject, sans, profile, requester, not_before,"
-                    " not_after, csr_sha256, der, issuer_generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " not_after, csr_sha256, der, crl_partition, issuer_generation)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             except sqlite3.IntegrityError as exc:
@@ -246,20 +280,38 @@ class SqliteInventory(Inventory):
         assert record is not None
         return record
 
-    def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
+    def list_certificates(
+        self, ca: str, status: str | None, now: datetime, *, with_der: bool = True
+    ) -> list[CertificateRecord]:
         condition, binds_now = status_condition(status, "?")
         params: list[object] = [ca, to_text(now)] if binds_now else [ca]
-        return self._rows(f"SELECT {COLUMNS} FROM certificates WHERE ca=?{condition} ORDER BY issued_at, rowid", params)
+        columns = COLUMNS if with_der else COLUMNS_WITHOUT_DER
+        return self._rows(f"SELECT {columns} FROM certificates WHERE ca=?{condition} ORDER BY issued_at, rowid", params)
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
         return self._rows(REVOKED_UNEXPIRED, (ca, to_text(now)))
 
-    def revocation_count(self, ca: str) -> int:
+    def revocation_count(self, ca: str, partition: int | None = None) -> int:
+        sql, params = _revocations(ca, partition)
         with self._errors("is unreadable"):
-            row = self._db.execute(
-                "SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'", (ca,)
-            ).fetchone()
-            return int(row[0])
+            return int(self._db.execute(sql, params).fetchone()[0])
+
+    def reserve_crl_partitions(self, ca: str, count: int, size: int) -> list[int]:
+        with self._transaction() as db:
+            row = db.execute("SELECT last_partition, filled FROM crl_partitions WHERE ca=?", (ca,)).fetchone()
+            current, filled = (int(row[0]), int(row[1])) if row else (0, 0)
+            assigned, partition, filled = fill_partitions(current, filled, count, size)
+            db.execute(
+                "INSERT INTO crl_partitions (ca, last_partition, filled) VALUES (?, ?, ?) ON CONFLICT(ca) DO UPDATE"
+                " SET last_partition=excluded.last_partition, filled=excluded.filled",
+                (ca, partition, filled),
+            )
+        return assigned
+
+    def last_crl_partition(self, ca: str) -> int | None:
+        with self._errors("is unreadable"):
+            row = self._db.execute("SELECT last_partition FROM crl_partitions WHERE ca=?", (ca,)).fetchone()
+        return None if row is None else int(row[0])
 
     @staticmethod
     def _take_crl_number(db: sqlite3.Connection, ca: str) -> int:
@@ -272,13 +324,23 @@ class SqliteInventory(Inventory):
         with self._transaction() as db:
             return self._take_crl_number(db, ca)
 
-    def crl_snapshot(self, ca: str, clock: Callable[[], datetime]) -> CrlSnapshot:
+    def crl_snapshot(
+        self, ca: str, clock: Callable[[], datetime], partition: int | None = None, *, generation: int | None = None
+    ) -> CrlSnapshot:
         # BEGIN IMMEDIATE holds SQLite's one write lock: revocations and other snapshots wait for this one.
         with self._transaction() as db:
             number = self._take_crl_number(db, ca)
             this_update = clock().replace(microsecond=0)
-            rows = db.execute(REVOKED_UNEXPIRED, (ca, to_text(this_update))).fetchall()
-        return CrlSnapshot(number, this_update, self._decode(rows))
+            sql = CRL_ENTRIES
+            params: list[object] = [ca, to_text(this_update)]
+            if partition is not None:
+                sql, params = PARTITION_CRL_ENTRIES, [ca, partition, to_text(this_update)]
+            if generation is not None:  # one key generation's CRL (kvpki rollover)
+                sql = sql.replace("WHERE ca=?", "WHERE ca=? AND issuer_generation=?", 1)
+                params = [ca, generation, *params[1:]]
+            rows = db.execute(sql, params)
+            revoked = list(map(revoked_row, rows))
+        return CrlSnapshot(number, this_update, revoked)
 
     def _crls_table(self) -> None:
         if not getattr(self, "_crls_ready", False):
@@ -304,13 +366,12 @@ class SqliteInventory(Inventory):
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def crl_state(self, ca: str) -> CrlState:
+    def crl_state(self, ca: str, partition: int | None = None) -> CrlState:
         self._crls_table()
+        count, params = _revocations(ca, partition)
         with self._errors("is unreadable"):
             row = self._db.execute(
-                "SELECT (SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'),"
-                " (SELECT MAX(number) FROM crls WHERE ca=?)",
-                (ca, ca),
+                f"SELECT ({count}), (SELECT MAX(number) FROM crls WHERE ca=?)", (*params, crl_key(ca, partition))
             ).fetchone()
         return CrlState(int(row[0]), None if row[1] is None else int(row[1]))
 
@@ -392,3 +453,50 @@ class SqliteInventory(Inventory):
             )
             for r in rows
         ]
+
+    # --- serving: enrollment rate limits (kvpki serve), created on first use like the CRL table
+
+    def rate_count(self, key: str, window_start: int) -> int:
+        # A counter is not worth an fsync per enrollment (~7 ms): in WAL mode synchronous=NORMAL
+        # commits atomically and survives a process crash; a power cut may forget a few counts.
+        with self._errors("cannot count"):
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._transaction() as db:
+                if not getattr(self, "_rates_ready", False):
+                    db.execute(RATES_TABLE)
+                    self._rates_ready = True
+                row = db.execute(
+                    "INSERT INTO rate_counters (key, window_start, hits) VALUES (?, ?, 1)"
+                    " ON CONFLICT (key, window_start) DO UPDATE SET hits = hits + 1 RETURNING hits",
+                    (key, window_start),
+                ).fetchone()
+                db.execute("DELETE FROM rate_counters WHERE key = ? AND window_start < ?", (key, window_start))
+        finally:
+            with self._errors("cannot count"):
+                self._db.execute("PRAGMA synchronous=FULL")
+        return int(row[0])
+
+    def count_expiring(self, ca: str, now: datetime, until: datetime) -> int:
+        with self._errors("is unreadable"):
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM certificates WHERE ca=? AND status='valid' AND not_after>? AND not_after<=?",
+                (ca, to_text(now), to_text(until)),
+            ).fetchone()
+        return int(row[0])
+
+    def ping(self) -> None:
+        # Take and drop the write lock: in WAL mode reads succeed while another process holds the
+        # write lock for good, yet no enrollment could commit.
+        with self._transaction() as db:
+            db.execute("SELECT COUNT(*) FROM crl_numbers").fetchone()
+
+
+RATES_TABLE = """
+CREATE TABLE IF NOT EXISTS rate_counters (
+    key TEXT NOT NULL,
+    window_start INTEGER NOT NULL,
+    hits INTEGER NOT NULL,
+    PRIMARY KEY (key, window_start)
+)
+"""

@@ -27,8 +27,11 @@ from kvpki_cli.serve.config import ServeConfig
 from kvpki_cli.serve.crl import CrlCache, Publisher
 from kvpki_cli.serve.est import EstLabel, EstService
 from kvpki_cli.serve.generations import GenerationWatcher
+from kvpki_cli.serve.health import Health
 from kvpki_cli.serve.limits import ConnectionLimits, connection_cap, log_summaries, raise_fd_limit
 from kvpki_cli.serve.listener import GatedSite, Timeouts, request_deadline
+from kvpki_cli.serve.logformat import handler_formatter
+from kvpki_cli.serve.metrics import ServeMetrics
 from kvpki_cli.serve.ocsp import OcspResponder, Responders, load_delegate
 from kvpki_cli.serve.passwd import UserDirectory
 from kvpki_cli.serve.wire import certs_only_body
@@ -70,11 +73,18 @@ class Apps:
     workers: CaWorkers  # signing: runs the issuance core
     publishing: CaWorkers  # CRL/OCSP inventory reads and signatures, so they never queue behind issuance
     ocsp: OcspResponder | None = None  # its maintain() task keeps delegated responders renewed
+    metrics: ServeMetrics | None = None
+    health: Health | None = None
+    ca_names: tuple[str, ...] = ()
     generations: GenerationWatcher | None = None  # its watch() task picks up `kvpki rollover`
 
     def shutdown(self) -> None:
         self.workers.shutdown()
         self.publishing.shutdown()
+        if self.health is not None:
+            self.health.pool.shutdown()
+        if self.metrics is not None:
+            self.metrics.detach()
 
 
 def build_app(settings: Settings, config: ServeConfig) -> Apps:
@@ -138,16 +148,23 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     ocsp = OcspResponder(
         ca_names, publishing, delegates, config.ocsp_validity, config.retry_after, config.ocsp_nonces, responders
     )
-    publish = [*publisher.routes(), *ocsp.routes()]
+    metrics = ServeMetrics()
+    metrics.attach(workers)
+    health = Health(CaWorkers(settings, 1), sorted(ca_names))
+    publish = [*publisher.routes(), *ocsp.routes(), web.get("/healthz", health.handler)]
+    est = EstService(config, labels, auth, workers, metrics)
+    est.limiter.on_refusal = metrics.refused_by_rate
     https = web.Application(client_max_size=config.max_body_bytes, middlewares=[request_deadline])
-    https.add_routes(EstService(config, labels, auth, workers).routes())
+    https.add_routes(est.routes())
     https.add_routes(publish)
     http = None
-    if config.http_port is not None:
+    if config.http_port is not None:  # metrics only here: keep them off the port devices reach
         http = web.Application(client_max_size=config.max_body_bytes, middlewares=[request_deadline])
-        http.add_routes(publish)
+        http.add_routes([*publish, web.get("/metrics", metrics.handler)])
     watcher = GenerationWatcher(labels, auth, context, publishing, current_generation)
-    return Apps(https, http, context, workers, publishing, ocsp, watcher)
+    return Apps(
+        https, http, context, workers, publishing, ocsp, metrics, health, tuple(sorted(ca_names)), watcher
+    )
 
 
 async def _start(
@@ -176,6 +193,11 @@ async def _serve(apps: Apps, config: ServeConfig) -> None:
     summaries = asyncio.get_running_loop().create_task(log_summaries(limits))
     maintenance = asyncio.get_running_loop().create_task(apps.ocsp.maintain()) if apps.ocsp else None
     watcher = asyncio.get_running_loop().create_task(apps.generations.watch()) if apps.generations else None
+    gauges = None
+    if apps.metrics is not None and apps.ca_names:
+        gauges = asyncio.get_running_loop().create_task(
+            apps.metrics.refresh(apps.publishing, list(apps.ca_names), config.metrics_interval)
+        )
     runners = []
     if apps.http is not None and config.http_port is not None:
         runners.append(await _start(apps.http, config, config.http_port, None, limits))
@@ -189,6 +211,8 @@ async def _serve(apps: Apps, config: ServeConfig) -> None:
     finally:
         log.info("shutting down")
         summaries.cancel()
+        if gauges is not None:
+            gauges.cancel()
         if maintenance is not None:
             maintenance.cancel()
         if watcher is not None:
@@ -199,7 +223,9 @@ async def _serve(apps: Apps, config: ServeConfig) -> None:
 
 def run(settings: Settings, config: ServeConfig) -> None:
     """Run the server until SIGINT/SIGTERM."""
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="kvpki serve: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(handler_formatter(config.log_format))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     apps = build_app(settings, config)
     try:

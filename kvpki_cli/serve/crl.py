@@ -1,4 +1,5 @@
-"""Publishing ``/crl/<ca>.crl`` and ``/ca/<ca>.crt`` (the URLs the core puts into certificates).
+"""Publishing ``/crl/<ca>.crl``, ``/crl/<ca>/<k>.crl`` (partition k, RFC 5280 5.2.5) and ``/ca/<ca>.crt``
+(the URLs the core puts into certificates).
 
 CRLs are shared through the inventory (``crl_publish.py``): one process signs
 each new CRL of a CA and stores it, and every ``serve`` instance on that
@@ -25,8 +26,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.authority import CertificateAuthority, crl_scope
 from kvpki_cli.crl_publish import is_current, published_crl
-from kvpki_cli.errors import KvpkiError, NotFound
-from kvpki_cli.inventory.base import CrlState, StoredCrl
+from kvpki_cli.errors import KvpkiError, NotFound, UsageError
+from kvpki_cli.inventory.base import CrlState, StoredCrl, crl_key
 from kvpki_cli.serve.fresh import FreshJob, within
 from kvpki_cli.serve.wire import HttpRefusal, text_response
 from kvpki_cli.serve.workers import CaWorkers
@@ -38,8 +39,9 @@ CachedCrl = StoredCrl  # the former name of what the cache holds
 
 
 class CrlCache:
-    """Per-CA (per key generation) CRLs as last taken from the inventory; one publishing thread per CA
-    at a time goes to the inventory, so a burst of fetches reads (or signs) once."""
+    """Per-CA (per partition, per key generation) CRLs as last taken from the inventory; one publishing
+    thread per CRL at a time goes to the inventory, so a burst of fetches reads (or signs) once.  Cache
+    keys are ``_key`` (the CA name, "<ca>/<k>" for partition k, "<ca>#<g>" for key generation g)."""
 
     def __init__(self, validity: timedelta) -> None:
         self.validity = validity
@@ -51,6 +53,12 @@ class CrlCache:
         with self._locks_lock:
             return self._locks.setdefault(name, threading.Lock())
 
+    def forget(self, key: str) -> None:
+        """Drop what is kept for ``key`` (a CRL partition that does not exist)."""
+        with self._locks_lock:
+            self._locks.pop(key, None)
+        self._cache.pop(key, None)
+
     def usable(self, name: str) -> StoredCrl | None:
         """Event loop: the cached CRL of CA ``name`` if it is still well within its validity."""
         cached = self._cache.get(name)
@@ -61,25 +69,25 @@ class CrlCache:
             return None
         return cached
 
-    def der(self, ca: CertificateAuthority, generation: int = 0) -> bytes:
-        """Publishing thread: the CRL of ``ca``'s key ``generation`` in DER, the same bytes every instance
-        serves (cached under the generation's CRL scope, which is the CA name for generation 0)."""
-        scope = ca.crl_scope(generation)
-        with self._lock(scope):
-            if scope == ca.name:
-                state = ca.inventory.crl_state(ca.name)
+    def der(self, ca: CertificateAuthority, partition: int | None = None, generation: int = 0) -> bytes:
+        """Publishing thread: the current CRL of ``ca`` (of one partition, or of one key generation after
+        ``kvpki rollover``) in DER, the same bytes every instance serves."""
+        key = _key(ca.name, partition, generation)
+        with self._lock(key):
+            if generation == 0:
+                state = ca.inventory.crl_state(ca.name, partition)
             else:
-                head = ca.inventory.latest_crl(scope, with_der=False)
+                head = ca.inventory.latest_crl(key, with_der=False)
                 state = CrlState(ca.inventory.revocation_count(ca.name), head.number if head else None)
-            cached = self._cache.get(scope)
+            cached = self._cache.get(key)
             if (
                 cached is not None
                 and state.latest == cached.number
                 and is_current(cached, state.revocations, datetime.now(UTC))
             ):
                 return cached.der
-            stored = published_crl(ca, self.validity, generation=generation)
-            self._cache[scope] = stored
+            stored = published_crl(ca, self.validity, partition=partition, generation=generation)
+            self._cache[key] = stored
             return stored.der
 
 
@@ -106,7 +114,11 @@ class Publisher:
         self._crl_jobs: dict[str, FreshJob[bytes]] = {}
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/crl/{name}", self.crl), web.get("/ca/{name}", self.ca_certificate)]
+        return [
+            web.get("/crl/{name}", self.crl),
+            web.get("/crl/{name}/{partition}", self.partition_crl),
+            web.get("/ca/{name}", self.ca_certificate),
+        ]
 
     def _ca_name(self, request: web.Request, suffix: str) -> tuple[str, int]:
         """``<ca><suffix>`` (key generation 0) or ``<ca>.<k><suffix>`` (generation k, see ``kvpki rollover``)."""
@@ -118,21 +130,41 @@ class Publisher:
             raise web.HTTPNotFound(text="unknown CA\n")
         return name, int(generation or 0)
 
-    def _crl_job(self, name: str, generation: int) -> FreshJob[bytes]:
-        scope = crl_scope(name, generation)
-        job = self._crl_jobs.get(scope)
+    def _crl_job(self, name: str, partition: int | None = None, generation: int = 0) -> FreshJob[bytes]:
+        key = _key(name, partition, generation)
+        job = self._crl_jobs.get(key)
         if job is None:
-            job = self._crl_jobs[scope] = FreshJob(
-                lambda: self.workers.run(name, lambda ca: self.crls.der(ca, generation))
+            job = self._crl_jobs[key] = FreshJob(
+                lambda: self.workers.run(name, lambda ca: self.crls.der(ca, partition, generation))
             )
         return job
 
     async def crl(self, request: web.Request) -> web.Response:
         name, generation = self._ca_name(request, ".crl")
-        cached = self.crls.usable(crl_scope(name, generation))
-        current = self._crl_job(name, generation).result()
+        return await self._crl(name, None, generation)
+
+    async def partition_crl(self, request: web.Request) -> web.Response:
+        """``/crl/<ca>/<k>.crl``: partition k's CRL; 404 for a CA without partitions or an unknown k."""
+        name = request.match_info["name"]
+        number = request.match_info["partition"].removesuffix(".crl")
+        if name not in self.ca_names or not request.match_info["partition"].endswith(".crl"):
+            raise web.HTTPNotFound(text="unknown CA\n")
+        if not (number.isascii() and number.isdigit()) or len(number) > 9 or (number != "0" and number[0] == "0"):
+            raise web.HTTPNotFound(text="unknown CRL partition\n")
+        return await self._crl(name, int(number))
+
+    async def _crl(self, name: str, partition: int | None, generation: int = 0) -> web.Response:
+        key = _key(name, partition, generation)
+        cached = self.crls.usable(key)
+        current = self._crl_job(name, partition, generation).result()
         if cached is None:
-            return await self._serve(current, "application/pkix-crl", name)
+            # A partition of a CA without partitions (UsageError) or not reached yet (NotFound): 404.
+            missing = (NotFound,) if partition is None else (NotFound, UsageError)
+            response = await self._serve(current, "application/pkix-crl", key, missing)
+            if response.status == 404 and (partition is not None or generation):  # no state per made-up number
+                self._crl_jobs.pop(key, None)
+                self.crls.forget(key)
+            return response
         try:
             der = await within(current)
         except (TimeoutError, KvpkiError) as exc:
@@ -153,11 +185,17 @@ class Publisher:
             self._ca_der[scope] = loaded.result()
         return response
 
-    async def _serve(self, job: Awaitable[bytes], content_type: str, name: str) -> web.Response:
+    async def _serve(
+        self,
+        job: Awaitable[bytes],
+        content_type: str,
+        name: str,
+        missing: tuple[type[KvpkiError], ...] = (NotFound,),
+    ) -> web.Response:
         try:
             der = await job
-        except NotFound:  # /crl/<ca>.<k>.crl of a key generation the CA does not have
-            return text_response(404, "unknown CA key generation")
+        except missing:  # nothing to publish under this URL (the message may name the inventory: not sent)
+            return text_response(404, "not found")
         except KvpkiError as error:
             refusal = HttpRefusal.from_error(error, self.retry_after, f"publishing {content_type} of CA {name}")
             return text_response(refusal.status, refusal.reason, refusal.headers)
@@ -166,6 +204,11 @@ class Publisher:
     @staticmethod
     def _response(der: bytes, content_type: str) -> web.Response:
         return web.Response(body=der, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+
+
+def _key(name: str, partition: int | None, generation: int) -> str:
+    """A partition's CRL (its CA has one key generation: rollover refuses partitioned CAs) or a generation's."""
+    return crl_key(name, partition) if partition is not None else crl_scope(name, generation)
 
 
 def _certificate_der(ca: CertificateAuthority, generation: int = 0) -> bytes:
