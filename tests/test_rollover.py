@@ -556,7 +556,7 @@ def test_random_lifecycles_keep_every_generation_crl_and_ocsp_exact(
     ca_certs = {g.number: g.chain[0] for g in ca.generations()}
     assert sorted(ca_certs) == list(range(generation + 1))
     for number in ca_certs:
-        crl = ca.crl(timedelta(days=1), number)
+        crl = ca.crl(timedelta(days=1), generation=number)
         for other, other_cert in ca_certs.items():
             assert crl.is_signature_valid(other_cert.public_key()) == (other == number)  # type: ignore[arg-type]
         expected = {s for s in revoked if issued[s][1] == number}
