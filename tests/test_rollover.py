@@ -197,6 +197,13 @@ def test_rollover_refusals_change_nothing(pki: Kvpki) -> None:
     assert sorted(p.name for p in ca_dir.iterdir()) == before
     result = pki.run("crl", "--ca", "issuing", "--generation", "3")
     assert result.returncode != 0 and result.stdout == b"" and b"generation 3" in result.stderr
+    # partitioned CRLs and key generations do not combine yet: refused, nothing changed
+    (pki.home / "config.toml").write_text(
+        '[defaults]\nbase_url = "http://127.0.0.1:9"\n[ca.issuing]\ncrl_partition_size = 100\n'
+    )
+    result = pki.run("rollover", "--ca", "issuing")
+    assert result.returncode == 2 and result.stdout == b"" and b"partitioned CRLs" in result.stderr
+    assert sorted(p.name for p in ca_dir.iterdir()) == before
 
 
 def test_rollover_with_a_new_key_type(pki: Kvpki, make_csr: Callable[..., DeviceKey], tmp_path: Path) -> None:
