@@ -387,8 +387,11 @@ def init_ca(
         chosen_path_length = path_length
         window = (now - config.backdate, now + (validity or ROOT_DEFAULT_VALIDITY))
 
+    from kvpki_cli.outdir import crash_point  # test hook (kill -9 at a named step)
+
     settings.make_ca_directory(name)  # KVPKI_HOME, cas/ and cas/<name> 0700 whatever the umask
     public_key = keystore.create_key(key_type)
+    crash_point("init-ca:key")
     try:
         template = Template(
             subject=subject,
@@ -408,10 +411,13 @@ def init_ca(
                 template, serial, parent_ca.certificate, parent_ca.keystore.signer(), parent_ca.config.urls
             )
             chain = [certificate, *parent_ca.chain]
-        keystore.store_chain(chain)
-        settings.save_ca_metadata(config)
-        if parent_ca is not None:
+            # Recorded before the CA exists: a kill between here and ca.json leaves a revocable row,
+            # never a working sub-CA whose certificate its parent cannot list or revoke.
             parent_ca.inventory.record_issued([new_record(parent_ca.name, template, certificate, "init-ca", None)])
+            crash_point("init-ca:recorded")
+        keystore.store_chain(chain)
+        crash_point("init-ca:chain")
+        settings.save_ca_metadata(config)
     except BaseException:
         (settings.ca_directory(name) / "ca.json").unlink(missing_ok=True)
         keystore.discard()

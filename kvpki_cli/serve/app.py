@@ -27,6 +27,7 @@ from kvpki_cli.serve.crl import CrlCache, Publisher
 from kvpki_cli.serve.est import EstLabel, EstService
 from kvpki_cli.serve.limits import ConnectionLimits, connection_cap, log_summaries, raise_fd_limit
 from kvpki_cli.serve.listener import GatedSite, Timeouts, request_deadline
+from kvpki_cli.serve.logsafe import install_library_filters
 from kvpki_cli.serve.ocsp import OcspResponder, Responders, load_delegate
 from kvpki_cli.serve.passwd import UserDirectory
 from kvpki_cli.serve.wire import certs_only_body
@@ -183,6 +184,7 @@ def run(settings: Settings, config: ServeConfig) -> None:
     """Run the server until SIGINT/SIGTERM."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="kvpki serve: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    install_library_filters()  # a malformed request: one escaped line, never a traceback
     apps = build_app(settings, config)
     try:
         asyncio.run(_serve(apps, config))
