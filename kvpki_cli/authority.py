@@ -411,12 +411,13 @@ def init_ca(
                 template, serial, parent_ca.certificate, parent_ca.keystore.signer(), parent_ca.config.urls
             )
             chain = [certificate, *parent_ca.chain]
-            # Recorded before the CA exists: a kill between here and ca.json leaves a revocable row,
-            # never a working sub-CA whose certificate its parent cannot list or revoke.
-            parent_ca.inventory.record_issued([new_record(parent_ca.name, template, certificate, "init-ca", None)])
-            crash_point("init-ca:recorded")
         keystore.store_chain(chain)
         crash_point("init-ca:chain")
+        if parent_ca is not None:
+            # Recorded once stored (an unmerged vault attempt is no certificate) but before ca.json makes
+            # the CA usable: a kill in between never leaves a working sub-CA its parent cannot list or revoke.
+            parent_ca.inventory.record_issued([new_record(parent_ca.name, template, certificate, "init-ca", None)])
+            crash_point("init-ca:recorded")
         settings.save_ca_metadata(config)
     except BaseException:
         (settings.ca_directory(name) / "ca.json").unlink(missing_ok=True)

@@ -154,10 +154,10 @@ def test_init_ca_killed_at_any_step_never_leaves_an_unrecorded_working_ca(
     rows = local_kvpki.inventory("root")
     # The CA never works half-built: no ca.json yet, so sign-csr says it does not exist.
     assert local_kvpki.run("sign-csr", "--ca", "sub", "-", input=make_csr().csr_pem).returncode == 5
-    if point == "init-ca:key":
-        assert rows == []
-    else:  # signed by the parent: recorded before anything can use it, so it can be revoked
+    if point == "init-ca:recorded":  # recorded before ca.json makes it usable, so it can be revoked
         assert [row["subject"] for row in rows] == ["CN=Sub"]
+    else:  # nothing usable yet and nothing recorded
+        assert rows == []
     rerun = local_kvpki.run("init-ca", "--name", "sub", "--parent", "root", "--subject", "CN=Sub")
     assert rerun.returncode == 7
     message = rerun.stderr.decode()
