@@ -297,3 +297,20 @@ def test_client_error_filter_unit() -> None:
     bug = record(RuntimeError("a real bug"))
     assert ClientErrorFilter().filter(bug)
     assert bug.exc_info is not None
+
+
+def test_a_ca_key_gone_from_under_the_server_is_503_generic_not_500(est_server: EstServer) -> None:  # noqa: F811
+    """The server's own state failing (here: a CA key moved away) is 'unavailable', never a bug's 500,
+    and the body names no path (the log does)."""
+    key = est_server.home / "cas" / "bootstrap" / "key.pem"
+    moved = key.with_suffix(".moved")
+    key.rename(moved)
+    try:
+        answer = _raw(est_server, b"GET /crl/bootstrap.crl HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", tls=False)
+    finally:
+        moved.rename(key)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0].endswith(b"503 Service Unavailable"), answer[:200]
+    assert b"retry-after:" in head.lower()
+    assert b"/" not in body and b"key" not in body.lower(), body
+    assert str(key) in est_server.log()
