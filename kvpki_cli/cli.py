@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kvpki_cli.errors import EXIT_USAGE, KvpkiError, UsageError
-from kvpki_cli.messages import warn
+from kvpki_cli.messages import info, warn
 from kvpki_cli.pki.crl import REASONS
 from kvpki_cli.pki.keys import KeyType
 
@@ -309,9 +309,9 @@ def init_ocsp_responder_command(obj: Context, ca_name: str, validity: str) -> No
     authority = obj.authority(ca_name)
     certificate = issue_responder(authority, parse_duration(validity, what="--validity"), default_requester())
     _write_stdout(certificate.public_bytes(Encoding.PEM))
-    sys.stderr.write(
-        f"kvpki: OCSP responder {certificate.serial_number:x} for CA {ca_name} stored in {responder_root(authority)};"
-        " a running 'kvpki serve' uses it within a minute\n"
+    info(
+        f"OCSP responder {certificate.serial_number:x} for CA {ca_name} stored in {responder_root(authority)};"
+        " a running 'kvpki serve' uses it within a minute"
     )
 
 
@@ -414,7 +414,7 @@ def serve_passwd_command(users_file: str, user: str, password_stdin: bool, delet
         else:
             password = click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
     set_user(Path(users_file), user, password)
-    sys.stderr.write(f"kvpki: {'removed' if delete else 'set password for'} {user} in {users_file}\n")
+    info(f"{'removed' if delete else 'set password for'} {user} in {users_file}")
 
 
 @cli.command("report")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, KvpkiError, NotFound, UsageError
-from kvpki_cli.messages import warn
+from kvpki_cli.messages import info, warn
 
 if TYPE_CHECKING:
     from kvpki_cli.authority import CertificateAuthority, Issued, SigningRequest
@@ -207,7 +207,7 @@ def _sign_into_directory(
             f"{len(unplaced)} certificate(s) were issued but their file names in {directory} were taken meanwhile;"
             f" recover with: kvpki get-cert {unplaced[0]} --ca {authority.name} (serials: {', '.join(unplaced)})"
         )
-    sys.stderr.write(f"kvpki: issued {len(issued)} certificate(s) into {directory}\n")
+    info(f"issued {len(issued)} certificate(s) into {directory}")
 
 
 def output_names(paths: Sequence[str], fmt: str) -> list[str]:

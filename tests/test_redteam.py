@@ -314,3 +314,20 @@ def test_a_ca_key_gone_from_under_the_server_is_503_generic_not_500(est_server: 
     assert b"retry-after:" in head.lower()
     assert b"/" not in body and b"key" not in body.lower(), body
     assert str(key) in est_server.log()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fastpath", "click"])
+def test_success_lines_escape_paths_like_errors(local_kvpki: Kvpki, make_csr, tmp_path: Path, fast: bool) -> None:
+    """'issued N certificate(s) into DIR' printed the directory raw: an ESC or a newline in it reached the terminal."""
+    local_kvpki.init_ca("rt", "--subject", "CN=Redteam CA")
+    csr = tmp_path / "d.csr"
+    csr.write_bytes(make_csr().csr_pem)
+    out_dir = tmp_path / "out\x1b[31m\nforged: line"
+    env = dict(local_kvpki.env, **({} if fast else {"KVPKI_NO_FASTPATH": "1"}))
+    result = subprocess.run(
+        [*KVPKI, "sign-csr", "--ca", "rt", "--out-dir", str(out_dir), str(csr)],
+        env=env, capture_output=True, cwd=local_kvpki.home, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert b"\x1b" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert (out_dir / "d.pem").exists()
