@@ -331,3 +331,54 @@ def test_success_lines_escape_paths_like_errors(local_kvpki: Kvpki, make_csr, tm
     assert result.returncode == 0, result.stderr
     assert b"\x1b" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert (out_dir / "d.pem").exists()
+
+
+# --------------------------------------------------------------------------- serve config fails closed
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("prot = 9443", "unknown setting 'prot' (did you mean port?)"),  # was ignored: listened on 8443
+        ('realm = "a\\nWWW-Authenticate: x"', "realm must be printable ASCII"),
+        ('realm = "\\u001b[31m"', "realm must be printable ASCII"),
+        ("[ocsp]\nx = 1", "[ocsp.x] must be a table"),  # crashed with AttributeError (exit 1)
+        ('[ocsp.x]\ncert = "c.pem"\nkey = "k.pem"\nkye = "k"', "[ocsp.x] must be a table with cert and key only"),
+        ("[est]\nx = 1", "[est.x] must be a table"),
+    ],
+)
+def test_serve_config_unknown_or_unsafe_server_settings_are_usage_errors(
+    tmp_path: Path, extra: str, message: str
+) -> None:
+    from kvpki_cli.errors import UsageError
+    from kvpki_cli.serve.config import load_serve_config
+
+    path = tmp_path / "serve.toml"
+    path.write_text(f'[server]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n{extra}\n')
+    with pytest.raises(UsageError) as caught:
+        load_serve_config(path)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "fifo"])
+def test_client_ca_file_that_never_ends_is_refused_not_a_hang(tmp_path: Path, source: str) -> None:
+    from kvpki_cli.errors import UsageError
+    from kvpki_cli.serve.app import _load_certificates
+
+    path = Path(source)
+    if source == "fifo":
+        path = tmp_path / "fifo.pem"
+        os.mkfifo(path)
+    outcome: list[BaseException | object] = []
+    thread = threading.Thread(target=lambda: outcome.append(_catch(_load_certificates, path)), daemon=True)
+    thread.start()
+    thread.join(5)
+    assert outcome, "loading the client CA file hung"
+    assert isinstance(outcome[0], UsageError) and "not a regular file" in str(outcome[0])
+
+
+def _catch(function, *args):  # type: ignore[no-untyped-def]
+    try:
+        return function(*args)
+    except BaseException as exc:  # handed back to the test
+        return exc

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.config import Settings
 from kvpki_cli.errors import UsageError
+from kvpki_cli.fileutil import read_regular_file
 from kvpki_cli.serve.auth import Authenticator
 from kvpki_cli.serve.config import ServeConfig
 from kvpki_cli.serve.crl import CrlCache, Publisher
@@ -39,7 +40,7 @@ PUBLISHING_THREADS = 2  # at least; as many as signing workers otherwise (OCSP w
 
 def _load_certificates(path: Path) -> list[x509.Certificate]:
     try:
-        certs = x509.load_pem_x509_certificates(path.read_bytes())
+        certs = x509.load_pem_x509_certificates(read_regular_file(path, 4 * 1024 * 1024))
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load certificates from {path}: {exc}") from None
     return certs

@@ -197,6 +197,24 @@ def _identity_settings(name: str, table: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def _check_tables(document: Mapping[str, Any]) -> None:
+    """Tables where tables belong and no setting nobody reads: a misspelt key is an error, not a default."""
+    import dataclasses
+    import difflib
+
+    for name in ("server", "est", "ocsp"):
+        if not isinstance(document.get(name, {}), Mapping):
+            raise UsageError(f"serve config: [{name}] must be a table")
+    known = {f.name for f in dataclasses.fields(ServeConfig)} - {"labels", "ocsp_signers"}
+    for key in sorted(set(document.get("server", {})) - known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"serve config: [server] has unknown setting {key!r}{hint}")
+    for name, table in document.get("ocsp", {}).items():
+        if not isinstance(table, Mapping) or set(table) - {"cert", "key"}:
+            raise UsageError(f"serve config: [ocsp.{name}] must be a table with cert and key only")
+
+
 def load_serve_config(path: Path) -> ServeConfig:
     """Parse and validate the serve config (CA and profile names are checked by the app)."""
     try:
@@ -210,6 +228,10 @@ def load_serve_config(path: Path) -> ServeConfig:
     unknown = set(document) - {"server", "est", "ocsp"}
     if unknown:
         raise UsageError(f"serve config: unknown table(s) {', '.join(sorted(unknown))}")
+    _check_tables(document)
+    realm = server.get("realm", "kvpki EST")
+    if not isinstance(realm, str) or not realm or not realm.isascii() or not realm.isprintable():
+        raise UsageError("serve config: [server] realm must be printable ASCII text (it is sent in a header)")
     line_length = _line_length(server, "[server]", 0)
     labels = {name: _label(base, name, table, line_length) for name, table in document.get("est", {}).items()}
     signers = {
@@ -224,7 +246,7 @@ def load_serve_config(path: Path) -> ServeConfig:
         tls_key=_path(base, server.get("tls_key"), "[server] tls_key"),
         users_file=_path(base, users_file, "[server] users_file") if users_file else None,
         http_port=_int(server, "http_port", 0, 0, 65535) if "http_port" in server else None,
-        realm=str(server.get("realm", "kvpki EST")).replace('"', "'"),
+        realm=realm.replace('"', "'").replace("\\", "/"),
         base64_line_length=line_length,
         signing_concurrency=_int(server, "signing_concurrency", 4, 1, 256),
         max_body_bytes=_int(server, "max_body_bytes", 64 * 1024, 1024, 16 * 1024 * 1024),
