@@ -49,11 +49,14 @@ class Context:
         return CertificateAuthority.open(self.settings, name)
 
 
-def _write_stdout(data: bytes, issued: tuple[str, str] | None = None) -> None:
-    """Write the result; ``issued`` = (serial, CA) of a certificate just committed, named if stdout fails."""
+def _write_stdout(
+    data: bytes, issued: tuple[str, str] | None = None, committed: tuple[str, str] | None = None
+) -> None:
+    """Write the result; ``issued`` = (serial, CA) of a certificate just committed, ``committed`` = (what
+    else was done, how to see it again): named in the error line if stdout fails, so nothing looks undone."""
     from kvpki_cli.signing import write_stdout
 
-    write_stdout(data, issued)
+    write_stdout(data, issued, committed)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,7 +114,7 @@ def init_ca_command(
         store=store,
         store_settings={"vault_url": vault_url, "key_name": key_name, "hsm": hsm},
     )
-    _write_stdout(encode_certificates(chain[:1], "pem"))
+    _write_stdout(encode_certificates(chain[:1], "pem"), committed=(f"creating CA {name}", f"kvpki get-ca --ca {name}"))
 
 
 @cli.command("sign-csr")
@@ -239,7 +242,8 @@ def revoke_command(
 
     dps_result = run_dps_step(obj.settings, dps_target)  # after the commit: a DPS failure loses nothing
     document = record.as_json(utcnow()) | ({"dps": dps_result} if dps_result else {})
-    _write_stdout((json.dumps(document, indent=2) + "\n").encode())
+    shown = (f"revoking serial {record.serial}", f"kvpki get-cert {record.serial} --ca {ca_name} --format json")
+    _write_stdout((json.dumps(document, indent=2) + "\n").encode(), committed=shown)
     sys.stderr.write(
         f"kvpki: revoked {record.serial} ({record.reason}); a running 'kvpki serve' re-signs its CRL and"
         " answers OCSP by itself; 'kvpki crl' writes a new CRL file for any other place you publish it\n"
@@ -308,7 +312,7 @@ def init_ocsp_responder_command(obj: Context, ca_name: str, validity: str) -> No
 
     authority = obj.authority(ca_name)
     certificate = issue_responder(authority, parse_duration(validity, what="--validity"), default_requester())
-    _write_stdout(certificate.public_bytes(Encoding.PEM))
+    _write_stdout(certificate.public_bytes(Encoding.PEM), issued=(f"{certificate.serial_number:x}", ca_name))
     info(
         f"OCSP responder {certificate.serial_number:x} for CA {ca_name} stored in {responder_root(authority)};"
         " a running 'kvpki serve' uses it within a minute"
@@ -465,4 +469,7 @@ def dps_disable_command(obj: Context, serial: str, ca_name: str, dps_url: str | 
     from kvpki_cli.dps_cli import dps_disable
 
     result = dps_disable(obj.settings, obj.authority(ca_name), serial, dps_url)
-    _write_stdout((json.dumps(result.as_json(), indent=2) + "\n").encode())
+    _write_stdout(
+        (json.dumps(result.as_json(), indent=2) + "\n").encode(),
+        committed=(f"the DPS step for serial {serial}", f"kvpki dps-disable {serial} --ca {ca_name}"),
+    )

@@ -382,3 +382,33 @@ def _catch(function, *args):  # type: ignore[no-untyped-def]
         return function(*args)
     except BaseException as exc:  # handed back to the test
         return exc
+
+
+# --------------------------------------------------------------------------- a failing stdout after a commit
+
+
+@pytest.mark.parametrize("command", ["revoke", "init-ca", "init-ocsp-responder"])
+def test_failing_stdout_after_any_commit_names_what_was_done(local_kvpki: Kvpki, make_csr, command: str) -> None:
+    """Item 7 beyond sign-csr: revoke, init-ca and init-ocsp-responder commit, then print; a full disk
+    said only 'cannot write to stdout' although the revocation / CA / responder stood."""
+    local_kvpki.init_ca("rt", "--subject", "CN=Redteam CA")
+    issued = local_kvpki.ok("sign-csr", "--ca", "rt", "-", input=make_csr().csr_pem)
+    serial = f"{x509.load_pem_x509_certificate(issued).serial_number:x}"
+    args = {
+        "revoke": ["revoke", serial, "--ca", "rt"],
+        "init-ca": ["init-ca", "--name", "made", "--subject", "CN=Made"],
+        "init-ocsp-responder": ["init-ocsp-responder", "--ca", "rt"],
+    }[command]
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [*KVPKI, *args], stdout=full, stderr=subprocess.PIPE, env=local_kvpki.env, cwd=local_kvpki.home, timeout=60
+        )
+    lines = [line for line in result.stderr.decode().splitlines() if not line.startswith("kvpki: warning:")]
+    assert result.returncode == 6 and len(lines) == 1, result.stderr
+    assert "output failed after" in lines[0]
+    recover = lines[0].rsplit(": ", 1)[1].split()
+    assert recover[0] == "kvpki"
+    again = local_kvpki.run(*recover[1:])
+    assert again.returncode == 0, again.stderr  # what the line names really happened and can be seen again
+    if command == "revoke":
+        assert b'"status": "revoked"' in again.stdout
