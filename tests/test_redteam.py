@@ -412,3 +412,13 @@ def test_failing_stdout_after_any_commit_names_what_was_done(local_kvpki: Kvpki,
     assert again.returncode == 0, again.stderr  # what the line names really happened and can be seen again
     if command == "revoke":
         assert b'"status": "revoked"' in again.stdout
+
+
+@pytest.mark.parametrize("subject", ["FOO=x", "CN=a,BAR=b"])
+def test_unknown_subject_attribute_names_the_problem(subject: str) -> None:
+    """It said "invalid subject 'FOO=x': " and nothing more."""
+    from kvpki_cli.errors import InvalidInput
+    from kvpki_cli.pki.names import parse_subject
+
+    with pytest.raises(InvalidInput, match="unknown attribute type"):
+        parse_subject(subject)

@@ -31,8 +31,9 @@ def parse_subject(text: str) -> x509.Name:
     """An RFC 4514 string such as ``CN=device-1,O=Contoso``."""
     try:
         name = x509.Name.from_rfc4514_string(text)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"invalid subject {text!r}: {exc}") from None
+    except (ValueError, TypeError) as exc:  # an unknown attribute name raises with no message at all
+        detail = str(exc) or "unknown attribute type (use CN, O, ... or a dotted OID)"
+        raise InvalidInput(f"invalid subject {text!r}: {detail}") from None
     if not list(name):
         raise InvalidInput(f"invalid subject {text!r}: it is empty")
     check_name_syntax(name)  # init-ca certifies it as given: the same rules as for CSR subjects
