@@ -109,9 +109,10 @@ def read_users(path: Path) -> dict[str, str]:
         return {}
     except OSError as exc:
         raise UsageError(f"cannot read users file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen: it refuses a directory with an OSError
+        os.close(fd)
+        raise UsageError(f"users file {path} is not a regular file")
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsageError(f"users file {path} is not a regular file")
         try:
             data = handle.read(MAX_USERS_BYTES + 1)
         except OSError as exc:
