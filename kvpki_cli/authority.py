@@ -138,6 +138,35 @@ def check_same_constraints(old: x509.Certificate, new: x509.Certificate) -> None
             )
 
 
+def check_renewal_time(old: x509.Certificate, now: datetime, window: timedelta | None) -> None:
+    """A renewal needs a certificate that is valid now, or expired by at most ``window`` (the
+    offline-device safety net); beyond it the device must re-enroll with its bootstrap credential."""
+    serial = serial_hex(old.serial_number)
+    if now < old.not_valid_before_utc:
+        raise PolicyViolation(f"certificate {serial} is not valid before {old.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ}")
+    if now < old.not_valid_after_utc:
+        return
+    expired = f"certificate {serial} expired on {old.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
+    if window is None:
+        raise PolicyViolation(
+            f"{expired} and renewal after expiry is off (renew_after_expiry): re-enroll with the bootstrap credential"
+        )
+    if now - old.not_valid_after_utc > window:
+        raise PolicyViolation(
+            f"{expired}, longer ago than renew_after_expiry ({format_window(window)}) allows:"
+            " re-enroll with the bootstrap credential"
+        )
+
+
+def format_window(window: timedelta) -> str:
+    """A window as the duration syntax it was written in, for messages (``180d``, ``12h``)."""
+    seconds = int(window.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 class CertificateAuthority:
     """A named CA ready to issue, revoke and publish."""
 
@@ -251,6 +280,8 @@ class CertificateAuthority:
         if request.renews is not None:  # signed but not recorded: a refusal here still leaves no trace
             check_same_constraints(request.renews, certificate)
         record = new_record(self.name, template, certificate, request.requester, request.csr_der)
+        if request.renews is not None:  # the inventory links each renewal to what it replaces
+            record = record._replace(replaces=serial_hex(request.renews.serial_number))
         return Issued(certificate, self.chain, record, template.notes)
 
     def check_not_revoked(self) -> None:
@@ -305,12 +336,23 @@ class CertificateAuthority:
         return record
 
     def renewal_request(
-        self, old: x509.Certificate, csr_der: bytes, csr: x509.CertificateSigningRequest, requester: str
+        self,
+        old: x509.Certificate,
+        csr_der: bytes,
+        csr: x509.CertificateSigningRequest,
+        requester: str,
+        renew_after_expiry: timedelta | None = None,
     ) -> SigningRequest:
-        """Same subject, SANs, profile and constraints as ``old``; the key comes from the CSR (rotated or not)."""
+        """Same subject, SANs, profile and constraints as ``old``; the key comes from the CSR (rotated or not).
+
+        ``old`` must be valid now, or expired for at most ``renew_after_expiry`` (default: the CA's
+        ``renew_after_expiry`` setting; unset: no renewal after expiry).
+        """
         from kvpki_cli.pki.policy import certificate_name_constraints
 
         record = self.issued_record(old)
+        window = renew_after_expiry if renew_after_expiry is not None else self.config.renew_after_expiry
+        check_renewal_time(old, utcnow(), window)
         return SigningRequest(
             csr_der=csr_der,
             csr=csr,

@@ -252,6 +252,13 @@ def revoke_command(
 @click.option("--ca", "ca_name", required=True, help="Name of the CA that issued CERT_FILE.")
 @click.option("--validity", help="Lifetime of the new certificate (default: the profile's).")
 @click.option("--revoke-old", is_flag=True, help="Revoke the old certificate (reason superseded) once renewed.")
+@click.option(
+    "--renew-after-expiry",
+    "after_expiry",
+    metavar="DURATION",
+    help="Also renew CERT_FILE if it expired at most this long ago, e.g. 180d"
+    " (default: the CA's renew_after_expiry, else off).",
+)
 @click.option("--chain", "with_chain", is_flag=True, help="Append the CA chain to the output.")
 @click.option("--format", "fmt", type=click.Choice(("pem", "der", "pkcs7", "json")), default="pem", show_default=True)
 @click.option("--requester", help="Identity recorded in the inventory (default: $KVPKI_REQUESTER or cli:<user>).")
@@ -263,6 +270,7 @@ def renew_command(
     ca_name: str,
     validity: str | None,
     revoke_old: bool,
+    after_expiry: str | None,
     with_chain: bool,
     fmt: str,
     requester: str | None,
@@ -276,10 +284,11 @@ def renew_command(
     if fmt == "der" and with_chain:
         raise UsageError("--chain needs --format pem, pkcs7 or json (DER holds one certificate)")
     lifetime = parse_duration(validity, what="--validity") if validity else None
+    window = parse_duration(after_expiry, what="--renew-after-expiry") if after_expiry else None
     authority = obj.authority(ca_name)
     old = _load_certificate(read_input(cert_file))
     csr_der = decode_csr_bytes(read_input(csr_file))
-    request = authority.renewal_request(old, csr_der, parse_csr(csr_der), requester or default_requester())
+    request = authority.renewal_request(old, csr_der, parse_csr(csr_der), requester or default_requester(), window)
     issued = authority.issue(request._replace(validity=lifetime))
     if revoke_old:
         with contextlib.suppress(AlreadyExists):  # revoked meanwhile: the outcome asked for

@@ -119,6 +119,7 @@ CA_KEYS: dict[str, Check] = {
     "crl_url": _url,
     "ocsp_url": _url,
     "ca_issuers_url": _url,
+    "renew_after_expiry": _duration,  # expired certificates renew within this long after notAfter
     "dps_url": _url,  # Azure DPS whose enrollments `kvpki revoke` disables (kvpki_cli/dps.py)
 }
 # What each key store reads from [ca.NAME.store_settings]; a store that gains a setting adds it here.
@@ -244,6 +245,7 @@ class CaConfig(NamedTuple):
     parent: str | None
     urls: PublicationUrls
     backdate: timedelta
+    renew_after_expiry: timedelta | None = None  # `kvpki renew` of expired certificates (default: off)
 
 
 class Settings:
@@ -363,6 +365,11 @@ class Settings:
             parent=merged.get("parent"),
             urls=self._urls(name, merged),
             backdate=timedelta(0) if backdate.strip() in ("0", "0s") else parse_duration(backdate, what="backdate"),
+            renew_after_expiry=(
+                parse_duration(str(merged["renew_after_expiry"]), what="renew_after_expiry")
+                if merged.get("renew_after_expiry")
+                else None
+            ),
         )
 
     def _default(self, key: str) -> Any:

@@ -42,6 +42,7 @@ class CertificateRecord(NamedTuple):
     status: str = "valid"
     revoked_at: datetime | None = None
     reason: str | None = None
+    replaces: str | None = None  # serial of the certificate this one renewed (kvpki renew, EST re-enrollment)
 
     def effective_status(self, now: datetime) -> str:
         """``revoked`` wins over ``expired``; ``expired`` is derived from notAfter."""
@@ -63,6 +64,7 @@ class CertificateRecord(NamedTuple):
             "revoked_at": to_text(self.revoked_at) if self.revoked_at else None,
             "reason": self.reason,
             "csr_sha256": self.csr_sha256,
+            "replaces": self.replaces,
         }
 
 

@@ -50,6 +50,8 @@ CRL_INDEX = (
     "CREATE INDEX IF NOT EXISTS kvpki_certificates_crl ON kvpki_certificates"
     ' (ca, status, serial COLLATE "C") INCLUDE (not_after, revoked_at, reason)'
 )
+# Not part of the version either: the serial a renewal replaced, added on connection if missing.
+ADD_REPLACES = "ALTER TABLE kvpki_certificates ADD COLUMN IF NOT EXISTS replaces text"
 # Advisory lock class of "one instance signs the next CRL of a CA" (second key: hashtext of the CA name).
 CRL_LOCK = 0x6B63726C  # "kcrl"
 CRL_LOCK_TIMEOUT = "120s"  # longer than signing a 1M-entry CRL; a holder that dies releases it at once
@@ -88,6 +90,7 @@ SCHEMA = (
         reason      text,
         issued_at   timestamptz NOT NULL DEFAULT now(),
         id          bigint      GENERATED ALWAYS AS IDENTITY,
+        replaces    text,
         PRIMARY KEY (ca, serial)
     )
     """,
@@ -102,7 +105,7 @@ COLUMNS = ", ".join(CertificateRecord._fields)
 COLUMNS_WITHOUT_DER = COLUMNS.replace(" der,", " ''::bytea,")
 INSERT = (
     "INSERT INTO kvpki_certificates (ca, serial, subject, sans, profile, requester, not_before, not_after,"
-    " csr_sha256, der) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " csr_sha256, der, replaces) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 # COLLATE "C": byte order, as SQLite sorts text, whatever the database's locale.
 UNEXPIRED_CONDITION = "WHERE ca = %s AND status = 'revoked' AND not_after > %s ORDER BY serial COLLATE \"C\""
@@ -215,7 +218,7 @@ class PostgresInventory(Inventory):
         """Create the tables once; later connections only read the version (no DDL rights needed)."""
         with self._transaction() as cursor:
             version = self._schema_version(cursor)
-            if version == SCHEMA_VERSION and self._has_crl_index(cursor):
+            if version == SCHEMA_VERSION and self._has_crl_index(cursor) and self._has_replaces(cursor):
                 return
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             version = self._schema_version(cursor)  # another process may have won the race
@@ -231,6 +234,7 @@ class PostgresInventory(Inventory):
                 cursor.execute("INSERT INTO kvpki_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
             else:
                 self._create_crl_index(cursor)
+            self._add_replaces(cursor)
 
     @staticmethod
     def _create_crl_index(cursor: psycopg.Cursor[Any]) -> None:
@@ -241,6 +245,19 @@ class PostgresInventory(Inventory):
                 cursor.execute(CRL_INDEX)
         except pg_errors.InsufficientPrivilege:
             pass
+
+    @staticmethod
+    def _has_replaces(cursor: psycopg.Cursor[Any]) -> bool:
+        row = cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('kvpki_certificates')"
+            " AND attname = 'replaces' AND NOT attisdropped)"
+        ).fetchone()
+        return bool(row and row[0])
+
+    @staticmethod
+    def _add_replaces(cursor: psycopg.Cursor[Any]) -> None:
+        """The renewal link (serial of the replaced certificate), added to databases created before it."""
+        cursor.execute(ADD_REPLACES)
 
     @staticmethod
     def _has_crl_index(cursor: psycopg.Cursor[Any]) -> bool:
@@ -268,6 +285,7 @@ class PostgresInventory(Inventory):
                 utc_seconds(r.not_after),
                 r.csr_sha256,
                 r.der,
+                r.replaces,
             )
             for r in records
         ]

@@ -51,14 +51,18 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked_at TEXT,
     reason TEXT,
     issued_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    replaces TEXT,
     PRIMARY KEY (ca, serial)
 );
 CREATE INDEX IF NOT EXISTS certificates_status ON certificates (ca, status, not_after);
 CREATE INDEX IF NOT EXISTS certificates_crl ON certificates (ca, status, serial, not_after, revoked_at, reason);
 CREATE TABLE IF NOT EXISTS crl_numbers (ca TEXT PRIMARY KEY, last INTEGER NOT NULL);
 """
+# Columns newer than a file may be: added by _add_missing_columns on open (no version bump needed).
+ADDED_COLUMNS = {"replaces": "TEXT"}  # serial of the certificate a renewal replaced
 COLUMNS = (
     "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason"
+    ", replaces"
 )
 COLUMNS_WITHOUT_DER = COLUMNS.replace(" der,", " X'',")
 
@@ -96,6 +100,7 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         status,
         revoked_at,
         reason,
+        replaces,
     ) = row
     return CertificateRecord(
         ca=str(ca),
@@ -111,6 +116,7 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         status=str(status),
         revoked_at=from_text(str(revoked_at)) if revoked_at else None,
         reason=str(reason) if reason else None,
+        replaces=str(replaces) if replaces else None,
     )
 
 
@@ -132,6 +138,7 @@ class SqliteInventory(Inventory):
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
             if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 self._create_schema(busy_timeout_s)
+            self._add_missing_columns()
             self._db.execute("PRAGMA synchronous=FULL")
         except SQLITE_ERRORS as exc:
             raise BackendError(f"inventory {path} is unusable: {_describe(exc)}") from None
@@ -143,6 +150,19 @@ class SqliteInventory(Inventory):
                 if statement.strip():
                     self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after a schema version, added on open whatever the version says (idempotent:
+        several helpers' columns can land independently, and concurrent openers re-check under the lock)."""
+        if not self._missing_columns():
+            return
+        with self._transaction() as db:
+            for column, definition in self._missing_columns().items():
+                db.execute(f"ALTER TABLE certificates ADD COLUMN {column} {definition}")
+
+    def _missing_columns(self) -> dict[str, str]:
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(certificates)")}
+        return {column: definition for column, definition in ADDED_COLUMNS.items() if column not in present}
 
     def _enable_wal(self, busy_timeout_s: float) -> None:
         """Switch to WAL, retrying: SQLite fails this pragma at once instead of calling the busy
@@ -207,6 +227,7 @@ class SqliteInventory(Inventory):
                 to_text(r.not_after),
                 r.csr_sha256,
                 r.der,
+                r.replaces,
             )
             for r in records
         ]
@@ -214,7 +235,7 @@ class SqliteInventory(Inventory):
             try:
                 db.executemany(
                     "INSERT INTO certificates (ca, serial, subject, sans, profile, requester, not_before,"
-                    " not_after, csr_sha256, der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " not_after, csr_sha256, der, replaces) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             except sqlite3.IntegrityError as exc:

@@ -1,0 +1,199 @@
+"""Renewal safety net for devices that were offline (issue 9 item 2): `renew_after_expiry`.
+
+An expired, unrevoked certificate of this CA renews within the window after its notAfter
+(`kvpki renew --renew-after-expiry`, `[ca.N] renew_after_expiry`, `[est.L] renew_after_expiry`);
+beyond it, or with the window off (the default), renewal is refused.  Every renewal records
+the serial it replaces.  Expired certificates are made in-process with a validity in the past.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpki_cli.authority import CertificateAuthority, SigningRequest, check_renewal_time, new_record, utcnow
+from kvpki_cli.config import Settings
+from kvpki_cli.errors import PolicyViolation
+from kvpki_cli.pki.certificates import issue_certificate, new_serial_number
+from kvpki_cli.pki.csr import parse_csr
+from tests.conftest import Kvpki
+from tests.helpers import load_cert, write
+
+
+def issue_expired(home: Path, ca_name: str, csr_pem: bytes, expired_ago: timedelta, profile: str = "device") -> bytes:
+    """A certificate of ``ca_name`` (signed and recorded like any other) whose notAfter is ``expired_ago`` past."""
+    ca = CertificateAuthority.open(Settings.load(home), ca_name)
+    csr_der = x509.load_pem_x509_csr(csr_pem).public_bytes(Encoding.DER)
+    now = utcnow()
+    template = ca.approve(SigningRequest(csr_der, parse_csr(csr_der), profile=profile), now)
+    not_after = (now - expired_ago).replace(microsecond=0)
+    template = template._replace(not_before=not_after - timedelta(days=30), not_after=not_after)
+    certificate = issue_certificate(template, new_serial_number(), ca.certificate, ca.keystore.signer(), ca.config.urls)
+    ca.inventory.record_issued([new_record(ca.name, template, certificate, "test-offline", csr_der)])
+    ca.inventory.close()
+    return certificate.public_bytes(Encoding.PEM)
+
+
+def serial(pem: bytes) -> str:
+    return format(load_cert(pem).serial_number, "x")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    age=st.integers(min_value=-10 * 86400, max_value=400 * 86400),
+    window=st.one_of(st.none(), st.integers(min_value=1, max_value=365 * 86400)),
+)
+def test_window_boundary_for_any_age_and_window(age: int, window: int | None) -> None:
+    """Accepted iff valid now, or expired at most `window` ago: the decision has no other input."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    now = utcnow().replace(microsecond=0)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name.from_rfc4514_string("CN=t")
+    from cryptography.hazmat.primitives import hashes
+
+    not_after = now - timedelta(seconds=age)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(not_after - timedelta(days=30)).not_valid_after(not_after)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    span = timedelta(seconds=window) if window is not None else None
+    expected = age < 0 or (span is not None and timedelta(seconds=age) <= span)
+    try:
+        check_renewal_time(cert, now, span)
+        accepted = True
+    except PolicyViolation as refusal:
+        accepted = False
+        assert "bootstrap credential" in str(refusal)
+    assert accepted == expected
+
+
+def test_cli_renew_of_expired_certificate_within_and_beyond_the_window(
+    local_kvpki: Kvpki, make_csr, tmp_path: Path
+) -> None:
+    kvpki = local_kvpki
+    kvpki.init_ca("root", "--subject", "CN=Offline Root")
+    recent = write(
+        tmp_path / "recent.pem", issue_expired(kvpki.home, "root", make_csr("/CN=train-7").csr_pem, timedelta(days=10))
+    )
+    old = write(
+        tmp_path / "old.pem", issue_expired(kvpki.home, "root", make_csr("/CN=train-8").csr_pem, timedelta(days=40))
+    )
+    rows_before = len(kvpki.inventory("root"))
+
+    # default: off, so an expired certificate does not renew (exit 4, one line, nothing on stdout)
+    refused = kvpki.run("renew", str(recent), "--ca", "root", input=make_csr("/CN=x").csr_pem)
+    assert refused.returncode == 4 and refused.stdout == b""
+    lines = refused.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvpki: error: ") and "renew_after_expiry" in lines[0]
+    beyond = kvpki.run(
+        "renew", str(old), "--ca", "root", "--renew-after-expiry", "30d", input=make_csr("/CN=x").csr_pem
+    )
+    assert beyond.returncode == 4 and beyond.stdout == b"" and "bootstrap credential" in beyond.stderr.decode()
+    assert len(kvpki.inventory("root")) == rows_before  # nothing changed on failure
+
+    new_pem = kvpki.ok(
+        "renew", str(recent), "--ca", "root", "--renew-after-expiry", "30d", input=make_csr("/CN=x").csr_pem
+    )
+    new = load_cert(new_pem)
+    assert new.subject == load_cert(recent.read_bytes()).subject and new.not_valid_after_utc > utcnow()
+    rows = {row["serial"]: row for row in kvpki.inventory("root")}
+    assert rows[serial(new_pem)]["replaces"] == serial(recent.read_bytes())
+    assert rows[serial(recent.read_bytes())]["replaces"] is None
+
+
+def test_cli_renew_window_from_ca_config_and_revoked_stays_refused(
+    local_kvpki: Kvpki, make_csr, tmp_path: Path
+) -> None:
+    kvpki = local_kvpki
+    kvpki.init_ca("root", "--subject", "CN=Offline Root")
+    (kvpki.home / "config.toml").write_text('[ca.root]\nrenew_after_expiry = "180d"\n')
+    expired = write(
+        tmp_path / "e.pem", issue_expired(kvpki.home, "root", make_csr("/CN=scooter-1").csr_pem, timedelta(days=100))
+    )
+    stolen = write(
+        tmp_path / "s.pem", issue_expired(kvpki.home, "root", make_csr("/CN=scooter-2").csr_pem, timedelta(days=1))
+    )
+    kvpki.ok("revoke", "--ca", "root", serial(stolen.read_bytes()), "--reason", "keyCompromise")
+    new_pem = kvpki.ok("renew", str(expired), "--ca", "root", input=make_csr("/CN=x").csr_pem)
+    assert {r["serial"]: r for r in kvpki.inventory("root")}[serial(new_pem)]["replaces"] == serial(
+        expired.read_bytes()
+    )
+    revoked = kvpki.run("renew", str(stolen), "--ca", "root", input=make_csr("/CN=x").csr_pem)
+    assert revoked.returncode == 4 and "revoked" in revoked.stderr.decode() and revoked.stdout == b""
+    (kvpki.home / "config.toml").write_text('[ca.root]\nrenew_after_expiry = "soon"\n')
+    bad = kvpki.run("renew", str(expired), "--ca", "root", input=make_csr("/CN=x").csr_pem)
+    assert bad.returncode == 2 and "renew_after_expiry" in bad.stderr.decode()
+    bad_option = kvpki.run("renew", str(expired), "--ca", "root", "--renew-after-expiry", "0d", input=b"")
+    assert bad_option.returncode == 2
+
+
+def test_renewal_of_valid_certificate_records_replaces(local_kvpki: Kvpki, make_csr, tmp_path: Path) -> None:
+    kvpki = local_kvpki
+    kvpki.init_ca("root", "--subject", "CN=Offline Root")
+    old_pem = kvpki.ok("sign-csr", "--ca", "root", input=make_csr("/CN=dev-1").csr_pem)
+    new_pem = kvpki.ok(
+        "renew", str(write(tmp_path / "o.pem", old_pem)), "--ca", "root", input=make_csr("/CN=dev-1").csr_pem
+    )
+    rows = {row["serial"]: row for row in kvpki.inventory("root")}
+    assert rows[serial(new_pem)]["replaces"] == serial(old_pem)
+
+
+LEGACY_SCHEMA = """
+CREATE TABLE certificates (
+    ca TEXT NOT NULL, serial TEXT NOT NULL, subject TEXT NOT NULL, sans TEXT NOT NULL, profile TEXT NOT NULL,
+    requester TEXT NOT NULL, not_before TEXT NOT NULL, not_after TEXT NOT NULL, csr_sha256 TEXT NOT NULL,
+    der BLOB NOT NULL, status TEXT NOT NULL DEFAULT 'valid' CHECK (status IN ('valid', 'revoked')),
+    revoked_at TEXT, reason TEXT,
+    issued_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')), PRIMARY KEY (ca, serial));
+CREATE TABLE crl_numbers (ca TEXT PRIMARY KEY, last INTEGER NOT NULL);
+"""
+
+
+@pytest.mark.parametrize("user_version", [1, 2, 3])
+def test_sqlite_inventory_without_the_column_gets_it_on_open(tmp_path: Path, user_version: int) -> None:
+    """A file of today's main (or of a later version that lacks this column) is upgraded in place, once."""
+    from kvpki_cli.inventory.sqlite import SqliteInventory
+
+    path = tmp_path / "inventory.db"
+    db = sqlite3.connect(path)
+    db.executescript(LEGACY_SCHEMA)
+    db.execute(
+        "INSERT INTO certificates (ca, serial, subject, sans, profile, requester, not_before, not_after,"
+        " csr_sha256, der) VALUES ('r', 'ab', 'CN=a', '[]', 'device', 'x', '2026-01-01T00:00:00Z',"
+        " '2026-02-01T00:00:00Z', '', X'00')"
+    )
+    db.execute(f"PRAGMA user_version={user_version}")
+    db.commit()
+    db.close()
+    for _ in range(2):  # idempotent
+        inventory = SqliteInventory(path)
+        record = inventory.get("r", "ab")
+        assert record is not None and record.replaces is None
+        inventory.record_issued([record._replace(serial="cd", replaces="ab")])
+        got = inventory.get("r", "cd")
+        assert got is not None and got.replaces == "ab"
+        inventory.revoke("r", "cd", utcnow(), "superseded")
+        inventory.close()
+        db = sqlite3.connect(path)
+        db.execute("DELETE FROM certificates WHERE serial='cd'")
+        db.commit()
+        columns = [row[1] for row in db.execute("PRAGMA table_info(certificates)")]
+        assert columns.count("replaces") == 1
+        db.close()
+
+
+def test_list_json_shows_replaces(local_kvpki: Kvpki, make_csr) -> None:
+    local_kvpki.init_ca("root", "--subject", "CN=Offline Root")
+    local_kvpki.ok("sign-csr", "--ca", "root", input=make_csr("/CN=dev-1").csr_pem)
+    (row,) = json.loads(local_kvpki.ok("list", "--ca", "root", "--json"))
+    assert "replaces" in row and row["replaces"] is None
