@@ -197,3 +197,188 @@ def test_list_json_shows_replaces(local_kvpki: Kvpki, make_csr) -> None:
     local_kvpki.ok("sign-csr", "--ca", "root", input=make_csr("/CN=dev-1").csr_pem)
     (row,) = json.loads(local_kvpki.ok("list", "--ca", "root", "--json"))
     assert "replaces" in row and row["replaces"] is None
+
+
+# --- EST: the expired certificate arrives as the TLS client certificate ---------------------------
+
+OFFLINE_LABELS = """
+[est.offline]
+ca = "issuing"
+profile = "device"
+client_cas = ["bootstrap.pem", "expired-ca.pem"]
+identity_cas = ["est-identity"]
+renew_after_expiry = "30d"
+"""
+
+
+@pytest.fixture(scope="module")
+def offline_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """tests/servekit's server plus [est.offline] with a 30-day window (so TLS skips its time check),
+    and a bootstrap CA that has expired (its leaf is still within its own validity)."""
+    import os
+    import subprocess
+    import time
+
+    from tests.servekit import KVPKI, REPO, EstServer, _prepare, free_port
+
+    home = tmp_path_factory.mktemp("offline")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVPKI_", "AZURE_"))}
+    env.update({"KVPKI_HOME": str(home), "PYTHONPATH": str(REPO), "NO_PROXY": "*", "no_proxy": "*"})
+    port, http_port = free_port(), free_port()
+    _prepare(home, env, port, http_port)
+    with (home / "serve.toml").open("a") as config:
+        config.write(OFFLINE_LABELS)
+    expired_ca_key, expired_ca = self_signed_ca("CN=Expired Bootstrap CA", expired_ago=timedelta(days=1))
+    (home / "expired-ca.pem").write_bytes(expired_ca.public_bytes(Encoding.PEM))
+    leaf_key, leaf = leaf_of(expired_ca_key, expired_ca, "CN=boot-under-expired-ca")
+    write_pair(home, "under-expired-ca", leaf_key, leaf)
+    log_path = home / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*KVPKI, "serve", "--config", str(home / "serve.toml")], stdout=log, stderr=log, env=env, cwd=home
+        )
+    server = EstServer(home, env, port, http_port, process, log_path)
+    deadline = time.monotonic() + 20
+    while "listening on https" not in server.log():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"kvpki serve did not start: {server.log()}")
+        time.sleep(0.05)
+    try:
+        yield server
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def self_signed_ca(subject: str, expired_ago: timedelta):  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name.from_rfc4514_string(subject)
+    not_after = utcnow() - expired_ago
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(new_serial_number()).not_valid_before(not_after - timedelta(days=365))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return key, cert
+
+
+def leaf_of(ca_key, ca_cert, subject: str):  # type: ignore[no-untyped-def]
+    """A client certificate valid now, issued by ``ca_cert`` (whatever that CA's own validity)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = utcnow()
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string(subject))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(new_serial_number())
+        .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    return key, cert
+
+
+def write_pair(directory: Path, name: str, key, cert) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives import serialization
+
+    key_path, cert_path = directory / f"{name}.key", directory / f"{name}.pem"
+    key_path.write_bytes(
+        key.private_bytes(Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    cert_path.write_bytes(cert.public_bytes(Encoding.PEM))
+    return cert_path, key_path
+
+
+def expired_device(server, ca: str, name: str, subject: str, expired_ago: timedelta) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    """An openssl key and a certificate of kvpki CA ``ca`` for it that expired ``expired_ago`` ago."""
+    from tests.servekit import make_key_csr
+
+    key, csr_der = make_key_csr(server.home, name, subject)
+    pem = issue_expired(server.home, ca, x509.load_der_x509_csr(csr_der).public_bytes(Encoding.PEM), expired_ago)
+    return write(server.home / f"{name}.pem", pem), key
+
+
+def enroll(server, op: str, subject: str, cert: Path, key: Path, label: str = "offline", name: str = "new"):  # type: ignore[no-untyped-def]
+    from tests.servekit import EDGE_HEADERS, curl, est_body, make_key_csr
+
+    _new_key, csr = make_key_csr(server.home, f"{name}-{op}-{label}", subject)
+    path = f"/.well-known/est/{label}/{op}"
+    return curl(server, path, data=est_body(csr), cert=cert, key=key, headers=EDGE_HEADERS)
+
+
+@pytest.mark.parametrize("op", ["simplereenroll", "simpleenroll"])  # strongSwan; IoT Edge renews with simpleenroll
+def test_est_renewal_within_the_window_links_the_new_certificate(offline_server, op: str) -> None:  # type: ignore[no-untyped-def]
+    from tests.servekit import pkcs7_certificates
+
+    cert, key = expired_device(offline_server, "issuing", f"train-{op}", f"/CN=train-{op}", timedelta(days=10))
+    answer = enroll(offline_server, op, f"/CN=train-{op}", cert, key)
+    assert answer.status == 200, answer.body
+    (new,) = pkcs7_certificates(answer.body)
+    old = load_cert(cert.read_bytes())
+    assert new.subject == old.subject and new.not_valid_after_utc > utcnow()
+    rows = {row["serial"]: row for row in offline_server.inventory("issuing")}
+    assert rows[format(new.serial_number, "x")]["replaces"] == format(old.serial_number, "x")
+    # the same certificate on a label without a window: refused, and the reason says why
+    other = enroll(offline_server, op, f"/CN=train-{op}", cert, key, label="default")
+    assert other.status == 403 and b"renew_after_expiry" in other.body
+
+
+def test_est_refuses_expired_beyond_the_window_and_revoked(offline_server) -> None:  # type: ignore[no-untyped-def]
+    before = len(offline_server.inventory("issuing"))
+    cert, key = expired_device(offline_server, "issuing", "old-scooter", "/CN=old-scooter", timedelta(days=40))
+    for op in ("simplereenroll", "simpleenroll"):
+        answer = enroll(offline_server, op, "/CN=old-scooter", cert, key)
+        assert answer.status == 403 and b"bootstrap credential" in answer.body, answer.body
+    stolen, stolen_key = expired_device(offline_server, "issuing", "stolen", "/CN=stolen", timedelta(days=2))
+    offline_server.kvpki("revoke", "--ca", "issuing", serial(stolen.read_bytes()), "--reason", "keyCompromise")
+    answer = enroll(offline_server, "simplereenroll", "/CN=stolen", stolen, stolen_key)
+    assert answer.status == 403 and b"revoked" in answer.body
+    assert len(offline_server.inventory("issuing")) == before + 2  # only the two test certificates
+
+
+def test_est_expired_bootstrap_and_identity_certificates_stay_refused(offline_server) -> None:  # type: ignore[no-untyped-def]
+    """Security regression guard: with TLS's time check off, no other credential may be expired."""
+    home = offline_server.home
+    # bootstrap certificate (kvpki CA "bootstrap", listed in client_cas): valid works, expired does not
+    good = expired_device(offline_server, "bootstrap", "boot-ok", "/CN=boot-ok", timedelta(days=-30))
+    assert enroll(offline_server, "simpleenroll", "/CN=dev-boot-ok", *good).status == 200
+    expired = expired_device(offline_server, "bootstrap", "boot-old", "/CN=boot-old", timedelta(days=1))
+    answer = enroll(offline_server, "simpleenroll", "/CN=dev-boot-old", *expired)
+    assert answer.status == 403, answer.body
+    # identity certificate (est-identity CA): valid works, expired one day does not, even on the windowed label
+    good = expired_device(offline_server, "est-identity", "id-ok", "/CN=edge-ok", timedelta(days=-30))
+    assert enroll(offline_server, "simpleenroll", "/CN=edge-ok", *good).status == 200
+    expired = expired_device(offline_server, "est-identity", "id-old", "/CN=edge-old", timedelta(days=1))
+    answer = enroll(offline_server, "simpleenroll", "/CN=edge-old", *expired)
+    assert answer.status == 403 and b"identity certificate is not currently valid" in answer.body, answer.body
+    # a leaf valid now under an expired (trusted) bootstrap CA: TLS no longer sees the expiry, we do
+    answer = enroll(offline_server, "simpleenroll", "/CN=dev-under-expired", home / "under-expired-ca.pem",
+                    home / "under-expired-ca.key")  # fmt: skip
+    assert answer.status == 403 and b"CA certificate above the client certificate" in answer.body, answer.body
+
+
+def test_serve_config_validates_renew_after_expiry(tmp_path: Path) -> None:
+    from kvpki_cli.errors import UsageError
+    from kvpki_cli.serve.config import load_serve_config
+
+    base = '[server]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n[est.a]\nca = "x"\n'
+    path = tmp_path / "serve.toml"
+    path.write_text(base + 'renew_after_expiry = "180d"\n')
+    assert load_serve_config(path).labels["a"].renew_after_expiry == timedelta(days=180)
+    path.write_text(base)
+    assert load_serve_config(path).labels["a"].renew_after_expiry is None
+    for bad in ('"forever"', "180", '"0d"', "true"):
+        path.write_text(base + f"renew_after_expiry = {bad}\n")
+        with pytest.raises(UsageError, match="renew_after_expiry"):
+            load_serve_config(path)
+    path.write_text(base + 'renew_after_expiri = "1d"\n')
+    with pytest.raises(UsageError, match="unknown setting"):
+        load_serve_config(path)

@@ -47,8 +47,17 @@ def _load_certificates(path: Path) -> list[x509.Certificate]:
     return certs
 
 
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME (Python's ssl has no name for it but passes verify_flags through).
+VERIFY_NO_CHECK_TIME = 0x200000
+
+
 def tls_context(config: ServeConfig, trusted: list[x509.Certificate]) -> ssl.SSLContext:
-    """TLS 1.2+, our server certificate, and client certificates requested but optional."""
+    """TLS 1.2+, our server certificate, and client certificates requested but optional.
+
+    With ``renew_after_expiry`` on any label, chains are verified without their validity
+    time (an offline device's certificate arrives expired); serve/auth.py then checks time
+    on every path that accepts a client certificate.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -58,6 +67,8 @@ def tls_context(config: ServeConfig, trusted: list[x509.Certificate]) -> ssl.SSL
     context.verify_mode = ssl.CERT_OPTIONAL
     pem = "".join(cert.public_bytes(Encoding.PEM).decode() for cert in trusted)
     context.load_verify_locations(cadata=pem)
+    if any(label.renew_after_expiry is not None for label in config.labels.values()):
+        context.verify_flags |= VERIFY_NO_CHECK_TIME
     return context
 
 
@@ -124,6 +135,8 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
         {name: chains[label.ca][0] for name, label in config.labels.items()},
         client_cas,
         {name: chains[name][0] for label in config.labels.values() for name in label.identity_cas},
+        {name: label.renew_after_expiry for name, label in config.labels.items() if label.renew_after_expiry},
+        trusted,
     )
     ca_names = set(settings.ca_names())
     ca_certificates = {name: chain[0].public_bytes(Encoding.DER) for name, chain in chains.items()}

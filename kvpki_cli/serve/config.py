@@ -46,6 +46,9 @@ class LabelConfig:
     # Enrollment rate limits (serve/ratelimit.py): per identity on this label, and for the label as a whole.
     rate_limit: Rate | None = None
     label_rate_limit: Rate | None = None
+    # Offline devices: a certificate of this label's CA that expired at most this long ago may still
+    # renew itself (TLS then accepts expired client certificates; serve/auth.py checks time itself).
+    renew_after_expiry: timedelta | None = None
 
     def allows_user(self, user: str) -> bool:
         return user in self.users or "*" in self.users
@@ -160,14 +163,31 @@ def _label(base: Path, name: str, table: Any, line_length: int = 0) -> LabelConf
         renewal=bool(table.get("renewal", True)),
         base64_line_length=_line_length(table, f"[est.{name}]", line_length),
         allow_password_for_ca=allow_password,
+        renew_after_expiry=_window(name, table),
         **_identity_settings(name, table),
         **_rates(name, table),
     )
 
 
-LABEL_OPTIONS = ("base64_line_length", "allow_password_for_ca", "rate_limit", "label_rate_limit")
+LABEL_OPTIONS = (
+    "base64_line_length",
+    "allow_password_for_ca",
+    "rate_limit",
+    "label_rate_limit",
+    "renew_after_expiry",
+)
 RATE_KEYS = ("rate_limit", "label_rate_limit")
 IDENTITY_KEYS = ("identity_cas", "identity_profiles", "identity_cn")
+
+
+def _window(name: str, table: Mapping[str, Any]) -> timedelta | None:
+    """``renew_after_expiry = "180d"``: absent (the default) means expired certificates never renew."""
+    value = table.get("renew_after_expiry")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UsageError(f'serve config: [est.{name}] renew_after_expiry must be a duration such as "180d"')
+    return parse_duration(value, what=f"[est.{name}] renew_after_expiry")
 
 
 def _rates(name: str, table: Mapping[str, Any]) -> dict[str, Any]:
