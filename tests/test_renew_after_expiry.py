@@ -22,10 +22,13 @@ from hypothesis import strategies as st
 from kvpki_cli.authority import CertificateAuthority, SigningRequest, check_renewal_time, new_record, utcnow
 from kvpki_cli.config import Settings
 from kvpki_cli.errors import PolicyViolation
+from kvpki_cli.inventory.base import CertificateRecord
 from kvpki_cli.pki.certificates import issue_certificate, new_serial_number
 from kvpki_cli.pki.csr import parse_csr
 from tests.conftest import Kvpki
 from tests.helpers import load_cert, write
+
+SERIALS = iter(range(0x100, 0x10000))
 
 
 def issue_expired(home: Path, ca_name: str, csr_pem: bytes, expired_ago: timedelta, profile: str = "device") -> bytes:
@@ -382,3 +385,26 @@ def test_serve_config_validates_renew_after_expiry(tmp_path: Path) -> None:
     path.write_text(base + 'renew_after_expiri = "1d"\n')
     with pytest.raises(UsageError, match="unknown setting"):
         load_serve_config(path)
+
+
+def test_postgres_gets_the_column_on_connect_and_round_trips_it(postgres_url: str) -> None:
+    """A database created before `replaces` (version 1, no column) gains it on the next connection."""
+    import psycopg
+
+    from kvpki_cli.inventory.postgres import PostgresInventory
+
+    first = PostgresInventory(postgres_url)
+    first.close()
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("ALTER TABLE kvpki_certificates DROP COLUMN replaces")
+    record = CertificateRecord(
+        ca="r", serial="ab", subject="CN=a", sans=(), profile="device", requester="x",
+        not_before=utcnow().replace(microsecond=0) - timedelta(days=2),
+        not_after=utcnow().replace(microsecond=0) - timedelta(days=1), csr_sha256="", der=b"\x00",
+    )  # fmt: skip
+    for _ in range(2):  # idempotent
+        inventory = PostgresInventory(postgres_url)
+        inventory.record_issued([record._replace(serial=f"{next(SERIALS):x}", replaces="ab")])
+        rows = inventory.list_certificates("r", None, utcnow())
+        assert rows and all(row.replaces == "ab" for row in rows)
+        inventory.close()
