@@ -229,8 +229,13 @@ def offline_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     env.update({"KVPKI_HOME": str(home), "PYTHONPATH": str(REPO), "NO_PROXY": "*", "no_proxy": "*"})
     port, http_port = free_port(), free_port()
     _prepare(home, env, port, http_port)
-    with (home / "serve.toml").open("a") as config:
-        config.write(OFFLINE_LABELS)
+    config = (home / "serve.toml").read_text()
+    assert '[est.default]\nca = "issuing"\n' in config
+    # the default label too (strongSwan 5.9.8 has no --label); [est.other] stays without a window
+    config = config.replace(
+        '[est.default]\nca = "issuing"\n', '[est.default]\nca = "issuing"\nrenew_after_expiry = "30d"\n'
+    )
+    (home / "serve.toml").write_text(config + OFFLINE_LABELS)
     expired_ca_key, expired_ca = self_signed_ca("CN=Expired Bootstrap CA", expired_ago=timedelta(days=1))
     (home / "expired-ca.pem").write_bytes(expired_ca.public_bytes(Encoding.PEM))
     leaf_key, leaf = leaf_of(expired_ca_key, expired_ca, "CN=boot-under-expired-ca")
@@ -330,7 +335,7 @@ def test_est_renewal_within_the_window_links_the_new_certificate(offline_server,
     rows = {row["serial"]: row for row in offline_server.inventory("issuing")}
     assert rows[format(new.serial_number, "x")]["replaces"] == format(old.serial_number, "x")
     # the same certificate on a label without a window: refused, and the reason says why
-    other = enroll(offline_server, op, f"/CN=train-{op}", cert, key, label="default")
+    other = enroll(offline_server, op, f"/CN=train-{op}", cert, key, label="other")
     assert other.status == 403 and b"renew_after_expiry" in other.body
 
 
@@ -408,3 +413,30 @@ def test_postgres_gets_the_column_on_connect_and_round_trips_it(postgres_url: st
         rows = inventory.list_certificates("r", None, utcnow())
         assert rows and all(row.replaces == "ab" for row in rows)
         inventory.close()
+
+
+def test_strongswan_reenrolls_an_expired_certificate_within_the_window(offline_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """strongSwan `pki --est --cert old.pem --key old.key` (simplereenroll, TLS client auth), old.pem expired."""
+    import shutil
+    import subprocess
+
+    from tests.helpers import openssl
+    from tests.servekit import make_key_csr
+
+    if shutil.which("pki") is None:
+        pytest.skip("strongSwan pki is not installed")
+    url, root = offline_server.url, str(offline_server.root_pem)
+    chain = tmp_path / "issuing.pem"
+    chain.write_bytes(offline_server.kvpki("get-ca", "--ca", "issuing").stdout)
+    cert, key = expired_device(offline_server, "issuing", "ss-offline", "/CN=ss-offline", timedelta(days=20))
+    _, csr = make_key_csr(tmp_path, "ss-new", "/CN=ss-offline")
+    (tmp_path / "ss-new.der").write_bytes(csr)
+    args = ["pki", "--est", "--url", url, "--in", str(tmp_path / "ss-new.der"), "--cacert", root]
+    args += ["--cacert", str(chain), "--cert", str(cert), "--key", str(key), "--outform", "pem"]
+    result = subprocess.run(args, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    renewed = x509.load_pem_x509_certificate(result.stdout)
+    (tmp_path / "renewed.pem").write_bytes(result.stdout)
+    openssl("verify", "-CAfile", root, "-untrusted", str(chain), str(tmp_path / "renewed.pem"))
+    rows = {row["serial"]: row for row in offline_server.inventory("issuing")}
+    assert rows[format(renewed.serial_number, "x")]["replaces"] == serial(cert.read_bytes())
