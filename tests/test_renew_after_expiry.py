@@ -440,3 +440,32 @@ def test_strongswan_reenrolls_an_expired_certificate_within_the_window(offline_s
     openssl("verify", "-CAfile", root, "-untrusted", str(chain), str(tmp_path / "renewed.pem"))
     rows = {row["serial"]: row for row in offline_server.inventory("issuing")}
     assert rows[format(renewed.serial_number, "x")]["replaces"] == serial(cert.read_bytes())
+
+
+def test_sqlite_column_upgrade_is_safe_when_processes_open_together(tmp_path: Path) -> None:
+    """Eight processes open a legacy file at once: each adds the column or sees it added, none fails."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    path = tmp_path / "inventory.db"
+    db = sqlite3.connect(path)
+    db.executescript(LEGACY_SCHEMA)
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    code = (
+        "import sys; from pathlib import Path; from kvpki_cli.inventory.sqlite import SqliteInventory"
+        "; SqliteInventory(Path(sys.argv[1]))"
+    )
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stderr=subprocess.PIPE) for _ in range(8)
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err.decode()
+    db = sqlite3.connect(path)
+    assert [row[1] for row in db.execute("PRAGMA table_info(certificates)")].count("replaces") == 1
+    db.close()
