@@ -247,8 +247,9 @@ class CertificateAuthority:
         signer = self.keystore.signer()
         if jobs is None:
             jobs = self.keystore.signing_jobs() if len(requests) > 1 else 1
+        partitions = self._crl_partitions(templates)
         for _attempt in range(MAX_SERIAL_ATTEMPTS):
-            issued = self._sign_all(requests, templates, signer, jobs)
+            issued = self._sign_all(requests, templates, partitions, signer, jobs)
             if before_commit is not None:
                 before_commit(issued)
             try:
@@ -258,28 +259,55 @@ class CertificateAuthority:
             return issued
         raise BackendError("could not allocate a unique serial number")
 
+    def _crl_partitions(self, templates: Sequence[Template]) -> list[int | None]:
+        """The CRL partition of each certificate about to be signed (RFC 5280 5.2.5), when the CA's CRLs
+        are partitioned: end-entity certificates only; CA certificates stay on the full CRL."""
+        size = self.config.crl_partition_size
+        leaves = [i for i, template in enumerate(templates) if not template.profile.is_ca]
+        partitions: list[int | None] = [None] * len(templates)
+        if size is None or not self.config.urls.crl or not leaves:
+            return partitions
+        reserved = self.inventory.reserve_crl_partitions(self.name, len(leaves), size)
+        for index, partition in zip(leaves, reserved, strict=True):
+            partitions[index] = partition
+        return partitions
+
     def _sign_all(
-        self, requests: Sequence[SigningRequest], templates: Sequence[Template], signer: CAPrivateKey, jobs: int
+        self,
+        requests: Sequence[SigningRequest],
+        templates: Sequence[Template],
+        partitions: Sequence[int | None],
+        signer: CAPrivateKey,
+        jobs: int,
     ) -> list[Issued]:
         """Sign each (request, template), in order; with ``jobs`` > 1 on a thread pool, stopping at the first error."""
-        work = [(request, template, new_serial_number()) for request, template in zip(requests, templates, strict=True)]
+        work = [
+            (request, template, new_serial_number(), partition)
+            for request, template, partition in zip(requests, templates, partitions, strict=True)
+        ]
         if jobs <= 1 or len(work) <= 1:
-            return [self._sign(request, template, serial, signer) for request, template, serial in work]
+            return [self._sign(*item, signer) for item in work]
         from concurrent.futures import ThreadPoolExecutor
 
         self.chain  # noqa: B018 - load once, before the threads read it
         pool = ThreadPoolExecutor(max_workers=min(jobs, len(work)), thread_name_prefix="kvpki-sign")
         try:
-            futures = [pool.submit(self._sign, request, template, serial, signer) for request, template, serial in work]
+            futures = [pool.submit(self._sign, *item, signer) for item in work]
             return [future.result() for future in futures]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _sign(self, request: SigningRequest, template: Template, serial: int, signer: CAPrivateKey) -> Issued:
-        certificate = issue_certificate(template, serial, self.certificate, signer, self.config.urls)
+    def _sign(
+        self, request: SigningRequest, template: Template, serial: int, partition: int | None, signer: CAPrivateKey
+    ) -> Issued:
+        urls = self.config.urls
+        if partition is not None:
+            urls = urls._replace(crl=self.crl_url(partition))
+        certificate = issue_certificate(template, serial, self.certificate, signer, urls)
         if request.renews is not None:  # signed but not recorded: a refusal here still leaves no trace
             check_same_constraints(request.renews, certificate)
         record = new_record(self.name, template, certificate, request.requester, request.csr_der)
+        record = record._replace(crl_partition=partition)
         if request.renews is not None:  # the inventory links each renewal to what it replaces
             record = record._replace(replaces=serial_hex(request.renews.serial_number))
         return Issued(certificate, self.chain, record, template.notes)
@@ -364,17 +392,38 @@ class CertificateAuthority:
             name_constraints=certificate_name_constraints(old),
         )
 
-    def crl(self, next_update: timedelta) -> x509.CertificateRevocationList:
-        return x509.load_der_x509_crl(self.crl_der(next_update))
+    def crl_url(self, partition: int | None = None) -> str | None:
+        """The CRL DP of the full CRL, or of partition ``partition``: "<base>/crl/<ca>.crl" becomes
+        "<base>/crl/<ca>/<k>.crl" (a configured ``crl_url`` without ".crl" gains "/<k>.crl")."""
+        url = self.config.urls.crl
+        if partition is None or url is None:
+            return url
+        return f"{url.removesuffix('.crl')}/{partition}.crl"
 
-    def crl_der(self, next_update: timedelta) -> bytes:
-        """A new CRL, DER-encoded (what `kvpki crl` prints; no re-encoding of a million entries)."""
+    def check_crl_partition(self, partition: int) -> None:
+        """Refuse a partition this CA never assigned (partitioning off, or a number not reached yet)."""
+        if self.config.crl_partition_size is None or not self.config.urls.crl:
+            raise UsageError(f"CA {self.name!r} has no partitioned CRLs (set crl_partition_size and a CRL URL)")
+        last = self.inventory.last_crl_partition(self.name)
+        if partition < 0 or last is None or partition > last:
+            raise NotFound(f"CA {self.name!r} has no CRL partition {partition}")
+
+    def crl(self, next_update: timedelta, partition: int | None = None) -> x509.CertificateRevocationList:
+        return x509.load_der_x509_crl(self.crl_der(next_update, partition))
+
+    def crl_der(self, next_update: timedelta, partition: int | None = None) -> bytes:
+        """A new CRL, DER-encoded (what `kvpki crl` prints; no re-encoding of a million entries).
+
+        ``partition``: the CRL of that partition alone, with an issuingDistributionPoint naming its URL.
+        """
         from kvpki_cli.pki.crl import build_crl_der, gc_paused
 
+        if partition is not None:
+            self.check_crl_partition(partition)
         signer = self.keystore.signer()  # before taking a number: a failing key store burns none
         with gc_paused():  # a million row tuples would set off full collections that free nothing
             # Number, thisUpdate and revoked set from one transaction: a higher number never lists less.
-            snapshot = self.inventory.crl_snapshot(self.name, utcnow)
+            snapshot = self.inventory.crl_snapshot(self.name, utcnow, partition)
             return build_crl_der(
                 self.certificate,
                 signer,
@@ -382,6 +431,7 @@ class CertificateAuthority:
                 crl_number=snapshot.number,
                 this_update=snapshot.this_update,
                 next_update=snapshot.this_update + next_update,
+                distribution_point=None if partition is None else self.crl_url(partition),
             )
 
 

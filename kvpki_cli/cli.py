@@ -329,8 +329,15 @@ def init_ocsp_responder_command(obj: Context, ca_name: str, validity: str) -> No
 @click.option("--format", "fmt", type=click.Choice(("pem", "der")), default="pem", show_default=True)
 @click.option("--next-update", default="7d", show_default=True, help="How long the CRL is valid.")
 @click.option("--new", "force_new", is_flag=True, help="Sign a new CRL even if the stored one is current.")
+@click.option(
+    "--partition",
+    type=click.IntRange(min=0),
+    help="Print partition K's CRL (a CA with crl_partition_size): its certificates only, with an IDP.",
+)
 @click.pass_obj
-def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str, force_new: bool) -> None:
+def crl_command(
+    obj: Context, ca_name: str, fmt: str, next_update: str, force_new: bool, partition: int | None
+) -> None:
     """Print the CA's current CRL (every revoked, unexpired certificate), shared with `kvpki serve`.
 
     The CRL stored in the inventory is printed if nothing was revoked since, it has the requested
@@ -342,7 +349,8 @@ def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str, force_ne
     from kvpki_cli.pki.crl import pem
 
     validity = parse_duration(next_update, what="--next-update")
-    der = published_crl(obj.authority(ca_name), validity, exact_validity=True, new=force_new).der
+    authority = obj.authority(ca_name)
+    der = published_crl(authority, validity, exact_validity=True, new=force_new, partition=partition).der
     _write_stdout(pem(der) if fmt == "pem" else der)
 
 

@@ -8,7 +8,10 @@ times both tools (best of --rounds), printing each time, the ratio and the peak 
 (ru_maxrss) of the kvpki process.  Also times `kvpki list --status revoked --json`.
 Goals (issue 8, goal 1): 100k revoked: kvpki <= 0.75x openssl; 1M: <= 15 s and <= 1 GiB.
 
-Usage: scripts/bench_crl.py [--count 100000] [--backend sqlite|postgres] [--rounds 3]
+With --partition-size N the certificates are spread over partitions of N (CRL partitioning, issue 8
+goal 2) and `kvpki crl --partition 0` is timed too: one partition's CRL, whatever the CA's size.
+
+Usage: scripts/bench_crl.py [--count 100000] [--backend sqlite|postgres] [--rounds 3] [--partition-size N]
 PostgreSQL: KVPKI_BENCH_PG_URL=postgresql://... (an empty database), else a throwaway
 cluster is started as in tests/pg_fixture.py.
 """
@@ -201,6 +204,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--rounds", type=int, help="runs per tool, best counts (default 3, 1 above 200k)")
     parser.add_argument("--skip-list", action="store_true", help="do not time `kvpki list`")
+    parser.add_argument("--partition-size", type=int, default=0, help="also time one CRL partition of this size")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.count <= 200_000 else 1)
 
@@ -228,6 +232,15 @@ def main() -> None:
         del rows
         took = time.perf_counter() - start
         print(f"filled {args.backend} with {args.count:,} revoked + {args.count:,} valid in {took:.1f} s")
+        partitioned = None
+        if args.partition_size:
+            partitions = -(-2 * args.count // args.partition_size)
+            partition_certificates(url, home, partitions, args.partition_size)
+            partitioned = best(f"kvpki crl --partition 0 (of {partitions})", [
+                run_measured([*kvpki, "crl", "--ca", CA, "--format", "der", "--partition", "0", "--new"], env,
+                             work / "partition.crl")
+                for _ in range(rounds)
+            ])  # fmt: skip
 
         ossl = [
             best("openssl ca -gencrl", [
@@ -237,7 +250,7 @@ def main() -> None:
             ])
         ]  # fmt: skip
         ours = best("kvpki crl", [
-            run_measured([*kvpki, "crl", "--ca", CA, "--format", "der"], env, work / "kvpki.crl")
+            run_measured([*kvpki, "crl", "--ca", CA, "--format", "der", "--new"], env, work / "kvpki.crl")
             for _ in range(rounds)
         ])  # fmt: skip
         listed = None
@@ -265,8 +278,33 @@ def main() -> None:
             print(f"1M goal: {ours[0]:.1f} s (<= 15), peak RSS {ours[1] / 2**30:.2f} GiB (<= 1)")
         if listed:
             print(f"list: {args.count / listed[0]:,.0f} rows/s")
+        if partitioned:
+            part = x509.load_der_x509_crl((work / "partition.crl").read_bytes())
+            print(f"partition 0: {sum(1 for _ in part):,} entries, {(work / 'partition.crl').stat().st_size:,} bytes,"
+                  f" {partitioned[0]:.2f} s")  # fmt: skip
         if entries != args.count or "verify OK" not in (check.stderr + check.stdout):
             sys.exit("bench_crl: the kvpki CRL is wrong")
+
+
+def partition_certificates(url: str, home: Path, partitions: int, size: int) -> None:
+    """Spread the filled certificates over ``partitions`` CRL partitions (round robin: each gets its share of
+    revoked ones) and configure the CA for them, as if it had issued them with ``crl_partition_size``."""
+    (home / "config.toml").write_text(f'[ca.{CA}]\nbase_url = "http://bench.example"\ncrl_partition_size = {size}\n')
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        db = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        db.execute("UPDATE certificates SET crl_partition = rowid % ?", (partitions,))
+        db.execute("INSERT INTO crl_partitions VALUES (?, ?, ?)", (CA, partitions - 1, size))
+        db.execute("ANALYZE")
+        db.close()
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as pg:
+        pg.execute("UPDATE kvpki_certificates SET crl_partition = id %% %s", (partitions,))
+        pg.execute("INSERT INTO kvpki_crl_partitions VALUES (%s, %s, %s)", (CA, partitions - 1, size))
+        pg.execute("VACUUM ANALYZE kvpki_certificates")
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from kvpki_cli.inventory import open_inventory
 from kvpki_cli.inventory.base import CertificateRecord, Inventory, to_text
 from kvpki_cli.inventory.sqlite import CRL_ENTRIES, SqliteInventory
 from kvpki_cli.pki.certificates import authority_key_identifier, new_serial_number, serial_hex
-from kvpki_cli.pki.crl import REASONS, build_crl_der, encode_revoked, signing_hash
+from kvpki_cli.pki.crl import REASONS, build_crl_der, encode_revoked, issuing_distribution_point, signing_hash
 from tests.conftest import Kvpki, StoreSetup, make_env
 from tests.helpers import openssl, pkilint_findings, write
 
@@ -205,6 +205,33 @@ def test_tbs_is_what_cryptography_builds(
     reference = builder.sign(signer, signing_hash(signer))
     assert crl.tbs_certlist_bytes == reference.tbs_certlist_bytes
     assert crl.signature_algorithm_oid == reference.signature_algorithm_oid
+
+    # A partition CRL (RFC 5280 5.2.5): the same list and a critical issuingDistributionPoint, still identical.
+    point = "http://pki.example.test/crl/root/7.crl"
+    snapshot = ca.inventory.crl_snapshot("root", lambda: crl.last_update_utc)
+    partition = x509.load_der_x509_crl(
+        build_crl_der(
+            ca.certificate,
+            signer,
+            snapshot.revoked,
+            crl_number=snapshot.number,
+            this_update=snapshot.this_update,
+            next_update=crl.next_update_utc,  # type: ignore[arg-type]
+            distribution_point=point,
+        )
+    )
+    with_idp = x509.CertificateRevocationListBuilder(
+        issuer_name=ca.certificate.subject,
+        last_update=crl.last_update_utc,
+        next_update=crl.next_update_utc,
+        extensions=[
+            x509.Extension(ExtensionOID.AUTHORITY_KEY_IDENTIFIER, False, authority_key_identifier(ca.certificate)),
+            x509.Extension(ExtensionOID.CRL_NUMBER, False, x509.CRLNumber(snapshot.number)),
+            x509.Extension(ExtensionOID.ISSUING_DISTRIBUTION_POINT, True, issuing_distribution_point(point)),
+        ],
+        revoked_certificates=list(reference),
+    ).sign(signer, signing_hash(signer))
+    assert partition.tbs_certlist_bytes == with_idp.tbs_certlist_bytes
 
 
 def test_empty_crl_omits_the_list(tmp_path: Path) -> None:

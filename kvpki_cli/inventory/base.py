@@ -43,6 +43,7 @@ class CertificateRecord(NamedTuple):
     revoked_at: datetime | None = None
     reason: str | None = None
     replaces: str | None = None  # serial of the certificate this one renewed (kvpki renew, EST re-enrollment)
+    crl_partition: int | None = None  # the partition CRL listing it (its CRL DP); None: the full CRL only
 
     def effective_status(self, now: datetime) -> str:
         """``revoked`` wins over ``expired``; ``expired`` is derived from notAfter."""
@@ -157,6 +158,24 @@ class CrlState(NamedTuple):
     latest: int | None
 
 
+def crl_key(ca: str, partition: int | None) -> str:
+    """Under which name stored CRLs and their lock are kept: the CA's, or "<ca>/<k>" for partition k
+    (CA names hold no "/"); each partition CRL is a CRL scope of its own (RFC 5280 5.2.5)."""
+    return ca if partition is None else f"{ca}/{partition}"
+
+
+def fill_partitions(partition: int, filled: int, count: int, size: int) -> tuple[list[int], int, int]:
+    """Assign ``count`` certificates from (current ``partition``, ``filled`` in it): their partitions
+    and the new (partition, filled).  Each partition gets at most ``size`` (``size`` may change)."""
+    assigned = []
+    for _ in range(count):
+        if filled >= size:
+            partition, filled = partition + 1, 0
+        assigned.append(partition)
+        filled += 1
+    return assigned, partition, filled
+
+
 CRLS_KEPT = 100  # stored CRLs per CA (the latest ones): history for audits, bounded in size
 
 
@@ -197,9 +216,12 @@ class Inventory(ABC):
         """A strictly increasing CRL number per CA."""
 
     @abstractmethod
-    def crl_snapshot(self, ca: str, clock: Callable[[], datetime]) -> CrlSnapshot:
+    def crl_snapshot(self, ca: str, clock: Callable[[], datetime], partition: int | None = None) -> CrlSnapshot:
         """Take the next CRL number, then read ``clock()`` (at whole seconds) and the revoked set, in one
         transaction that holds the number's lock until it ends.
+
+        ``partition``: only the revocations recorded in that CRL partition (the number still comes
+        from the CA's one sequence, so it increases within every partition's scope too).
 
         A later number is granted only after the earlier snapshot committed, and its set is read
         after that, so of any two CRLs of a CA the higher-numbered one has a thisUpdate that is not
@@ -208,13 +230,27 @@ class Inventory(ABC):
         Across machines sharing one database this relies on their clocks being synchronised.
         """
 
-    def revocation_count(self, ca: str) -> int:
-        """How many certificates of ``ca`` were ever revoked: a cheap change marker for cached CRLs.
+    def revocation_count(self, ca: str, partition: int | None = None) -> int:
+        """How many certificates of ``ca`` (of one CRL partition) were ever revoked: a cheap change
+        marker for cached CRLs.
 
         Revocations are never undone, so the count only grows.  Backends should
         override this default with a COUNT query.
         """
-        return len(self.list_certificates(ca, "revoked", datetime.now(UTC)))
+        rows = self.list_certificates(ca, "revoked", datetime.now(UTC))
+        return sum(1 for r in rows if partition is None or r.crl_partition == partition)
+
+    # CRL partitions (RFC 5280 5.2.5): certificates are assigned to partitions as they are issued.
+
+    def reserve_crl_partitions(self, ca: str, count: int, size: int) -> list[int]:
+        """The partitions of ``count`` certificates about to be issued by ``ca``, in one transaction:
+        the current partition is filled up to ``size`` certificates, then the next one opened.
+        Reservations whose certificate is never recorded leave a partition smaller, never larger."""
+        raise UsageError("this inventory cannot partition CRLs")
+
+    def last_crl_partition(self, ca: str) -> int | None:
+        """The highest partition of ``ca`` reserved so far, or None when none was."""
+        raise UsageError("this inventory cannot partition CRLs")
 
     # Stored CRLs (``crl_publish.py`` coordinates them).  Backends create their table on first use.
 
@@ -223,12 +259,13 @@ class Inventory(ABC):
         machines sharing the inventory, so exactly one of them signs each new CRL."""
         raise UsageError("this inventory cannot store CRLs")
 
-    def crl_state(self, ca: str) -> CrlState:
-        """The revocation count and the latest stored CRL number, in one round trip."""
+    def crl_state(self, ca: str, partition: int | None = None) -> CrlState:
+        """The revocation count and the latest stored CRL number (of one partition), in one round trip."""
         raise UsageError("this inventory cannot store CRLs")
 
     def latest_crl(self, ca: str, *, with_der: bool = True) -> StoredCrl | None:
-        """The stored CRL of ``ca`` with the highest number, or None (``with_der=False``: ``der`` empty)."""
+        """The stored CRL of ``ca`` (a ``crl_key``) with the highest number, or None (``with_der=False``:
+        ``der`` empty)."""
         raise UsageError("this inventory cannot store CRLs")
 
     def store_crl(self, ca: str, crl: StoredCrl) -> None:

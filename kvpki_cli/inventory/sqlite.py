@@ -27,6 +27,8 @@ from kvpki_cli.inventory.base import (
     LifecycleCounts,
     SerialCollision,
     StoredCrl,
+    crl_key,
+    fill_partitions,
     from_text,
     revoked_row,
     status_condition,
@@ -34,7 +36,8 @@ from kvpki_cli.inventory.base import (
 )
 
 # 2: certificates_crl, the covering index a CRL is read from (created on first open of a version-1 file).
-SCHEMA_VERSION = 2
+# 3: certificates.crl_partition, its covering index and crl_partitions (added on first open of a 1 or 2).
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
     ca TEXT NOT NULL,
@@ -52,17 +55,26 @@ CREATE TABLE IF NOT EXISTS certificates (
     reason TEXT,
     issued_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
     replaces TEXT,
+    crl_partition INTEGER,
     PRIMARY KEY (ca, serial)
 );
 CREATE INDEX IF NOT EXISTS certificates_status ON certificates (ca, status, not_after);
 CREATE INDEX IF NOT EXISTS certificates_crl ON certificates (ca, status, serial, not_after, revoked_at, reason);
 CREATE TABLE IF NOT EXISTS crl_numbers (ca TEXT PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS crl_partitions (
+    ca TEXT PRIMARY KEY, last_partition INTEGER NOT NULL, filled INTEGER NOT NULL
+);
 """
 # Columns newer than a file may be: added by _add_missing_columns on open (no version bump needed).
 ADDED_COLUMNS = {"replaces": "TEXT"}  # serial of the certificate a renewal replaced
+# After the column exists (an older file gains it by ALTER TABLE first): a partition CRL's covering index.
+PARTITION_INDEX = (
+    "CREATE INDEX IF NOT EXISTS certificates_partition_crl"
+    " ON certificates (ca, crl_partition, status, serial, not_after, revoked_at, reason)"
+)
 COLUMNS = (
-    "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason"
-    ", replaces"
+    "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason,"
+    " replaces, crl_partition"
 )
 COLUMNS_WITHOUT_DER = COLUMNS.replace(" der,", " X'',")
 
@@ -70,6 +82,8 @@ UNEXPIRED_CONDITION = "WHERE ca=? AND status='revoked' AND not_after>? ORDER BY 
 REVOKED_UNEXPIRED = f"SELECT {COLUMNS} FROM certificates {UNEXPIRED_CONDITION}"
 # Answered from certificates_crl alone, in serial order: no certificate row is read, nothing is sorted.
 CRL_ENTRIES = f"SELECT serial, revoked_at, reason FROM certificates {UNEXPIRED_CONDITION}"
+# One partition's entries, from certificates_partition_crl alone, in serial order.
+PARTITION_CRL_ENTRIES = CRL_ENTRIES.replace("WHERE ca=?", "WHERE ca=? AND crl_partition=?")
 # Created on first use (no schema version bump): signed CRLs every process of this machine publishes.
 CRLS_TABLE = """
 CREATE TABLE IF NOT EXISTS crls (
@@ -101,6 +115,7 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         revoked_at,
         reason,
         replaces,
+        crl_partition,
     ) = row
     return CertificateRecord(
         ca=str(ca),
@@ -117,7 +132,15 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         revoked_at=from_text(str(revoked_at)) if revoked_at else None,
         reason=str(reason) if reason else None,
         replaces=str(replaces) if replaces else None,
+        crl_partition=None if crl_partition is None else int(crl_partition),  # type: ignore[call-overload]
     )
+
+
+def _revocations(ca: str, partition: int | None) -> tuple[str, tuple[object, ...]]:
+    """How many certificates of ``ca`` (of one partition) were ever revoked, as SQL and parameters."""
+    if partition is None:
+        return "SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'", (ca,)
+    return "SELECT COUNT(*) FROM certificates WHERE ca=? AND crl_partition=? AND status='revoked'", (ca, partition)
 
 
 # A damaged file can make even SQLite's error message undecodable: Python then raises UnicodeDecodeError.
@@ -149,6 +172,10 @@ class SqliteInventory(Inventory):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(certificates)")}
+            if "crl_partition" not in columns:  # a version 1 or 2 file: its certificates stay on the full CRL
+                self._db.execute("ALTER TABLE certificates ADD COLUMN crl_partition INTEGER")
+            self._db.execute(PARTITION_INDEX)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _add_missing_columns(self) -> None:
@@ -228,6 +255,7 @@ class SqliteInventory(Inventory):
                 r.csr_sha256,
                 r.der,
                 r.replaces,
+                r.crl_partition,
             )
             for r in records
         ]
@@ -235,7 +263,7 @@ class SqliteInventory(Inventory):
             try:
                 db.executemany(
                     "INSERT INTO certificates (ca, serial, subject, sans, profile, requester, not_before,"
-                    " not_after, csr_sha256, der, replaces) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " not_after, csr_sha256, der, replaces, crl_partition) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             except sqlite3.IntegrityError as exc:
@@ -273,12 +301,27 @@ class SqliteInventory(Inventory):
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
         return self._rows(REVOKED_UNEXPIRED, (ca, to_text(now)))
 
-    def revocation_count(self, ca: str) -> int:
+    def revocation_count(self, ca: str, partition: int | None = None) -> int:
+        sql, params = _revocations(ca, partition)
         with self._errors("is unreadable"):
-            row = self._db.execute(
-                "SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'", (ca,)
-            ).fetchone()
-            return int(row[0])
+            return int(self._db.execute(sql, params).fetchone()[0])
+
+    def reserve_crl_partitions(self, ca: str, count: int, size: int) -> list[int]:
+        with self._transaction() as db:
+            row = db.execute("SELECT last_partition, filled FROM crl_partitions WHERE ca=?", (ca,)).fetchone()
+            current, filled = (int(row[0]), int(row[1])) if row else (0, 0)
+            assigned, partition, filled = fill_partitions(current, filled, count, size)
+            db.execute(
+                "INSERT INTO crl_partitions (ca, last_partition, filled) VALUES (?, ?, ?) ON CONFLICT(ca) DO UPDATE"
+                " SET last_partition=excluded.last_partition, filled=excluded.filled",
+                (ca, partition, filled),
+            )
+        return assigned
+
+    def last_crl_partition(self, ca: str) -> int | None:
+        with self._errors("is unreadable"):
+            row = self._db.execute("SELECT last_partition FROM crl_partitions WHERE ca=?", (ca,)).fetchone()
+        return None if row is None else int(row[0])
 
     @staticmethod
     def _take_crl_number(db: sqlite3.Connection, ca: str) -> int:
@@ -291,12 +334,16 @@ class SqliteInventory(Inventory):
         with self._transaction() as db:
             return self._take_crl_number(db, ca)
 
-    def crl_snapshot(self, ca: str, clock: Callable[[], datetime]) -> CrlSnapshot:
+    def crl_snapshot(self, ca: str, clock: Callable[[], datetime], partition: int | None = None) -> CrlSnapshot:
         # BEGIN IMMEDIATE holds SQLite's one write lock: revocations and other snapshots wait for this one.
         with self._transaction() as db:
             number = self._take_crl_number(db, ca)
             this_update = clock().replace(microsecond=0)
-            revoked = list(map(revoked_row, db.execute(CRL_ENTRIES, (ca, to_text(this_update)))))
+            if partition is None:
+                rows = db.execute(CRL_ENTRIES, (ca, to_text(this_update)))
+            else:
+                rows = db.execute(PARTITION_CRL_ENTRIES, (ca, partition, to_text(this_update)))
+            revoked = list(map(revoked_row, rows))
         return CrlSnapshot(number, this_update, revoked)
 
     def _crls_table(self) -> None:
@@ -323,13 +370,12 @@ class SqliteInventory(Inventory):
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def crl_state(self, ca: str) -> CrlState:
+    def crl_state(self, ca: str, partition: int | None = None) -> CrlState:
         self._crls_table()
+        count, params = _revocations(ca, partition)
         with self._errors("is unreadable"):
             row = self._db.execute(
-                "SELECT (SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'),"
-                " (SELECT MAX(number) FROM crls WHERE ca=?)",
-                (ca, ca),
+                f"SELECT ({count}), (SELECT MAX(number) FROM crls WHERE ca=?)", (*params, crl_key(ca, partition))
             ).fetchone()
         return CrlState(int(row[0]), None if row[1] is None else int(row[1]))
 

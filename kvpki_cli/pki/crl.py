@@ -53,6 +53,7 @@ SIGNATURE_ALGORITHMS = {  # DER AlgorithmIdentifier per (key family, hash)
 CRL_REASON_OID = bytes.fromhex("0603551d15")  # id-ce-cRLReasons 2.5.29.21
 AKI_OID = bytes.fromhex("0603551d23")  # id-ce-authorityKeyIdentifier 2.5.29.35
 CRL_NUMBER_OID = bytes.fromhex("0603551d14")  # id-ce-cRLNumber 2.5.29.20
+IDP_OID = bytes.fromhex("0603551d1c")  # id-ce-issuingDistributionPoint 2.5.29.28
 TIME_CACHE = 4096
 CHUNK = 65536  # rows encoded together: bounds the column lists' memory, keeps the C loops long
 FAST_LEADS = frozenset("1234567")  # first hex digit of a serial whose first octet needs no 0x00
@@ -238,10 +239,17 @@ def build_crl(
     crl_number: int,
     this_update: datetime,
     next_update: datetime,
+    distribution_point: str | None = None,
 ) -> x509.CertificateRevocationList:
     """``build_crl_der``'s CRL, parsed (which also checks its encoding)."""
     der = build_crl_der(
-        issuer, signer, revoked, crl_number=crl_number, this_update=this_update, next_update=next_update
+        issuer,
+        signer,
+        revoked,
+        crl_number=crl_number,
+        this_update=this_update,
+        next_update=next_update,
+        distribution_point=distribution_point,
     )
     return x509.load_der_x509_crl(der)
 
@@ -254,13 +262,21 @@ def build_crl_der(
     crl_number: int,
     this_update: datetime,
     next_update: datetime,
+    distribution_point: str | None = None,
 ) -> bytes:
-    """A complete v2 CRL (DER) with AKI and CRL number; one ``signer.sign()`` call whatever its size."""
+    """A v2 CRL (DER) with AKI and CRL number; one ``signer.sign()`` call whatever its size.
+
+    ``distribution_point``: the CRL of one partition (RFC 5280 section 5.2.5), carrying a critical
+    issuingDistributionPoint that names this URL (the CRL DP of the partition's certificates) and
+    onlyContainsUserCerts (partitions hold end-entity certificates only); None: a complete CRL.
+    """
     this_text = utc_text(this_update)
     entries = encode_revoked(revoked, this_text)
     extensions = _extension(AKI_OID, authority_key_identifier(issuer).public_bytes()) + _extension(
         CRL_NUMBER_OID, x509.CRLNumber(crl_number).public_bytes()
     )
+    if distribution_point is not None:
+        extensions += _extension(IDP_OID, issuing_distribution_point(distribution_point).public_bytes(), critical=True)
     algorithm = signature_algorithm(signer)
     tbs = _tlv(
         0x30,
@@ -286,6 +302,19 @@ def pem(der: bytes) -> bytes:
     return b"-----BEGIN X509 CRL-----\n" + b"\n".join(lines) + b"\n-----END X509 CRL-----\n"
 
 
-def _extension(oid: bytes, value: bytes) -> bytes:
-    """A non-critical Extension (criticality FALSE is the DEFAULT, so DER omits it)."""
-    return _tlv(0x30, oid + _tlv(0x04, value))
+def issuing_distribution_point(url: str) -> x509.IssuingDistributionPoint:
+    """The IDP of a partition CRL: its own URL, end-entity certificates only."""
+    return x509.IssuingDistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(url)],
+        relative_name=None,
+        only_contains_user_certs=True,
+        only_contains_ca_certs=False,
+        only_some_reasons=None,
+        indirect_crl=False,
+        only_contains_attribute_certs=False,
+    )
+
+
+def _extension(oid: bytes, value: bytes, *, critical: bool = False) -> bytes:
+    """An Extension; criticality FALSE is the DEFAULT, so DER omits it."""
+    return _tlv(0x30, oid + (b"\x01\x01\xff" if critical else b"") + _tlv(0x04, value))
