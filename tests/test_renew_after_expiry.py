@@ -175,6 +175,8 @@ def test_sqlite_inventory_without_the_column_gets_it_on_open(tmp_path: Path, use
         " csr_sha256, der) VALUES ('r', 'ab', 'CN=a', '[]', 'device', 'x', '2026-01-01T00:00:00Z',"
         " '2026-02-01T00:00:00Z', '', X'00')"
     )
+    if user_version >= 3:  # version 3 (CRL partitions) has crl_partition, but not necessarily replaces
+        db.execute("ALTER TABLE certificates ADD COLUMN crl_partition INTEGER")
     db.execute(f"PRAGMA user_version={user_version}")
     db.commit()
     db.close()
