@@ -138,6 +138,35 @@ def check_same_constraints(old: x509.Certificate, new: x509.Certificate) -> None
             )
 
 
+def check_renewal_time(old: x509.Certificate, now: datetime, window: timedelta | None) -> None:
+    """A renewal needs a certificate that is valid now, or expired by at most ``window`` (the
+    offline-device safety net); beyond it the device must re-enroll with its bootstrap credential."""
+    serial = serial_hex(old.serial_number)
+    if now < old.not_valid_before_utc:
+        raise PolicyViolation(f"certificate {serial} is not valid before {old.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ}")
+    if now < old.not_valid_after_utc:
+        return
+    expired = f"certificate {serial} expired on {old.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
+    if window is None:
+        raise PolicyViolation(
+            f"{expired} and renewal after expiry is off (renew_after_expiry): re-enroll with the bootstrap credential"
+        )
+    if now - old.not_valid_after_utc > window:
+        raise PolicyViolation(
+            f"{expired}, longer ago than renew_after_expiry ({format_window(window)}) allows:"
+            " re-enroll with the bootstrap credential"
+        )
+
+
+def format_window(window: timedelta) -> str:
+    """A window as the duration syntax it was written in, for messages (``180d``, ``12h``)."""
+    seconds = int(window.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 class CertificateAuthority:
     """A named CA ready to issue, revoke and publish."""
 
@@ -218,8 +247,9 @@ class CertificateAuthority:
         signer = self.keystore.signer()
         if jobs is None:
             jobs = self.keystore.signing_jobs() if len(requests) > 1 else 1
+        partitions = self._crl_partitions(templates)
         for _attempt in range(MAX_SERIAL_ATTEMPTS):
-            issued = self._sign_all(requests, templates, signer, jobs)
+            issued = self._sign_all(requests, templates, partitions, signer, jobs)
             if before_commit is not None:
                 before_commit(issued)
             try:
@@ -229,28 +259,57 @@ class CertificateAuthority:
             return issued
         raise BackendError("could not allocate a unique serial number")
 
+    def _crl_partitions(self, templates: Sequence[Template]) -> list[int | None]:
+        """The CRL partition of each certificate about to be signed (RFC 5280 5.2.5), when the CA's CRLs
+        are partitioned: end-entity certificates only; CA certificates stay on the full CRL."""
+        size = self.config.crl_partition_size
+        leaves = [i for i, template in enumerate(templates) if not template.profile.is_ca]
+        partitions: list[int | None] = [None] * len(templates)
+        if size is None or not self.config.urls.crl or not leaves:
+            return partitions
+        reserved = self.inventory.reserve_crl_partitions(self.name, len(leaves), size)
+        for index, partition in zip(leaves, reserved, strict=True):
+            partitions[index] = partition
+        return partitions
+
     def _sign_all(
-        self, requests: Sequence[SigningRequest], templates: Sequence[Template], signer: CAPrivateKey, jobs: int
+        self,
+        requests: Sequence[SigningRequest],
+        templates: Sequence[Template],
+        partitions: Sequence[int | None],
+        signer: CAPrivateKey,
+        jobs: int,
     ) -> list[Issued]:
         """Sign each (request, template), in order; with ``jobs`` > 1 on a thread pool, stopping at the first error."""
-        work = [(request, template, new_serial_number()) for request, template in zip(requests, templates, strict=True)]
+        work = [
+            (request, template, new_serial_number(), partition)
+            for request, template, partition in zip(requests, templates, partitions, strict=True)
+        ]
         if jobs <= 1 or len(work) <= 1:
-            return [self._sign(request, template, serial, signer) for request, template, serial in work]
+            return [self._sign(*item, signer) for item in work]
         from concurrent.futures import ThreadPoolExecutor
 
         self.chain  # noqa: B018 - load once, before the threads read it
         pool = ThreadPoolExecutor(max_workers=min(jobs, len(work)), thread_name_prefix="kvpki-sign")
         try:
-            futures = [pool.submit(self._sign, request, template, serial, signer) for request, template, serial in work]
+            futures = [pool.submit(self._sign, *item, signer) for item in work]
             return [future.result() for future in futures]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _sign(self, request: SigningRequest, template: Template, serial: int, signer: CAPrivateKey) -> Issued:
-        certificate = issue_certificate(template, serial, self.certificate, signer, self.config.urls)
+    def _sign(
+        self, request: SigningRequest, template: Template, serial: int, partition: int | None, signer: CAPrivateKey
+    ) -> Issued:
+        urls = self.config.urls
+        if partition is not None:
+            urls = urls._replace(crl=self.crl_url(partition))
+        certificate = issue_certificate(template, serial, self.certificate, signer, urls)
         if request.renews is not None:  # signed but not recorded: a refusal here still leaves no trace
             check_same_constraints(request.renews, certificate)
         record = new_record(self.name, template, certificate, request.requester, request.csr_der)
+        record = record._replace(crl_partition=partition)
+        if request.renews is not None:  # the inventory links each renewal to what it replaces
+            record = record._replace(replaces=serial_hex(request.renews.serial_number))
         return Issued(certificate, self.chain, record, template.notes)
 
     def check_not_revoked(self) -> None:
@@ -305,12 +364,23 @@ class CertificateAuthority:
         return record
 
     def renewal_request(
-        self, old: x509.Certificate, csr_der: bytes, csr: x509.CertificateSigningRequest, requester: str
+        self,
+        old: x509.Certificate,
+        csr_der: bytes,
+        csr: x509.CertificateSigningRequest,
+        requester: str,
+        renew_after_expiry: timedelta | None = None,
     ) -> SigningRequest:
-        """Same subject, SANs, profile and constraints as ``old``; the key comes from the CSR (rotated or not)."""
+        """Same subject, SANs, profile and constraints as ``old``; the key comes from the CSR (rotated or not).
+
+        ``old`` must be valid now, or expired for at most ``renew_after_expiry`` (default: the CA's
+        ``renew_after_expiry`` setting; unset: no renewal after expiry).
+        """
         from kvpki_cli.pki.policy import certificate_name_constraints
 
         record = self.issued_record(old)
+        window = renew_after_expiry if renew_after_expiry is not None else self.config.renew_after_expiry
+        check_renewal_time(old, utcnow(), window)
         return SigningRequest(
             csr_der=csr_der,
             csr=csr,
@@ -322,24 +392,47 @@ class CertificateAuthority:
             name_constraints=certificate_name_constraints(old),
         )
 
-    def crl(self, next_update: timedelta) -> x509.CertificateRevocationList:
-        from kvpki_cli.pki.crl import RevokedEntry, build_crl
+    def crl_url(self, partition: int | None = None) -> str | None:
+        """The CRL DP of the full CRL, or of partition ``partition``: "<base>/crl/<ca>.crl" becomes
+        "<base>/crl/<ca>/<k>.crl" (a configured ``crl_url`` without ".crl" gains "/<k>.crl")."""
+        url = self.config.urls.crl
+        if partition is None or url is None:
+            return url
+        return f"{url.removesuffix('.crl')}/{partition}.crl"
 
+    def check_crl_partition(self, partition: int) -> None:
+        """Refuse a partition this CA never assigned (partitioning off, or a number not reached yet)."""
+        if self.config.crl_partition_size is None or not self.config.urls.crl:
+            raise UsageError(f"CA {self.name!r} has no partitioned CRLs (set crl_partition_size and a CRL URL)")
+        last = self.inventory.last_crl_partition(self.name)
+        if partition < 0 or last is None or partition > last:
+            raise NotFound(f"CA {self.name!r} has no CRL partition {partition}")
+
+    def crl(self, next_update: timedelta, partition: int | None = None) -> x509.CertificateRevocationList:
+        return x509.load_der_x509_crl(self.crl_der(next_update, partition))
+
+    def crl_der(self, next_update: timedelta, partition: int | None = None) -> bytes:
+        """A new CRL, DER-encoded (what `kvpki crl` prints; no re-encoding of a million entries).
+
+        ``partition``: the CRL of that partition alone, with an issuingDistributionPoint naming its URL.
+        """
+        from kvpki_cli.pki.crl import build_crl_der, gc_paused
+
+        if partition is not None:
+            self.check_crl_partition(partition)
         signer = self.keystore.signer()  # before taking a number: a failing key store burns none
-        # Number, thisUpdate and revoked set from one transaction: a higher number never lists less.
-        snapshot = self.inventory.crl_snapshot(self.name, utcnow)
-        entries = [
-            RevokedEntry(int(r.serial, 16), r.revoked_at or snapshot.this_update, r.reason or "unspecified")
-            for r in snapshot.revoked
-        ]
-        return build_crl(
-            self.certificate,
-            signer,
-            entries,
-            crl_number=snapshot.number,
-            this_update=snapshot.this_update,
-            next_update=snapshot.this_update + next_update,
-        )
+        with gc_paused():  # a million row tuples would set off full collections that free nothing
+            # Number, thisUpdate and revoked set from one transaction: a higher number never lists less.
+            snapshot = self.inventory.crl_snapshot(self.name, utcnow, partition)
+            return build_crl_der(
+                self.certificate,
+                signer,
+                snapshot.revoked,  # serial, time and reason as stored: encoded without conversion
+                crl_number=snapshot.number,
+                this_update=snapshot.this_update,
+                next_update=snapshot.this_update + next_update,
+                distribution_point=None if partition is None else self.crl_url(partition),
+            )
 
 
 def init_ca(

@@ -256,6 +256,13 @@ def revoke_command(
 @click.option("--ca", "ca_name", required=True, help="Name of the CA that issued CERT_FILE.")
 @click.option("--validity", help="Lifetime of the new certificate (default: the profile's).")
 @click.option("--revoke-old", is_flag=True, help="Revoke the old certificate (reason superseded) once renewed.")
+@click.option(
+    "--renew-after-expiry",
+    "after_expiry",
+    metavar="DURATION",
+    help="Also renew CERT_FILE if it expired at most this long ago, e.g. 180d"
+    " (default: the CA's renew_after_expiry, else off).",
+)
 @click.option("--chain", "with_chain", is_flag=True, help="Append the CA chain to the output.")
 @click.option("--format", "fmt", type=click.Choice(("pem", "der", "pkcs7", "json")), default="pem", show_default=True)
 @click.option("--requester", help="Identity recorded in the inventory (default: $KVPKI_REQUESTER or cli:<user>).")
@@ -267,6 +274,7 @@ def renew_command(
     ca_name: str,
     validity: str | None,
     revoke_old: bool,
+    after_expiry: str | None,
     with_chain: bool,
     fmt: str,
     requester: str | None,
@@ -280,10 +288,11 @@ def renew_command(
     if fmt == "der" and with_chain:
         raise UsageError("--chain needs --format pem, pkcs7 or json (DER holds one certificate)")
     lifetime = parse_duration(validity, what="--validity") if validity else None
+    window = parse_duration(after_expiry, what="--renew-after-expiry") if after_expiry else None
     authority = obj.authority(ca_name)
     old = _load_certificate(read_input(cert_file))
     csr_der = decode_csr_bytes(read_input(csr_file))
-    request = authority.renewal_request(old, csr_der, parse_csr(csr_der), requester or default_requester())
+    request = authority.renewal_request(old, csr_der, parse_csr(csr_der), requester or default_requester(), window)
     issued = authority.issue(request._replace(validity=lifetime))
     if revoke_old:
         with contextlib.suppress(AlreadyExists):  # revoked meanwhile: the outcome asked for
@@ -324,22 +333,29 @@ def init_ocsp_responder_command(obj: Context, ca_name: str, validity: str) -> No
 @click.option("--format", "fmt", type=click.Choice(("pem", "der")), default="pem", show_default=True)
 @click.option("--next-update", default="7d", show_default=True, help="How long the CRL is valid.")
 @click.option("--new", "force_new", is_flag=True, help="Sign a new CRL even if the stored one is current.")
+@click.option(
+    "--partition",
+    type=click.IntRange(min=0),
+    help="Print partition K's CRL (a CA with crl_partition_size): its certificates only, with an IDP.",
+)
 @click.pass_obj
-def crl_command(obj: Context, ca_name: str, fmt: str, next_update: str, force_new: bool) -> None:
+def crl_command(
+    obj: Context, ca_name: str, fmt: str, next_update: str, force_new: bool, partition: int | None
+) -> None:
     """Print the CA's current CRL (every revoked, unexpired certificate), shared with `kvpki serve`.
 
     The CRL stored in the inventory is printed if nothing was revoked since, it has the requested
     validity and less than half of it has passed; otherwise (or with --new) a new one is signed and stored.
     """
-    from cryptography import x509
 
     from kvpki_cli.crl_publish import published_crl
     from kvpki_cli.durations import parse_duration
-    from kvpki_cli.pki.keys import Encoding
+    from kvpki_cli.pki.crl import pem
 
     validity = parse_duration(next_update, what="--next-update")
-    der = published_crl(obj.authority(ca_name), validity, exact_validity=True, new=force_new).der
-    _write_stdout(x509.load_der_x509_crl(der).public_bytes(Encoding.PEM) if fmt == "pem" else der)
+    authority = obj.authority(ca_name)
+    der = published_crl(authority, validity, exact_validity=True, new=force_new, partition=partition).der
+    _write_stdout(pem(der) if fmt == "pem" else der)
 
 
 @cli.command("list")
@@ -361,7 +377,7 @@ def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool, 
 
         records = expiring_records(authority, status, expiring, now)
     else:
-        records = authority.inventory.list_certificates(authority.name, status, now)
+        records = authority.inventory.list_certificates(authority.name, status, now, with_der=False)
     rows = [record.as_json(now) for record in records]
     if as_json:
         _write_stdout((json.dumps(rows, indent=2) + "\n").encode())

@@ -58,6 +58,7 @@ Check = Callable[[Any], str | None]
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[!-~]+")
 STORE_NAMES = ("local", "azure")
 KEY_TYPES = tuple(key_type.value for key_type in KeyType)
+MAX_CRL_PARTITION_SIZE = 10_000_000
 
 
 def _string(value: Any) -> str | None:
@@ -76,6 +77,11 @@ def _seconds(value: Any) -> str | None:
 def _rate(value: Any) -> str | None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6
     return None if ok else "a positive number of signatures per second"
+
+
+def _partition_size(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_CRL_PARTITION_SIZE
+    return None if ok else f"a whole number of certificates per CRL partition (1 to {MAX_CRL_PARTITION_SIZE})"
 
 
 def _url(value: Any) -> str | None:
@@ -119,6 +125,8 @@ CA_KEYS: dict[str, Check] = {
     "crl_url": _url,
     "ocsp_url": _url,
     "ca_issuers_url": _url,
+    "renew_after_expiry": _duration,  # expired certificates renew within this long after notAfter
+    "crl_partition_size": _partition_size,  # certificates per partitioned CRL (RFC 5280 5.2.5); off when absent
     "dps_url": _url,  # Azure DPS whose enrollments `kvpki revoke` disables (kvpki_cli/dps.py)
 }
 # What each key store reads from [ca.NAME.store_settings]; a store that gains a setting adds it here.
@@ -244,6 +252,8 @@ class CaConfig(NamedTuple):
     parent: str | None
     urls: PublicationUrls
     backdate: timedelta
+    renew_after_expiry: timedelta | None = None  # `kvpki renew` of expired certificates (default: off)
+    crl_partition_size: int | None = None  # leaf certificates per partition CRL; None: one full CRL
 
 
 class Settings:
@@ -363,6 +373,12 @@ class Settings:
             parent=merged.get("parent"),
             urls=self._urls(name, merged),
             backdate=timedelta(0) if backdate.strip() in ("0", "0s") else parse_duration(backdate, what="backdate"),
+            renew_after_expiry=(
+                parse_duration(str(merged["renew_after_expiry"]), what="renew_after_expiry")
+                if merged.get("renew_after_expiry")
+                else None
+            ),
+            crl_partition_size=merged.get("crl_partition_size"),
         )
 
     def _default(self, key: str) -> Any:

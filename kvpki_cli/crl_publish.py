@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.authority import CertificateAuthority
-from kvpki_cli.inventory.base import Inventory, StoredCrl
+from kvpki_cli.inventory.base import Inventory, StoredCrl, crl_key
 
 
 def is_current(stored: StoredCrl | None, revocations: int, now: datetime, validity: timedelta | None = None) -> bool:
@@ -38,26 +38,36 @@ def is_current(stored: StoredCrl | None, revocations: int, now: datetime, validi
 
 
 def published_crl(
-    ca: CertificateAuthority, validity: timedelta, *, exact_validity: bool = False, new: bool = False
+    ca: CertificateAuthority,
+    validity: timedelta,
+    *,
+    exact_validity: bool = False,
+    new: bool = False,
+    partition: int | None = None,
 ) -> StoredCrl:
     """The CA's current CRL: the stored one if current, else a new one signed and stored here.
 
     ``exact_validity``: a stored CRL signed with another validity is not current (``kvpki crl
     --next-update``); ``serve`` accepts whichever current CRL is stored.  ``new``: sign one anyway
-    (``kvpki crl --new``); serve instances then publish it.
+    (``kvpki crl --new``); serve instances then publish it.  ``partition``: the CRL of that
+    partition (RFC 5280 5.2.5), stored, locked and judged current on its own.
     """
     inventory = ca.inventory
+    if partition is not None:
+        ca.check_crl_partition(partition)
+    key = crl_key(ca.name, partition)
     wanted = validity if exact_validity else None
-    stored = None if new else _current(inventory, ca.name, wanted)
+    stored = None if new else _current(inventory, ca.name, partition, wanted)
     if stored is not None:
         return stored
-    with inventory.crl_lock(ca.name):
+    with inventory.crl_lock(key):
         # Look again under the lock: another process may have signed while we waited.
-        stored = None if new else _current(inventory, ca.name, wanted)
+        stored = None if new else _current(inventory, ca.name, partition, wanted)
         if stored is not None:
             return stored
-        revocations = inventory.revocation_count(ca.name)  # before the snapshot: never newer than the CRL
-        crl = ca.crl(validity)
+        # Before the snapshot: never newer than the CRL.
+        revocations = inventory.revocation_count(ca.name, partition)
+        crl = ca.crl(validity) if partition is None else ca.crl(validity, partition)
         fresh = StoredCrl(
             number=crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number,
             this_update=crl.last_update_utc,
@@ -65,15 +75,15 @@ def published_crl(
             revocations=revocations,
             der=crl.public_bytes(Encoding.DER),
         )
-        inventory.store_crl(ca.name, fresh)
+        inventory.store_crl(key, fresh)
         return fresh
 
 
-def _current(inventory: Inventory, ca: str, validity: timedelta | None) -> StoredCrl | None:
+def _current(inventory: Inventory, ca: str, partition: int | None, validity: timedelta | None) -> StoredCrl | None:
     """The latest stored CRL if it is current; its bytes are read only then (a CRL may be 50 MB)."""
-    revocations = inventory.revocation_count(ca)
-    head = inventory.latest_crl(ca, with_der=False)
+    revocations = inventory.revocation_count(ca, partition)
+    head = inventory.latest_crl(crl_key(ca, partition), with_der=False)
     if not is_current(head, revocations, datetime.now(UTC), validity):
         return None
-    stored = inventory.latest_crl(ca)
+    stored = inventory.latest_crl(crl_key(ca, partition))
     return stored if stored is not None and stored.number == head.number else None  # type: ignore[union-attr]

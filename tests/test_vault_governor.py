@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.client
+import itertools
 import subprocess
 import threading
 import time
@@ -242,7 +243,10 @@ def test_batch_jobs_default_comes_from_the_store(az: Kvpki, kv: KeyVaultTestServ
     assert result.returncode == 0, result.stderr
     answered = sorted(e.at for e in kv.log if e.path.endswith("/sign") and e.status == 200)
     assert len(answered) == 24
-    assert answered[-1] - answered[0] < 24 * 0.1 / 2  # one at a time, the answers would span >= 2.3 s
+    # One at a time, consecutive answers would be >= 100 ms apart (each request waits out the latency);
+    # overlapping requests answer closer together, however slow the machine is.
+    close = sum(1 for a, b in itertools.pairwise(answered) if b - a < 0.09)
+    assert close >= 12, f"only {close} of 23 answer gaps under the vault latency: signing was not concurrent"
 
 
 # ----------------------------------------------------------------------------- serve

@@ -27,6 +27,9 @@ from kvpki_cli.inventory.base import (
     LifecycleCounts,
     SerialCollision,
     StoredCrl,
+    crl_key,
+    fill_partitions,
+    revoked_row,
     status_condition,
 )
 
@@ -43,6 +46,22 @@ CONNECT_TIMEOUT_S = 10
 # CREATE TABLE IF NOT EXISTS can still fail on the catalog's unique indexes.
 SCHEMA_LOCK = 0x6B76706B69  # "kvpki"
 
+# What a CRL is read from, in the order it lists: an index-only scan, no sort, no certificate read.
+# Not part of the version: a version-1 database gets it on the next connection (older kvpki ignores it).
+CRL_INDEX = (
+    "CREATE INDEX IF NOT EXISTS kvpki_certificates_crl ON kvpki_certificates"
+    ' (ca, status, serial COLLATE "C") INCLUDE (not_after, revoked_at, reason)'
+)
+# Not part of the version either: the serial a renewal replaced, added on connection if missing.
+ADD_REPLACES = "ALTER TABLE kvpki_certificates ADD COLUMN IF NOT EXISTS replaces text"
+# CRL partitions (RFC 5280 5.2.5), not part of the version either: added on the next connection.
+PARTITION_SCHEMA = (
+    "ALTER TABLE kvpki_certificates ADD COLUMN IF NOT EXISTS crl_partition integer",
+    "CREATE INDEX IF NOT EXISTS kvpki_certificates_partition_crl ON kvpki_certificates"
+    ' (ca, crl_partition, status, serial COLLATE "C") INCLUDE (not_after, revoked_at, reason)',
+    "CREATE TABLE IF NOT EXISTS kvpki_crl_partitions"
+    " (ca text PRIMARY KEY, last_partition integer NOT NULL, filled integer NOT NULL)",
+)
 # Advisory lock class of "one instance signs the next CRL of a CA" (second key: hashtext of the CA name).
 CRL_LOCK = 0x6B63726C  # "kcrl"
 CRL_LOCK_TIMEOUT = "120s"  # longer than signing a 1M-entry CRL; a holder that dies releases it at once
@@ -81,25 +100,34 @@ SCHEMA = (
         reason      text,
         issued_at   timestamptz NOT NULL DEFAULT now(),
         id          bigint      GENERATED ALWAYS AS IDENTITY,
+        replaces    text,
+        crl_partition integer,
         PRIMARY KEY (ca, serial)
     )
     """,
     "CREATE INDEX IF NOT EXISTS kvpki_certificates_status ON kvpki_certificates (ca, status, not_after)",
     "CREATE TABLE IF NOT EXISTS kvpki_crl_numbers (ca text PRIMARY KEY, last bigint NOT NULL)",
+    CRL_INDEX,
+    *PARTITION_SCHEMA,
     "CREATE TABLE IF NOT EXISTS kvpki_schema (version integer NOT NULL)",
 )
 
 # The columns in CertificateRecord's field order, so a row maps onto a record positionally.
 COLUMNS = ", ".join(CertificateRecord._fields)
+COLUMNS_WITHOUT_DER = COLUMNS.replace(" der,", " ''::bytea,")
 INSERT = (
     "INSERT INTO kvpki_certificates (ca, serial, subject, sans, profile, requester, not_before, not_after,"
-    " csr_sha256, der) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " csr_sha256, der, replaces, crl_partition) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 # COLLATE "C": byte order, as SQLite sorts text, whatever the database's locale.
-REVOKED_UNEXPIRED = (
-    f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s AND status = 'revoked' AND not_after > %s"
-    ' ORDER BY serial COLLATE "C"'
+UNEXPIRED_CONDITION = "WHERE ca = %s AND status = 'revoked' AND not_after > %s ORDER BY serial COLLATE \"C\""
+REVOKED_UNEXPIRED = f"SELECT {COLUMNS} FROM kvpki_certificates {UNEXPIRED_CONDITION}"
+# The revocation time as the text SQLite stores (base.to_text): the CRL encoder takes it as is.
+CRL_ENTRIES = (
+    "SELECT serial, to_char(revoked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), reason"
+    f" FROM kvpki_certificates {UNEXPIRED_CONDITION}"
 )
+PARTITION_CRL_ENTRIES = CRL_ENTRIES.replace("WHERE ca = %s", "WHERE ca = %s AND crl_partition = %s")
 
 
 def utc_seconds(value: datetime) -> datetime:
@@ -116,6 +144,16 @@ def _row_to_record(row: Sequence[Any]) -> CertificateRecord:
         not_after=record.not_after.astimezone(UTC),
         revoked_at=record.revoked_at.astimezone(UTC) if record.revoked_at else None,
         reason=record.reason or None,
+    )
+
+
+def _revocations(ca: str, partition: int | None) -> tuple[str, tuple[Any, ...]]:
+    """How many certificates of ``ca`` (of one partition) were ever revoked, as SQL and parameters."""
+    if partition is None:
+        return "SELECT count(*) FROM kvpki_certificates WHERE ca = %s AND status = 'revoked'", (ca,)
+    return (
+        "SELECT count(*) FROM kvpki_certificates WHERE ca = %s AND crl_partition = %s AND status = 'revoked'",
+        (ca, partition),
     )
 
 
@@ -203,7 +241,12 @@ class PostgresInventory(Inventory):
         """Create the tables once; later connections only read the version (no DDL rights needed)."""
         with self._transaction() as cursor:
             version = self._schema_version(cursor)
-            if version == SCHEMA_VERSION:
+            if (
+                version == SCHEMA_VERSION
+                and self._has_crl_index(cursor)
+                and self._has_partitions(cursor)
+                and self._has_replaces(cursor)
+            ):
                 return
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             version = self._schema_version(cursor)  # another process may have won the race
@@ -217,6 +260,65 @@ class PostgresInventory(Inventory):
                     cursor.execute(statement)
                 cursor.execute("DELETE FROM kvpki_schema")
                 cursor.execute("INSERT INTO kvpki_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            else:
+                self._create_crl_index(cursor)
+                self._add_partitions(cursor)
+            self._add_replaces(cursor)
+
+    @staticmethod
+    def _add_partitions(cursor: psycopg.Cursor[Any]) -> None:
+        """What CRL partitions add to an older database, once: the column and the counter table (needed
+        to record certificates: without them a role lacking DDL rights fails until the owner connects),
+        then the index (optional, like the CRL index)."""
+        row = cursor.execute(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'kvpki_certificates'::regclass"
+            " AND attname = 'crl_partition' AND NOT attisdropped"
+        ).fetchone()
+        if not row or not row[0]:
+            cursor.execute(PARTITION_SCHEMA[0])
+        if cursor.execute("SELECT to_regclass('kvpki_crl_partitions') IS NULL").fetchone() == (True,):
+            cursor.execute(PARTITION_SCHEMA[2])
+        try:
+            with cursor.connection.transaction():
+                cursor.execute(PARTITION_SCHEMA[1])
+        except pg_errors.InsufficientPrivilege:
+            pass
+
+    @staticmethod
+    def _has_partitions(cursor: psycopg.Cursor[Any]) -> bool:
+        row = cursor.execute(
+            "SELECT to_regclass('kvpki_certificates_partition_crl') IS NOT NULL"
+            " AND to_regclass('kvpki_crl_partitions') IS NOT NULL"
+        ).fetchone()
+        return bool(row and row[0])
+
+    @staticmethod
+    def _create_crl_index(cursor: psycopg.Cursor[Any]) -> None:
+        """Once, on the first connection after an upgrade.  A role without DDL rights still works
+        (CRLs are then read by a slower plan) until one with them connects."""
+        try:
+            with cursor.connection.transaction():  # a savepoint: the refusal must not end the transaction
+                cursor.execute(CRL_INDEX)
+        except pg_errors.InsufficientPrivilege:
+            pass
+
+    @staticmethod
+    def _has_replaces(cursor: psycopg.Cursor[Any]) -> bool:
+        row = cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('kvpki_certificates')"
+            " AND attname = 'replaces' AND NOT attisdropped)"
+        ).fetchone()
+        return bool(row and row[0])
+
+    @staticmethod
+    def _add_replaces(cursor: psycopg.Cursor[Any]) -> None:
+        """The renewal link (serial of the replaced certificate), added to databases created before it."""
+        cursor.execute(ADD_REPLACES)
+
+    @staticmethod
+    def _has_crl_index(cursor: psycopg.Cursor[Any]) -> bool:
+        row = cursor.execute("SELECT to_regclass('kvpki_certificates_crl') IS NOT NULL").fetchone()
+        return bool(row and row[0])
 
     @staticmethod
     def _schema_version(cursor: psycopg.Cursor[Any]) -> int | None:
@@ -239,6 +341,8 @@ class PostgresInventory(Inventory):
                 utc_seconds(r.not_after),
                 r.csr_sha256,
                 r.der,
+                r.replaces,
+                r.crl_partition,
             )
             for r in records
         ]
@@ -271,18 +375,43 @@ class PostgresInventory(Inventory):
         assert updated is not None
         return _row_to_record(updated)
 
-    def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
+    def list_certificates(
+        self, ca: str, status: str | None, now: datetime, *, with_der: bool = True
+    ) -> list[CertificateRecord]:
         condition, binds_now = status_condition(status, "%s")
         params: list[Any] = [ca, utc_seconds(now)] if binds_now else [ca]
-        query = f"SELECT {COLUMNS} FROM kvpki_certificates WHERE ca = %s{condition} ORDER BY issued_at, id"
+        columns = COLUMNS if with_der else COLUMNS_WITHOUT_DER
+        query = f"SELECT {columns} FROM kvpki_certificates WHERE ca = %s{condition} ORDER BY issued_at, id"
         return [_row_to_record(row) for row in self._query(query, params)]
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
         return [_row_to_record(row) for row in self._query(REVOKED_UNEXPIRED, (ca, utc_seconds(now)))]
 
-    def revocation_count(self, ca: str) -> int:
-        rows = self._query("SELECT count(*) FROM kvpki_certificates WHERE ca = %s AND status = 'revoked'", (ca,))
-        return int(rows[0][0])
+    def revocation_count(self, ca: str, partition: int | None = None) -> int:
+        sql, params = _revocations(ca, partition)
+        return int(self._query(sql, params)[0][0])
+
+    def reserve_crl_partitions(self, ca: str, count: int, size: int) -> list[int]:
+        with self._transaction() as cursor:
+            cursor.execute(
+                "INSERT INTO kvpki_crl_partitions (ca, last_partition, filled) VALUES (%s, 0, 0)"
+                " ON CONFLICT (ca) DO NOTHING",
+                (ca,),
+            )
+            row = cursor.execute(
+                "SELECT last_partition, filled FROM kvpki_crl_partitions WHERE ca = %s FOR UPDATE", (ca,)
+            ).fetchone()
+            assert row is not None
+            assigned, partition, filled = fill_partitions(int(row[0]), int(row[1]), count, size)
+            cursor.execute(
+                "UPDATE kvpki_crl_partitions SET last_partition = %s, filled = %s WHERE ca = %s",
+                (partition, filled, ca),
+            )
+        return assigned
+
+    def last_crl_partition(self, ca: str) -> int | None:
+        rows = self._query("SELECT last_partition FROM kvpki_crl_partitions WHERE ca = %s", (ca,))
+        return int(rows[0][0]) if rows else None
 
     @staticmethod
     def _take_crl_number(cursor: psycopg.Cursor[Any], ca: str) -> int:
@@ -300,14 +429,19 @@ class PostgresInventory(Inventory):
         with self._transaction() as cursor:
             return self._take_crl_number(cursor, ca)
 
-    def crl_snapshot(self, ca: str, clock: Callable[[], datetime]) -> CrlSnapshot:
+    def crl_snapshot(self, ca: str, clock: Callable[[], datetime], partition: int | None = None) -> CrlSnapshot:
         # READ COMMITTED: the SELECT runs after the number's row lock is granted, i.e. after the
         # snapshot holding the previous number committed, and sees every revocation committed before.
         with self._transaction() as cursor:
             number = self._take_crl_number(cursor, ca)
             this_update = utc_seconds(clock())
-            rows = cursor.execute(REVOKED_UNEXPIRED, (ca, this_update)).fetchall()
-        return CrlSnapshot(number, this_update, [_row_to_record(row) for row in rows])
+            # fetchall: psycopg loads rows in C (iterating calls Python per row); then tuple -> RevokedRow in C.
+            if partition is None:
+                cursor.execute(CRL_ENTRIES, (ca, this_update))
+            else:
+                cursor.execute(PARTITION_CRL_ENTRIES, (ca, partition, this_update))
+            revoked = list(map(revoked_row, cursor.fetchall()))
+        return CrlSnapshot(number, this_update, revoked)
 
     def _crls_table(self) -> None:
         if getattr(self, "_crls_ready", False):
@@ -335,12 +469,11 @@ class PostgresInventory(Inventory):
             with suppress(BackendError):  # a lost connection has released the lock already
                 self._query("SELECT pg_advisory_unlock(%s, hashtext(%s))", (CRL_LOCK, ca))
 
-    def crl_state(self, ca: str) -> CrlState:
+    def crl_state(self, ca: str, partition: int | None = None) -> CrlState:
         self._crls_table()
+        count, params = _revocations(ca, partition)
         rows = self._query(
-            "SELECT (SELECT count(*) FROM kvpki_certificates WHERE ca = %s AND status = 'revoked'),"
-            " (SELECT max(number) FROM kvpki_crls WHERE ca = %s)",
-            (ca, ca),
+            f"SELECT ({count}), (SELECT max(number) FROM kvpki_crls WHERE ca = %s)", (*params, crl_key(ca, partition))
         )
         revocations, latest = rows[0]
         return CrlState(int(revocations), None if latest is None else int(latest))
@@ -403,3 +536,44 @@ class PostgresInventory(Inventory):
         with self._errors():
             rows = self._connection().execute(query, params).fetchall()
         return [LifecycleCounts(str(r[0]), str(r[1]), *(int(v) for v in r[2:])) for r in rows]
+
+    # --- serving: enrollment rate limits (kvpki serve), created on first use like kvpki_crls
+
+    def rate_count(self, key: str, window_start: int) -> int:
+        if not getattr(self, "_rates_ready", False):
+            with self._transaction() as cursor:
+                if cursor.execute("SELECT to_regclass('kvpki_rate_counters') IS NULL").fetchone() == (True,):
+                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                    cursor.execute(RATES_TABLE)
+            self._rates_ready = True
+        with self._transaction() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit = off")  # a counter is not worth a WAL flush wait
+            row = cursor.execute(
+                "INSERT INTO kvpki_rate_counters (key, window_start, hits) VALUES (%s, %s, 1)"
+                " ON CONFLICT (key, window_start) DO UPDATE SET hits = kvpki_rate_counters.hits + 1"
+                " RETURNING hits",
+                (key, window_start),
+            ).fetchone()
+            cursor.execute("DELETE FROM kvpki_rate_counters WHERE key = %s AND window_start < %s", (key, window_start))
+        return int(row[0]) if row else 0
+
+    def count_expiring(self, ca: str, now: datetime, until: datetime) -> int:
+        rows = self._query(
+            "SELECT COUNT(*) FROM kvpki_certificates WHERE ca = %s AND status = 'valid'"
+            " AND not_after > %s AND not_after <= %s",
+            (ca, utc_seconds(now), utc_seconds(until)),
+        )
+        return int(rows[0][0])
+
+    def ping(self) -> None:
+        self._query("SELECT 1", ())
+
+
+RATES_TABLE = """
+CREATE TABLE IF NOT EXISTS kvpki_rate_counters (
+    key text NOT NULL,
+    window_start bigint NOT NULL,
+    hits bigint NOT NULL,
+    PRIMARY KEY (key, window_start)
+)
+"""

@@ -27,12 +27,17 @@ from kvpki_cli.inventory.base import (
     LifecycleCounts,
     SerialCollision,
     StoredCrl,
+    crl_key,
+    fill_partitions,
     from_text,
+    revoked_row,
     status_condition,
     to_text,
 )
 
-SCHEMA_VERSION = 1
+# 2: certificates_crl, the covering index a CRL is read from (created on first open of a version-1 file).
+# 3: certificates.crl_partition, its covering index and crl_partitions (added on first open of a 1 or 2).
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
     ca TEXT NOT NULL,
@@ -49,15 +54,36 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked_at TEXT,
     reason TEXT,
     issued_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    replaces TEXT,
+    crl_partition INTEGER,
     PRIMARY KEY (ca, serial)
 );
 CREATE INDEX IF NOT EXISTS certificates_status ON certificates (ca, status, not_after);
+CREATE INDEX IF NOT EXISTS certificates_crl ON certificates (ca, status, serial, not_after, revoked_at, reason);
 CREATE TABLE IF NOT EXISTS crl_numbers (ca TEXT PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS crl_partitions (
+    ca TEXT PRIMARY KEY, last_partition INTEGER NOT NULL, filled INTEGER NOT NULL
+);
 """
-COLUMNS = (
-    "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason"
+# Columns newer than a file may be: added by _add_missing_columns on open (no version bump needed).
+ADDED_COLUMNS = {"replaces": "TEXT"}  # serial of the certificate a renewal replaced
+# After the column exists (an older file gains it by ALTER TABLE first): a partition CRL's covering index.
+PARTITION_INDEX = (
+    "CREATE INDEX IF NOT EXISTS certificates_partition_crl"
+    " ON certificates (ca, crl_partition, status, serial, not_after, revoked_at, reason)"
 )
+COLUMNS = (
+    "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason,"
+    " replaces, crl_partition"
+)
+COLUMNS_WITHOUT_DER = COLUMNS.replace(" der,", " X'',")
 
+UNEXPIRED_CONDITION = "WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial"
+REVOKED_UNEXPIRED = f"SELECT {COLUMNS} FROM certificates {UNEXPIRED_CONDITION}"
+# Answered from certificates_crl alone, in serial order: no certificate row is read, nothing is sorted.
+CRL_ENTRIES = f"SELECT serial, revoked_at, reason FROM certificates {UNEXPIRED_CONDITION}"
+# One partition's entries, from certificates_partition_crl alone, in serial order.
+PARTITION_CRL_ENTRIES = CRL_ENTRIES.replace("WHERE ca=?", "WHERE ca=? AND crl_partition=?")
 # Created on first use (no schema version bump): signed CRLs every process of this machine publishes.
 CRLS_TABLE = """
 CREATE TABLE IF NOT EXISTS crls (
@@ -71,9 +97,6 @@ CREATE TABLE IF NOT EXISTS crls (
 )
 """
 
-REVOKED_UNEXPIRED = (
-    f"SELECT {COLUMNS} FROM certificates WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial"
-)
 
 
 def _row_to_record(row: Sequence[object]) -> CertificateRecord:
@@ -91,12 +114,14 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         status,
         revoked_at,
         reason,
+        replaces,
+        crl_partition,
     ) = row
     return CertificateRecord(
         ca=str(ca),
         serial=str(serial),
         subject=str(subject),
-        sans=tuple(json.loads(str(sans))),
+        sans=() if sans == "[]" else tuple(json.loads(str(sans))),  # most devices: no SANs to parse
         profile=str(profile),
         requester=str(requester),
         not_before=from_text(str(not_before)),
@@ -106,7 +131,16 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         status=str(status),
         revoked_at=from_text(str(revoked_at)) if revoked_at else None,
         reason=str(reason) if reason else None,
+        replaces=str(replaces) if replaces else None,
+        crl_partition=None if crl_partition is None else int(crl_partition),  # type: ignore[call-overload]
     )
+
+
+def _revocations(ca: str, partition: int | None) -> tuple[str, tuple[object, ...]]:
+    """How many certificates of ``ca`` (of one partition) were ever revoked, as SQL and parameters."""
+    if partition is None:
+        return "SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'", (ca,)
+    return "SELECT COUNT(*) FROM certificates WHERE ca=? AND crl_partition=? AND status='revoked'", (ca, partition)
 
 
 # A damaged file can make even SQLite's error message undecodable: Python then raises UnicodeDecodeError.
@@ -127,6 +161,7 @@ class SqliteInventory(Inventory):
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
             if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 self._create_schema(busy_timeout_s)
+            self._add_missing_columns()
             self._db.execute("PRAGMA synchronous=FULL")
         except SQLITE_ERRORS as exc:
             raise BackendError(f"inventory {path} is unusable: {_describe(exc)}") from None
@@ -137,7 +172,24 @@ class SqliteInventory(Inventory):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(certificates)")}
+            if "crl_partition" not in columns:  # a version 1 or 2 file: its certificates stay on the full CRL
+                self._db.execute("ALTER TABLE certificates ADD COLUMN crl_partition INTEGER")
+            self._db.execute(PARTITION_INDEX)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after a schema version, added on open whatever the version says (idempotent:
+        several helpers' columns can land independently, and concurrent openers re-check under the lock)."""
+        if not self._missing_columns():
+            return
+        with self._transaction() as db:
+            for column, definition in self._missing_columns().items():
+                db.execute(f"ALTER TABLE certificates ADD COLUMN {column} {definition}")
+
+    def _missing_columns(self) -> dict[str, str]:
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(certificates)")}
+        return {column: definition for column, definition in ADDED_COLUMNS.items() if column not in present}
 
     def _enable_wal(self, busy_timeout_s: float) -> None:
         """Switch to WAL, retrying: SQLite fails this pragma at once instead of calling the busy
@@ -202,6 +254,8 @@ class SqliteInventory(Inventory):
                 to_text(r.not_after),
                 r.csr_sha256,
                 r.der,
+                r.replaces,
+                r.crl_partition,
             )
             for r in records
         ]
@@ -209,7 +263,7 @@ class SqliteInventory(Inventory):
             try:
                 db.executemany(
                     "INSERT INTO certificates (ca, serial, subject, sans, profile, requester, not_before,"
-                    " not_after, csr_sha256, der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " not_after, csr_sha256, der, replaces, crl_partition) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             except sqlite3.IntegrityError as exc:
@@ -236,20 +290,38 @@ class SqliteInventory(Inventory):
         assert record is not None
         return record
 
-    def list_certificates(self, ca: str, status: str | None, now: datetime) -> list[CertificateRecord]:
+    def list_certificates(
+        self, ca: str, status: str | None, now: datetime, *, with_der: bool = True
+    ) -> list[CertificateRecord]:
         condition, binds_now = status_condition(status, "?")
         params: list[object] = [ca, to_text(now)] if binds_now else [ca]
-        return self._rows(f"SELECT {COLUMNS} FROM certificates WHERE ca=?{condition} ORDER BY issued_at, rowid", params)
+        columns = COLUMNS if with_der else COLUMNS_WITHOUT_DER
+        return self._rows(f"SELECT {columns} FROM certificates WHERE ca=?{condition} ORDER BY issued_at, rowid", params)
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
         return self._rows(REVOKED_UNEXPIRED, (ca, to_text(now)))
 
-    def revocation_count(self, ca: str) -> int:
+    def revocation_count(self, ca: str, partition: int | None = None) -> int:
+        sql, params = _revocations(ca, partition)
         with self._errors("is unreadable"):
-            row = self._db.execute(
-                "SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'", (ca,)
-            ).fetchone()
-            return int(row[0])
+            return int(self._db.execute(sql, params).fetchone()[0])
+
+    def reserve_crl_partitions(self, ca: str, count: int, size: int) -> list[int]:
+        with self._transaction() as db:
+            row = db.execute("SELECT last_partition, filled FROM crl_partitions WHERE ca=?", (ca,)).fetchone()
+            current, filled = (int(row[0]), int(row[1])) if row else (0, 0)
+            assigned, partition, filled = fill_partitions(current, filled, count, size)
+            db.execute(
+                "INSERT INTO crl_partitions (ca, last_partition, filled) VALUES (?, ?, ?) ON CONFLICT(ca) DO UPDATE"
+                " SET last_partition=excluded.last_partition, filled=excluded.filled",
+                (ca, partition, filled),
+            )
+        return assigned
+
+    def last_crl_partition(self, ca: str) -> int | None:
+        with self._errors("is unreadable"):
+            row = self._db.execute("SELECT last_partition FROM crl_partitions WHERE ca=?", (ca,)).fetchone()
+        return None if row is None else int(row[0])
 
     @staticmethod
     def _take_crl_number(db: sqlite3.Connection, ca: str) -> int:
@@ -262,13 +334,17 @@ class SqliteInventory(Inventory):
         with self._transaction() as db:
             return self._take_crl_number(db, ca)
 
-    def crl_snapshot(self, ca: str, clock: Callable[[], datetime]) -> CrlSnapshot:
+    def crl_snapshot(self, ca: str, clock: Callable[[], datetime], partition: int | None = None) -> CrlSnapshot:
         # BEGIN IMMEDIATE holds SQLite's one write lock: revocations and other snapshots wait for this one.
         with self._transaction() as db:
             number = self._take_crl_number(db, ca)
             this_update = clock().replace(microsecond=0)
-            rows = db.execute(REVOKED_UNEXPIRED, (ca, to_text(this_update))).fetchall()
-        return CrlSnapshot(number, this_update, self._decode(rows))
+            if partition is None:
+                rows = db.execute(CRL_ENTRIES, (ca, to_text(this_update)))
+            else:
+                rows = db.execute(PARTITION_CRL_ENTRIES, (ca, partition, to_text(this_update)))
+            revoked = list(map(revoked_row, rows))
+        return CrlSnapshot(number, this_update, revoked)
 
     def _crls_table(self) -> None:
         if not getattr(self, "_crls_ready", False):
@@ -294,13 +370,12 @@ class SqliteInventory(Inventory):
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def crl_state(self, ca: str) -> CrlState:
+    def crl_state(self, ca: str, partition: int | None = None) -> CrlState:
         self._crls_table()
+        count, params = _revocations(ca, partition)
         with self._errors("is unreadable"):
             row = self._db.execute(
-                "SELECT (SELECT COUNT(*) FROM certificates WHERE ca=? AND status='revoked'),"
-                " (SELECT MAX(number) FROM crls WHERE ca=?)",
-                (ca, ca),
+                f"SELECT ({count}), (SELECT MAX(number) FROM crls WHERE ca=?)", (*params, crl_key(ca, partition))
             ).fetchone()
         return CrlState(int(row[0]), None if row[1] is None else int(row[1]))
 
@@ -382,3 +457,50 @@ class SqliteInventory(Inventory):
             )
             for r in rows
         ]
+
+    # --- serving: enrollment rate limits (kvpki serve), created on first use like the CRL table
+
+    def rate_count(self, key: str, window_start: int) -> int:
+        # A counter is not worth an fsync per enrollment (~7 ms): in WAL mode synchronous=NORMAL
+        # commits atomically and survives a process crash; a power cut may forget a few counts.
+        with self._errors("cannot count"):
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._transaction() as db:
+                if not getattr(self, "_rates_ready", False):
+                    db.execute(RATES_TABLE)
+                    self._rates_ready = True
+                row = db.execute(
+                    "INSERT INTO rate_counters (key, window_start, hits) VALUES (?, ?, 1)"
+                    " ON CONFLICT (key, window_start) DO UPDATE SET hits = hits + 1 RETURNING hits",
+                    (key, window_start),
+                ).fetchone()
+                db.execute("DELETE FROM rate_counters WHERE key = ? AND window_start < ?", (key, window_start))
+        finally:
+            with self._errors("cannot count"):
+                self._db.execute("PRAGMA synchronous=FULL")
+        return int(row[0])
+
+    def count_expiring(self, ca: str, now: datetime, until: datetime) -> int:
+        with self._errors("is unreadable"):
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM certificates WHERE ca=? AND status='valid' AND not_after>? AND not_after<=?",
+                (ca, to_text(now), to_text(until)),
+            ).fetchone()
+        return int(row[0])
+
+    def ping(self) -> None:
+        # Take and drop the write lock: in WAL mode reads succeed while another process holds the
+        # write lock for good, yet no enrollment could commit.
+        with self._transaction() as db:
+            db.execute("SELECT COUNT(*) FROM crl_numbers").fetchone()
+
+
+RATES_TABLE = """
+CREATE TABLE IF NOT EXISTS rate_counters (
+    key TEXT NOT NULL,
+    window_start INTEGER NOT NULL,
+    hits INTEGER NOT NULL,
+    PRIMARY KEY (key, window_start)
+)
+"""

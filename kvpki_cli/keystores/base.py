@@ -54,3 +54,7 @@ class KeyStore(ABC):
 
     def discard(self) -> None:  # noqa: B027 - optional capability, default is a no-op
         """Remove a half-created CA after a failed ``init-ca`` (best effort)."""
+
+    def reachable(self) -> bool:
+        """A cheap health answer (``/healthz``): can this store sign right now, as far as we know?"""
+        return True

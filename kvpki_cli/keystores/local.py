@@ -187,3 +187,11 @@ class LocalKeyStore(KeyStore):
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.directory.rmdir()
+
+    def reachable(self) -> bool:
+        """The key file can be opened for reading (no decryption: that stays in the signing path)."""
+        try:
+            os.close(os.open(self.key_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)))
+        except OSError:
+            return False
+        return True

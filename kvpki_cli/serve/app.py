@@ -26,9 +26,12 @@ from kvpki_cli.serve.auth import Authenticator
 from kvpki_cli.serve.config import ServeConfig
 from kvpki_cli.serve.crl import CrlCache, Publisher
 from kvpki_cli.serve.est import EstLabel, EstService
+from kvpki_cli.serve.health import Health
 from kvpki_cli.serve.limits import ConnectionLimits, connection_cap, log_summaries, raise_fd_limit
 from kvpki_cli.serve.listener import GatedSite, Timeouts, request_deadline
+from kvpki_cli.serve.logformat import handler_formatter
 from kvpki_cli.serve.logsafe import install_library_filters
+from kvpki_cli.serve.metrics import ServeMetrics
 from kvpki_cli.serve.ocsp import OcspResponder, Responders, load_delegate
 from kvpki_cli.serve.passwd import UserDirectory
 from kvpki_cli.serve.wire import certs_only_body
@@ -46,8 +49,17 @@ def _load_certificates(path: Path) -> list[x509.Certificate]:
     return certs
 
 
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME (Python's ssl has no name for it but passes verify_flags through).
+VERIFY_NO_CHECK_TIME = 0x200000
+
+
 def tls_context(config: ServeConfig, trusted: list[x509.Certificate]) -> ssl.SSLContext:
-    """TLS 1.2+, our server certificate, and client certificates requested but optional."""
+    """TLS 1.2+, our server certificate, and client certificates requested but optional.
+
+    With ``renew_after_expiry`` on any label, chains are verified without their validity
+    time (an offline device's certificate arrives expired); serve/auth.py then checks time
+    on every path that accepts a client certificate.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -57,6 +69,8 @@ def tls_context(config: ServeConfig, trusted: list[x509.Certificate]) -> ssl.SSL
     context.verify_mode = ssl.CERT_OPTIONAL
     pem = "".join(cert.public_bytes(Encoding.PEM).decode() for cert in trusted)
     context.load_verify_locations(cadata=pem)
+    if any(label.renew_after_expiry is not None for label in config.labels.values()):
+        context.verify_flags |= VERIFY_NO_CHECK_TIME
     return context
 
 
@@ -70,10 +84,17 @@ class Apps:
     workers: CaWorkers  # signing: runs the issuance core
     publishing: CaWorkers  # CRL/OCSP inventory reads and signatures, so they never queue behind issuance
     ocsp: OcspResponder | None = None  # its maintain() task keeps delegated responders renewed
+    metrics: ServeMetrics | None = None
+    health: Health | None = None
+    ca_names: tuple[str, ...] = ()
 
     def shutdown(self) -> None:
         self.workers.shutdown()
         self.publishing.shutdown()
+        if self.health is not None:
+            self.health.pool.shutdown()
+        if self.metrics is not None:
+            self.metrics.detach()
 
 
 def build_app(settings: Settings, config: ServeConfig) -> Apps:
@@ -116,6 +137,8 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
         {name: chains[label.ca][0] for name, label in config.labels.items()},
         client_cas,
         {name: chains[name][0] for label in config.labels.values() for name in label.identity_cas},
+        {name: label.renew_after_expiry for name, label in config.labels.items() if label.renew_after_expiry},
+        trusted,
     )
     ca_names = set(settings.ca_names())
     ca_certificates = {name: chain[0].public_bytes(Encoding.DER) for name, chain in chains.items()}
@@ -126,15 +149,20 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     ocsp = OcspResponder(
         ca_names, publishing, delegates, config.ocsp_validity, config.retry_after, config.ocsp_nonces, responders
     )
-    publish = [*publisher.routes(), *ocsp.routes()]
+    metrics = ServeMetrics()
+    metrics.attach(workers)
+    health = Health(CaWorkers(settings, 1), sorted(ca_names))
+    publish = [*publisher.routes(), *ocsp.routes(), web.get("/healthz", health.handler)]
+    est = EstService(config, labels, auth, workers, metrics)
+    est.limiter.on_refusal = metrics.refused_by_rate
     https = web.Application(client_max_size=config.max_body_bytes, middlewares=[request_deadline])
-    https.add_routes(EstService(config, labels, auth, workers).routes())
+    https.add_routes(est.routes())
     https.add_routes(publish)
     http = None
-    if config.http_port is not None:
+    if config.http_port is not None:  # metrics only here: keep them off the port devices reach
         http = web.Application(client_max_size=config.max_body_bytes, middlewares=[request_deadline])
-        http.add_routes(publish)
-    return Apps(https, http, context, workers, publishing, ocsp)
+        http.add_routes([*publish, web.get("/metrics", metrics.handler)])
+    return Apps(https, http, context, workers, publishing, ocsp, metrics, health, tuple(sorted(ca_names)))
 
 
 async def _start(
@@ -162,6 +190,11 @@ async def _serve(apps: Apps, config: ServeConfig) -> None:
     limits = ConnectionLimits(cap, config.max_connections_per_client)
     summaries = asyncio.get_running_loop().create_task(log_summaries(limits))
     maintenance = asyncio.get_running_loop().create_task(apps.ocsp.maintain()) if apps.ocsp else None
+    gauges = None
+    if apps.metrics is not None and apps.ca_names:
+        gauges = asyncio.get_running_loop().create_task(
+            apps.metrics.refresh(apps.publishing, list(apps.ca_names), config.metrics_interval)
+        )
     runners = []
     if apps.http is not None and config.http_port is not None:
         runners.append(await _start(apps.http, config, config.http_port, None, limits))
@@ -175,6 +208,8 @@ async def _serve(apps: Apps, config: ServeConfig) -> None:
     finally:
         log.info("shutting down")
         summaries.cancel()
+        if gauges is not None:
+            gauges.cancel()
         if maintenance is not None:
             maintenance.cancel()
         for runner in runners:
@@ -183,7 +218,9 @@ async def _serve(apps: Apps, config: ServeConfig) -> None:
 
 def run(settings: Settings, config: ServeConfig) -> None:
     """Run the server until SIGINT/SIGTERM."""
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="kvpki serve: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(handler_formatter(config.log_format))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     install_library_filters()  # a malformed request: one escaped line, never a traceback
     apps = build_app(settings, config)

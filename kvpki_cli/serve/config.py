@@ -16,6 +16,7 @@ from typing import Any
 
 from kvpki_cli.durations import parse_duration
 from kvpki_cli.errors import UsageError
+from kvpki_cli.serve.ratelimit import Rate, parse_rate
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 DEFAULT_LABEL = "default"
@@ -42,6 +43,12 @@ class LabelConfig:
     # A shared password is a weak credential for a CA certificate: CA profiles refuse Basic users
     # unless the operator opts in here, knowing the risk (see check_profile).
     allow_password_for_ca: bool = False
+    # Enrollment rate limits (serve/ratelimit.py): per identity on this label, and for the label as a whole.
+    rate_limit: Rate | None = None
+    label_rate_limit: Rate | None = None
+    # Offline devices: a certificate of this label's CA that expired at most this long ago may still
+    # renew itself (TLS then accepts expired client certificates; serve/auth.py checks time itself).
+    renew_after_expiry: timedelta | None = None
 
     def allows_user(self, user: str) -> bool:
         return user in self.users or "*" in self.users
@@ -86,6 +93,8 @@ class ServeConfig:
     request_timeout: float = 15.0
     max_connections: int = 1024
     max_connections_per_client: int = 64
+    log_format: str = "text"  # "json": one JSON object per line (serve/logformat.py)
+    metrics_interval: float = 60.0  # s between computations of the inventory gauges (CRL age, expiring)
     labels: dict[str, LabelConfig] = field(default_factory=dict)
     ocsp_signers: dict[str, OcspSignerConfig] = field(default_factory=dict)
 
@@ -154,12 +163,35 @@ def _label(base: Path, name: str, table: Any, line_length: int = 0) -> LabelConf
         renewal=bool(table.get("renewal", True)),
         base64_line_length=_line_length(table, f"[est.{name}]", line_length),
         allow_password_for_ca=allow_password,
+        renew_after_expiry=_window(name, table),
         **_identity_settings(name, table),
+        **_rates(name, table),
     )
 
 
-LABEL_OPTIONS = ("base64_line_length", "allow_password_for_ca")
+LABEL_OPTIONS = (
+    "base64_line_length",
+    "allow_password_for_ca",
+    "rate_limit",
+    "label_rate_limit",
+    "renew_after_expiry",
+)
+RATE_KEYS = ("rate_limit", "label_rate_limit")
 IDENTITY_KEYS = ("identity_cas", "identity_profiles", "identity_cn")
+
+
+def _window(name: str, table: Mapping[str, Any]) -> timedelta | None:
+    """``renew_after_expiry = "180d"``: absent (the default) means expired certificates never renew."""
+    value = table.get("renew_after_expiry")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UsageError(f'serve config: [est.{name}] renew_after_expiry must be a duration such as "180d"')
+    return parse_duration(value, what=f"[est.{name}] renew_after_expiry")
+
+
+def _rates(name: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: parse_rate(table[key], f"[est.{name}] {key}") for key in RATE_KEYS if key in table}
 
 
 def _string_list(name: str, table: Mapping[str, Any], key: str) -> list[str] | None:
@@ -259,6 +291,8 @@ def load_serve_config(path: Path) -> ServeConfig:
         request_timeout=_seconds(server, "request_timeout", 15.0),
         max_connections=_int(server, "max_connections", 1024, 1, 1_000_000),
         max_connections_per_client=_int(server, "max_connections_per_client", 64, 1, 1_000_000),
+        log_format=_choice(server, "log_format", ("text", "json")),
+        metrics_interval=_seconds(server, "metrics_interval", 60.0),
         labels=labels,
         ocsp_signers=signers,
     )

@@ -1,4 +1,5 @@
-"""Publishing ``/crl/<ca>.crl`` and ``/ca/<ca>.crt`` (the URLs the core puts into certificates).
+"""Publishing ``/crl/<ca>.crl``, ``/crl/<ca>/<k>.crl`` (partition k, RFC 5280 5.2.5) and ``/ca/<ca>.crt``
+(the URLs the core puts into certificates).
 
 CRLs are shared through the inventory (``crl_publish.py``): one process signs
 each new CRL of a CA and stores it, and every ``serve`` instance on that
@@ -25,8 +26,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.crl_publish import is_current, published_crl
-from kvpki_cli.errors import KvpkiError
-from kvpki_cli.inventory.base import StoredCrl
+from kvpki_cli.errors import KvpkiError, NotFound, UsageError
+from kvpki_cli.inventory.base import StoredCrl, crl_key
 from kvpki_cli.serve.fresh import FreshJob, within
 from kvpki_cli.serve.wire import HttpRefusal, text_response
 from kvpki_cli.serve.workers import CaWorkers
@@ -38,8 +39,9 @@ CachedCrl = StoredCrl  # the former name of what the cache holds
 
 
 class CrlCache:
-    """Per-CA CRLs as last taken from the inventory; one publishing thread per CA at a time goes to the
-    inventory, so a burst of fetches reads (or signs) once."""
+    """Per-CA (and per-partition) CRLs as last taken from the inventory; one publishing thread per CRL at
+    a time goes to the inventory, so a burst of fetches reads (or signs) once.  Cache keys are
+    ``crl_key`` (the CA name, or "<ca>/<k>")."""
 
     def __init__(self, validity: timedelta) -> None:
         self.validity = validity
@@ -51,6 +53,12 @@ class CrlCache:
         with self._locks_lock:
             return self._locks.setdefault(name, threading.Lock())
 
+    def forget(self, key: str) -> None:
+        """Drop what is kept for ``key`` (a CRL partition that does not exist)."""
+        with self._locks_lock:
+            self._locks.pop(key, None)
+        self._cache.pop(key, None)
+
     def usable(self, name: str) -> StoredCrl | None:
         """Event loop: the cached CRL of CA ``name`` if it is still well within its validity."""
         cached = self._cache.get(name)
@@ -61,19 +69,21 @@ class CrlCache:
             return None
         return cached
 
-    def der(self, ca: CertificateAuthority) -> bytes:
-        """Publishing thread: the current CRL of ``ca`` in DER, the same bytes every instance serves."""
-        with self._lock(ca.name):
-            state = ca.inventory.crl_state(ca.name)
-            cached = self._cache.get(ca.name)
+    def der(self, ca: CertificateAuthority, partition: int | None = None) -> bytes:
+        """Publishing thread: the current CRL of ``ca`` (of one partition) in DER, the same bytes every
+        instance serves."""
+        key = crl_key(ca.name, partition)
+        with self._lock(key):
+            state = ca.inventory.crl_state(ca.name, partition)
+            cached = self._cache.get(key)
             if (
                 cached is not None
                 and state.latest == cached.number
                 and is_current(cached, state.revocations, datetime.now(UTC))
             ):
                 return cached.der
-            stored = published_crl(ca, self.validity)
-            self._cache[ca.name] = stored
+            stored = published_crl(ca, self.validity, partition=partition)
+            self._cache[key] = stored
             return stored.der
 
 
@@ -100,7 +110,11 @@ class Publisher:
         self._crl_jobs: dict[str, FreshJob[bytes]] = {}
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/crl/{name}", self.crl), web.get("/ca/{name}", self.ca_certificate)]
+        return [
+            web.get("/crl/{name}", self.crl),
+            web.get("/crl/{name}/{partition}", self.partition_crl),
+            web.get("/ca/{name}", self.ca_certificate),
+        ]
 
     def _ca_name(self, request: web.Request, suffix: str) -> str:
         name = request.match_info["name"]
@@ -108,18 +122,40 @@ class Publisher:
             raise web.HTTPNotFound(text="unknown CA\n")
         return name.removesuffix(suffix)
 
-    def _crl_job(self, name: str) -> FreshJob[bytes]:
-        job = self._crl_jobs.get(name)
+    def _crl_job(self, name: str, partition: int | None = None) -> FreshJob[bytes]:
+        key = crl_key(name, partition)
+        job = self._crl_jobs.get(key)
         if job is None:
-            job = self._crl_jobs[name] = FreshJob(lambda: self.workers.run(name, self.crls.der))
+            job = self._crl_jobs[key] = FreshJob(
+                lambda: self.workers.run(name, lambda ca: self.crls.der(ca, partition))
+            )
         return job
 
     async def crl(self, request: web.Request) -> web.Response:
-        name = self._ca_name(request, ".crl")
-        cached = self.crls.usable(name)
-        current = self._crl_job(name).result()
+        return await self._crl(self._ca_name(request, ".crl"), None)
+
+    async def partition_crl(self, request: web.Request) -> web.Response:
+        """``/crl/<ca>/<k>.crl``: partition k's CRL; 404 for a CA without partitions or an unknown k."""
+        name = request.match_info["name"]
+        number = request.match_info["partition"].removesuffix(".crl")
+        if name not in self.ca_names or not request.match_info["partition"].endswith(".crl"):
+            raise web.HTTPNotFound(text="unknown CA\n")
+        if not (number.isascii() and number.isdigit()) or len(number) > 9 or (number != "0" and number[0] == "0"):
+            raise web.HTTPNotFound(text="unknown CRL partition\n")
+        return await self._crl(name, int(number))
+
+    async def _crl(self, name: str, partition: int | None) -> web.Response:
+        key = crl_key(name, partition)
+        cached = self.crls.usable(key)
+        current = self._crl_job(name, partition).result()
         if cached is None:
-            return await self._serve(current, "application/pkix-crl", name)
+            # A partition of a CA without partitions (UsageError) or not reached yet (NotFound): 404.
+            missing = (NotFound,) if partition is None else (NotFound, UsageError)
+            response = await self._serve(current, "application/pkix-crl", key, missing)
+            if response.status == 404 and partition is not None:  # no state kept per number a client made up
+                self._crl_jobs.pop(key, None)
+                self.crls.forget(key)
+            return response
         try:
             der = await within(current)
         except (TimeoutError, KvpkiError) as exc:
@@ -139,9 +175,17 @@ class Publisher:
             self._ca_der[name] = loaded.result()
         return response
 
-    async def _serve(self, job: Awaitable[bytes], content_type: str, name: str) -> web.Response:
+    async def _serve(
+        self,
+        job: Awaitable[bytes],
+        content_type: str,
+        name: str,
+        missing: tuple[type[KvpkiError], ...] = (NotFound,),
+    ) -> web.Response:
         try:
             der = await job
+        except missing:  # nothing to publish under this URL (the message may name the inventory: not sent)
+            return text_response(404, "not found")
         except KvpkiError as error:
             refusal = HttpRefusal.from_error(error, self.retry_after, f"publishing {content_type} of CA {name}")
             return text_response(refusal.status, refusal.reason, refusal.headers)

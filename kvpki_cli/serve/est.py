@@ -7,13 +7,16 @@ only after the core committed its inventory row.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kvpki_cli.authority import CertificateAuthority, SigningRequest, recorded
+from kvpki_cli.authority import CertificateAuthority, SigningRequest, check_renewal_time, recorded, utcnow
 from kvpki_cli.errors import InvalidInput, KvpkiError, NotFound, PolicyViolation
 from kvpki_cli.inventory.base import CertificateRecord
 from kvpki_cli.pki.csr import decode_csr_bytes, parse_csr
@@ -21,8 +24,12 @@ from kvpki_cli.pki.policy import certificate_name_constraints, certificate_sans,
 from kvpki_cli.serve.auth import Authenticator, Identity, currently_valid, describe_subject, directly_issued
 from kvpki_cli.serve.config import DEFAULT_LABEL, IDENTITY_CN_PLACEHOLDER, LabelConfig, ServeConfig
 from kvpki_cli.serve.logsafe import server_log
+from kvpki_cli.serve.ratelimit import RateLimited, RateLimiter
 from kvpki_cli.serve.wire import PKCS10, HttpRefusal, certs_only_body, media_type, pkcs7_response, text_response
 from kvpki_cli.serve.workers import CaWorkers
+
+if TYPE_CHECKING:
+    from kvpki_cli.serve.metrics import ServeMetrics
 
 log = server_log()  # every line escaped: subjects, user names and paths are attacker controlled
 
@@ -47,10 +54,19 @@ def good_record(ca: CertificateAuthority, cert: x509.Certificate, what: str) -> 
 
 
 def check_renewal(
-    ca: CertificateAuthority, old: x509.Certificate, csr: x509.CertificateSigningRequest, profile: str
+    ca: CertificateAuthority,
+    old: x509.Certificate,
+    csr: x509.CertificateSigningRequest,
+    profile: str,
+    window: timedelta | None = None,
 ) -> None:
-    """Renewal keeps subject, SANs and profile, and the old certificate must be ours and unrevoked."""
+    """Renewal keeps subject, SANs and profile, and the old certificate must be ours, unrevoked, and
+    valid now or expired by at most the label's ``renew_after_expiry`` ``window``."""
     record = good_record(ca, old, "the client certificate")
+    try:
+        check_renewal_time(old, utcnow(), window)
+    except PolicyViolation as refusal:
+        raise HttpRefusal(403, str(refusal)) from None
     if record.profile != profile:
         raise HttpRefusal(403, f"a {record.profile} certificate cannot renew into profile {profile!r}")
     if csr.subject != old.subject:
@@ -115,13 +131,20 @@ class EstService:
     """Holds the per-label state and serves the EST routes."""
 
     def __init__(
-        self, config: ServeConfig, labels: dict[str, EstLabel], auth: Authenticator, workers: CaWorkers
+        self,
+        config: ServeConfig,
+        labels: dict[str, EstLabel],
+        auth: Authenticator,
+        workers: CaWorkers,
+        metrics: ServeMetrics | None = None,
     ) -> None:
         self.config = config
         self.labels = labels
         self.auth = auth
         self.workers = workers
         self.retry_after = config.retry_after
+        self.metrics = metrics
+        self.limiter = RateLimiter()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -149,7 +172,15 @@ class EstService:
         except (HttpRefusal, KvpkiError) as caught:  # every expected failure has its status; only a bug is a 500
             refusal = caught if isinstance(caught, HttpRefusal) else HttpRefusal.from_error(caught, self.retry_after)
             name = label.config.name if label else request.match_info.get("label", "?")
-            log.info("refused %s %s label=%s peer=%s: %s", refusal.status, op, name, request.remote, refusal.reason)
+            if label is not None and self.metrics is not None and op in ("simpleenroll", "simplereenroll"):
+                self.metrics.enrollment(name, str(refusal.status))
+            if isinstance(refusal, RateLimited):  # the limiter logs once per window, not per request
+                return text_response(refusal.status, refusal.reason, refusal.headers)
+            fields = {"event": "refused", "status": refusal.status, "op": op, "label": name, "peer": request.remote}
+            log.info(
+                "refused %s %s label=%s peer=%s: %s", refusal.status, op, name, request.remote, refusal.reason,
+                extra={"fields": fields},
+            )  # fmt: skip
             return text_response(refusal.status, refusal.reason, refusal.headers)
         except web.HTTPException:
             raise
@@ -187,11 +218,22 @@ class EstService:
             certificate.serial_number,
             describe_subject(certificate),
             identity.requester,
-        )
+            extra={"fields": {
+                "event": "issued", "label": label.config.name, "ca": label.config.ca,
+                "serial": f"{certificate.serial_number:x}", "subject": describe_subject(certificate),
+                "requester": identity.requester, "peer": request.remote,
+            }},
+        )  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.enrollment(label.config.name, "issued")
         return pkcs7_response(certs_only_body([certificate], label.config.base64_line_length))
 
     def _issue(self, ca: CertificateAuthority, body: bytes, label: EstLabel, identity: Identity) -> x509.Certificate:
         """Worker thread: parse and verify the CSR, apply the label's policy, issue and record."""
+        config = label.config
+        if config.rate_limit is not None or config.label_rate_limit is not None:  # before any CSR work
+            limits = (config.rate_limit, config.label_rate_limit)
+            self.limiter.check(ca.inventory, config.name, identity.requester, *limits)
         try:
             csr_der = decode_csr_bytes(body)  # RFC 8951: base64 whatever Content-Transfer-Encoding says
             csr = parse_csr(csr_der)
@@ -199,7 +241,7 @@ class EstService:
             renewing, authority = identity.renewing, identity.authority
             identity_cn, constraints, renews = None, None, None
             if renewing is not None and (authority is None or renews_own_profile(ca, renewing, profile)):
-                check_renewal(ca, renewing, csr, profile)
+                check_renewal(ca, renewing, csr, profile, label.config.renew_after_expiry)
                 constraints = certificate_name_constraints(renewing)  # a renewed CA keeps its name constraints
                 renews = renewing
             elif authority is not None:
@@ -211,7 +253,11 @@ class EstService:
                 csr_der, csr, profile=profile, requester=identity.requester,
                 identity_cn=identity_cn, name_constraints=constraints, renews=renews,
             )  # fmt: skip
-            return ca.issue(request).certificate
+            started = time.monotonic()
+            certificate = ca.issue(request).certificate
+            if self.metrics is not None:
+                self.metrics.signed(ca.name, time.monotonic() - started)
+            return certificate
         except KvpkiError as error:
             context = f"enrollment on label {label.config.name}"
             raise HttpRefusal.from_error(error, self.config.retry_after, context) from None

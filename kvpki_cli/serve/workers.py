@@ -37,6 +37,12 @@ class CaWorkers:
         self.deadline = deadline
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kvpki-ca")
         self._local = threading.local()
+        self._waiting = 0  # jobs submitted and not yet started: the queue depth metric
+        self._waiting_lock = threading.Lock()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
 
     def authority(self, name: str) -> CertificateAuthority:
         """This thread's CA object (call only from a worker, or at start-up)."""
@@ -58,9 +64,13 @@ class CaWorkers:
     async def run(self, ca_name: str, job: Callable[[CertificateAuthority], T]) -> T:
         loop = asyncio.get_running_loop()
         at = time.monotonic() + self.deadline if self.deadline is not None else None
+        with self._waiting_lock:
+            self._waiting += 1
         return await loop.run_in_executor(self._pool, lambda: self._run(at, ca_name, job))
 
     def _run(self, at: float | None, ca_name: str, job: Callable[[CertificateAuthority], T]) -> T:
+        with self._waiting_lock:
+            self._waiting -= 1
         with deadline.until(at):
             return job(self.authority(ca_name))
 

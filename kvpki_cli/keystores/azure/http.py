@@ -17,6 +17,7 @@ import threading
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from kvpki_cli import observe
 from kvpki_cli.keystores.azure.errors import RETRY_STATUSES, VaultError, parse_error
 from kvpki_cli.keystores.azure.retry import Retryable, parse_retry_after
 
@@ -211,18 +212,21 @@ class VaultHTTP:
                 self.close()
         except TimeoutError as exc:
             self.close()
+            observe.vault_answered(self.host, 0)
             raise Retryable(f"timed out talking to {self.host}") from exc
         except ssl.SSLCertVerificationError:
             self.close()
             raise  # not transient: the caller reports it
         except (ConnectionError, http.client.HTTPException, ssl.SSLError, OSError) as exc:
             self.close()
+            observe.vault_answered(self.host, 0)
             raise Retryable(f"connection to {self.host}:{self.port} failed ({type(exc).__name__})") from exc
         try:
             parsed = json.loads(payload) if payload else {}
         except ValueError:
             parsed = {}
         response = Response(raw.status, resp_headers, parsed if isinstance(parsed, dict) else {})
+        observe.vault_answered(self.host, raw.status)
         if response.status in RETRY_STATUSES:
             code = response.error_code or http.client.responses.get(response.status, "")
             retry_after = parse_retry_after(resp_headers.get("retry-after"))

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
+from kvpki_cli import observe
 from kvpki_cli.errors import BackendError
 
 T = TypeVar("T")
@@ -57,6 +58,7 @@ class RetryPolicy(NamedTuple):
                         f"{exc.reason} (retry deadline {self.deadline:g}s, KVPKI_AZURE_DEADLINE)",
                         retry_after=exc.retry_after,
                     ) from None
+                observe.emit(observe.VAULT_RETRY, reason=str(exc.status or "error"))
                 time.sleep(delay)
 
 

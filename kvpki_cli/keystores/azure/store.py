@@ -401,3 +401,11 @@ class AzureKeyStore(KeyStore):
             self.chain_path.unlink(missing_ok=True)
         self._pending = None
         self._active = None
+
+    def reachable(self) -> bool:
+        """The latest exchange with the vault (any CA of this process) got an answer that is not a 5xx."""
+        from urllib.parse import urlsplit
+
+        from kvpki_cli import observe
+
+        return observe.vault_reachable(urlsplit(self.settings.vault_url).hostname or "")
