@@ -181,6 +181,35 @@ def check_same_constraints(old: x509.Certificate, new: x509.Certificate) -> None
             )
 
 
+def check_renewal_time(old: x509.Certificate, now: datetime, window: timedelta | None) -> None:
+    """A renewal needs a certificate that is valid now, or expired by at most ``window`` (the
+    offline-device safety net); beyond it the device must re-enroll with its bootstrap credential."""
+    serial = serial_hex(old.serial_number)
+    if now < old.not_valid_before_utc:
+        raise PolicyViolation(f"certificate {serial} is not valid before {old.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ}")
+    if now < old.not_valid_after_utc:
+        return
+    expired = f"certificate {serial} expired on {old.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
+    if window is None:
+        raise PolicyViolation(
+            f"{expired} and renewal after expiry is off (renew_after_expiry): re-enroll with the bootstrap credential"
+        )
+    if now - old.not_valid_after_utc > window:
+        raise PolicyViolation(
+            f"{expired}, longer ago than renew_after_expiry ({format_window(window)}) allows:"
+            " re-enroll with the bootstrap credential"
+        )
+
+
+def format_window(window: timedelta) -> str:
+    """A window as the duration syntax it was written in, for messages (``180d``, ``12h``)."""
+    seconds = int(window.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 class CertificateAuthority:
     """A named CA ready to issue, revoke and publish."""
 
@@ -364,6 +393,8 @@ class CertificateAuthority:
             check_same_constraints(request.renews, certificate)
         record = new_record(self.name, template, certificate, request.requester, request.csr_der, generation.number)
         record = record._replace(crl_partition=partition)
+        if request.renews is not None:  # the inventory links each renewal to what it replaces
+            record = record._replace(replaces=serial_hex(request.renews.serial_number))
         return Issued(certificate, generation.chain, record, template.notes)
 
     def check_not_revoked(self) -> None:
@@ -413,12 +444,23 @@ class CertificateAuthority:
         return record
 
     def renewal_request(
-        self, old: x509.Certificate, csr_der: bytes, csr: x509.CertificateSigningRequest, requester: str
+        self,
+        old: x509.Certificate,
+        csr_der: bytes,
+        csr: x509.CertificateSigningRequest,
+        requester: str,
+        renew_after_expiry: timedelta | None = None,
     ) -> SigningRequest:
-        """Same subject, SANs, profile and constraints as ``old``; the key comes from the CSR (rotated or not)."""
+        """Same subject, SANs, profile and constraints as ``old``; the key comes from the CSR (rotated or not).
+
+        ``old`` must be valid now, or expired for at most ``renew_after_expiry`` (default: the CA's
+        ``renew_after_expiry`` setting; unset: no renewal after expiry).
+        """
         from kvpki_cli.pki.policy import certificate_name_constraints
 
         record = self.issued_record(old)
+        window = renew_after_expiry if renew_after_expiry is not None else self.config.renew_after_expiry
+        check_renewal_time(old, utcnow(), window)
         return SigningRequest(
             csr_der=csr_der,
             csr=csr,
@@ -527,8 +569,11 @@ def init_ca(
         chosen_path_length = path_length
         window = (now - config.backdate, now + (validity or ROOT_DEFAULT_VALIDITY))
 
+    from kvpki_cli.outdir import crash_point  # test hook (kill -9 at a named step)
+
     settings.make_ca_directory(name)  # KVPKI_HOME, cas/ and cas/<name> 0700 whatever the umask
     public_key = keystore.create_key(key_type)
+    crash_point("init-ca:key")
     try:
         template = Template(
             subject=subject,
@@ -549,9 +594,13 @@ def init_ca(
             )
             chain = [certificate, *parent_ca.chain]
         keystore.store_chain(chain)
-        settings.save_ca_metadata(config)
+        crash_point("init-ca:chain")
         if parent_ca is not None:
+            # Recorded once stored (an unmerged vault attempt is no certificate) but before ca.json makes
+            # the CA usable: a kill in between never leaves a working sub-CA its parent cannot list or revoke.
             parent_ca.inventory.record_issued([new_record(parent_ca.name, template, certificate, "init-ca", None)])
+            crash_point("init-ca:recorded")
+        settings.save_ca_metadata(config)
     except BaseException:
         (settings.ca_directory(name) / "ca.json").unlink(missing_ok=True)
         keystore.discard()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kvpki_cli.errors import EXIT_USAGE, KvpkiError, UsageError
-from kvpki_cli.messages import warn
+from kvpki_cli.messages import info, warn
 from kvpki_cli.pki.crl import REASONS
 from kvpki_cli.pki.keys import KeyType
 
@@ -49,11 +49,14 @@ class Context:
         return CertificateAuthority.open(self.settings, name)
 
 
-def _write_stdout(data: bytes, issued: tuple[str, str] | None = None) -> None:
-    """Write the result; ``issued`` = (serial, CA) of a certificate just committed, named if stdout fails."""
+def _write_stdout(
+    data: bytes, issued: tuple[str, str] | None = None, committed: tuple[str, str] | None = None
+) -> None:
+    """Write the result; ``issued`` = (serial, CA) of a certificate just committed, ``committed`` = (what
+    else was done, how to see it again): named in the error line if stdout fails, so nothing looks undone."""
     from kvpki_cli.signing import write_stdout
 
-    write_stdout(data, issued)
+    write_stdout(data, issued, committed)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,7 +114,7 @@ def init_ca_command(
         store=store,
         store_settings={"vault_url": vault_url, "key_name": key_name, "hsm": hsm},
     )
-    _write_stdout(encode_certificates(chain[:1], "pem"))
+    _write_stdout(encode_certificates(chain[:1], "pem"), committed=(f"creating CA {name}", f"kvpki get-ca --ca {name}"))
 
 
 @cli.command("sign-csr")
@@ -256,7 +259,8 @@ def revoke_command(
 
     dps_result = run_dps_step(obj.settings, dps_target)  # after the commit: a DPS failure loses nothing
     document = record.as_json(utcnow()) | ({"dps": dps_result} if dps_result else {})
-    _write_stdout((json.dumps(document, indent=2) + "\n").encode())
+    shown = (f"revoking serial {record.serial}", f"kvpki get-cert {record.serial} --ca {ca_name} --format json")
+    _write_stdout((json.dumps(document, indent=2) + "\n").encode(), committed=shown)
     sys.stderr.write(
         f"kvpki: revoked {record.serial} ({record.reason}); a running 'kvpki serve' re-signs its CRL and"
         " answers OCSP by itself; 'kvpki crl' writes a new CRL file for any other place you publish it\n"
@@ -269,6 +273,13 @@ def revoke_command(
 @click.option("--ca", "ca_name", required=True, help="Name of the CA that issued CERT_FILE.")
 @click.option("--validity", help="Lifetime of the new certificate (default: the profile's).")
 @click.option("--revoke-old", is_flag=True, help="Revoke the old certificate (reason superseded) once renewed.")
+@click.option(
+    "--renew-after-expiry",
+    "after_expiry",
+    metavar="DURATION",
+    help="Also renew CERT_FILE if it expired at most this long ago, e.g. 180d"
+    " (default: the CA's renew_after_expiry, else off).",
+)
 @click.option("--chain", "with_chain", is_flag=True, help="Append the CA chain to the output.")
 @click.option("--format", "fmt", type=click.Choice(("pem", "der", "pkcs7", "json")), default="pem", show_default=True)
 @click.option("--requester", help="Identity recorded in the inventory (default: $KVPKI_REQUESTER or cli:<user>).")
@@ -280,6 +291,7 @@ def renew_command(
     ca_name: str,
     validity: str | None,
     revoke_old: bool,
+    after_expiry: str | None,
     with_chain: bool,
     fmt: str,
     requester: str | None,
@@ -293,10 +305,11 @@ def renew_command(
     if fmt == "der" and with_chain:
         raise UsageError("--chain needs --format pem, pkcs7 or json (DER holds one certificate)")
     lifetime = parse_duration(validity, what="--validity") if validity else None
+    window = parse_duration(after_expiry, what="--renew-after-expiry") if after_expiry else None
     authority = obj.authority(ca_name)
     old = _load_certificate(read_input(cert_file))
     csr_der = decode_csr_bytes(read_input(csr_file))
-    request = authority.renewal_request(old, csr_der, parse_csr(csr_der), requester or default_requester())
+    request = authority.renewal_request(old, csr_der, parse_csr(csr_der), requester or default_requester(), window)
     issued = authority.issue(request._replace(validity=lifetime))
     if revoke_old:
         with contextlib.suppress(AlreadyExists):  # revoked meanwhile: the outcome asked for
@@ -325,10 +338,10 @@ def init_ocsp_responder_command(obj: Context, ca_name: str, validity: str) -> No
 
     authority = obj.authority(ca_name)
     certificate = issue_responder(authority, parse_duration(validity, what="--validity"), default_requester())
-    _write_stdout(certificate.public_bytes(Encoding.PEM))
-    sys.stderr.write(
-        f"kvpki: OCSP responder {certificate.serial_number:x} for CA {ca_name} stored in {responder_root(authority)};"
-        " a running 'kvpki serve' uses it within a minute\n"
+    _write_stdout(certificate.public_bytes(Encoding.PEM), issued=(f"{certificate.serial_number:x}", ca_name))
+    info(
+        f"OCSP responder {certificate.serial_number:x} for CA {ca_name} stored in {responder_root(authority)};"
+        " a running 'kvpki serve' uses it within a minute"
     )
 
 
@@ -481,7 +494,7 @@ def serve_passwd_command(users_file: str, user: str, password_stdin: bool, delet
         else:
             password = click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
     set_user(Path(users_file), user, password)
-    sys.stderr.write(f"kvpki: {'removed' if delete else 'set password for'} {user} in {users_file}\n")
+    info(f"{'removed' if delete else 'set password for'} {user} in {users_file}")
 
 
 @cli.command("report")
@@ -532,4 +545,7 @@ def dps_disable_command(obj: Context, serial: str, ca_name: str, dps_url: str | 
     from kvpki_cli.dps_cli import dps_disable
 
     result = dps_disable(obj.settings, obj.authority(ca_name), serial, dps_url)
-    _write_stdout((json.dumps(result.as_json(), indent=2) + "\n").encode())
+    _write_stdout(
+        (json.dumps(result.as_json(), indent=2) + "\n").encode(),
+        committed=(f"the DPS step for serial {serial}", f"kvpki dps-disable {serial} --ca {ca_name}"),
+    )

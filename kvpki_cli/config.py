@@ -125,6 +125,7 @@ CA_KEYS: dict[str, Check] = {
     "crl_url": _url,
     "ocsp_url": _url,
     "ca_issuers_url": _url,
+    "renew_after_expiry": _duration,  # expired certificates renew within this long after notAfter
     "crl_partition_size": _partition_size,  # certificates per partitioned CRL (RFC 5280 5.2.5); off when absent
     "dps_url": _url,  # Azure DPS whose enrollments `kvpki revoke` disables (kvpki_cli/dps.py)
 }
@@ -251,6 +252,7 @@ class CaConfig(NamedTuple):
     parent: str | None
     urls: PublicationUrls
     backdate: timedelta
+    renew_after_expiry: timedelta | None = None  # `kvpki renew` of expired certificates (default: off)
     crl_partition_size: int | None = None  # leaf certificates per partition CRL; None: one full CRL
 
 
@@ -371,6 +373,11 @@ class Settings:
             parent=merged.get("parent"),
             urls=self._urls(name, merged),
             backdate=timedelta(0) if backdate.strip() in ("0", "0s") else parse_duration(backdate, what="backdate"),
+            renew_after_expiry=(
+                parse_duration(str(merged["renew_after_expiry"]), what="renew_after_expiry")
+                if merged.get("renew_after_expiry")
+                else None
+            ),
             crl_partition_size=merged.get("crl_partition_size"),
         )
 

@@ -12,6 +12,11 @@ def warn(message: str) -> None:
     sys.stderr.write(f"kvpki: warning: {_one_line(message)}\n")
 
 
+def info(message: str) -> None:
+    """One ``kvpki: ...`` success line on stderr; paths and names in it are escaped like errors."""
+    sys.stderr.write(f"kvpki: {_one_line(message)}\n")
+
+
 def error_line(message: str) -> str:
     """Format an error as the single line scripts can rely on."""
     return f"kvpki: error: {_one_line(message) or 'unknown error'}\n"

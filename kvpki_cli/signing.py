@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from kvpki_cli.errors import AlreadyExists, BackendError, InvalidInput, KvpkiError, NotFound, UsageError
-from kvpki_cli.messages import warn
+from kvpki_cli.messages import info, warn
 
 if TYPE_CHECKING:
     from kvpki_cli.authority import CertificateAuthority, Issued, SigningRequest
@@ -47,7 +47,9 @@ class OutputFailed(BackendError):
     """stdout could not take the result (full disk, closed pipe); the line says how to recover what was issued."""
 
 
-def write_stdout(data: bytes, issued: tuple[str, str] | None = None) -> None:
+def write_stdout(
+    data: bytes, issued: tuple[str, str] | None = None, committed: tuple[str, str] | None = None
+) -> None:
     """Write the result; on failure raise one error line, naming the (serial, CA) already committed if any.
 
     The failed output is discarded (stdout now points at /dev/null), so the
@@ -59,6 +61,8 @@ def write_stdout(data: bytes, issued: tuple[str, str] | None = None) -> None:
     except OSError as exc:
         discard_stdout()
         reason = "stdout was closed" if isinstance(exc, BrokenPipeError) else f"cannot write to stdout: {exc.strerror}"
+        if committed is not None:  # (what was done, the command that shows it again)
+            raise OutputFailed(f"output failed after {committed[0]} ({reason}); see it with: {committed[1]}") from None
         if issued is None:
             raise OutputFailed(reason) from None
         serial, ca = issued
@@ -207,7 +211,7 @@ def _sign_into_directory(
             f"{len(unplaced)} certificate(s) were issued but their file names in {directory} were taken meanwhile;"
             f" recover with: kvpki get-cert {unplaced[0]} --ca {authority.name} (serials: {', '.join(unplaced)})"
         )
-    sys.stderr.write(f"kvpki: issued {len(issued)} certificate(s) into {directory}\n")
+    info(f"issued {len(issued)} certificate(s) into {directory}")
 
 
 def output_names(paths: Sequence[str], fmt: str) -> list[str]:

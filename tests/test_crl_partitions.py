@@ -285,7 +285,7 @@ def test_sqlite_upgrade_to_version_3(version: int, tmp_path: Path) -> None:
         db.execute(f"PRAGMA user_version={version}")
     db.close()
     inventory = SqliteInventory(path)
-    assert SCHEMA_VERSION == 4  # 4: issuer_generation (kvpki rollover), added in the same upgrade
+    assert SCHEMA_VERSION == 3
     old = inventory.get("ca", "1234")
     assert old is not None and old.crl_partition is None and old.status == "revoked"
     assert [r.serial for r in inventory.crl_snapshot("ca", lambda: datetime.now(UTC)).revoked] == ["1234"]
@@ -293,7 +293,7 @@ def test_sqlite_upgrade_to_version_3(version: int, tmp_path: Path) -> None:
     assert inventory.reserve_crl_partitions("ca", 2, 1) == [0, 1]
     inventory.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         indexes = {row[1] for row in db.execute("PRAGMA index_list(certificates)")}
         assert {"certificates_crl", "certificates_partition_crl"} <= indexes
         plan = " ".join(

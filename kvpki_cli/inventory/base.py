@@ -42,6 +42,7 @@ class CertificateRecord(NamedTuple):
     status: str = "valid"
     revoked_at: datetime | None = None
     reason: str | None = None
+    replaces: str | None = None  # serial of the certificate this one renewed (kvpki renew, EST re-enrollment)
     crl_partition: int | None = None  # the partition CRL listing it (its CRL DP); None: the full CRL only
     issuer_generation: int = 0  # which key generation of the CA signed it (kvpki rollover); 0 before any
 
@@ -65,6 +66,7 @@ class CertificateRecord(NamedTuple):
             "revoked_at": to_text(self.revoked_at) if self.revoked_at else None,
             "reason": self.reason,
             "csr_sha256": self.csr_sha256,
+            "replaces": self.replaces,
             "issuer_generation": self.issuer_generation,
         }
 

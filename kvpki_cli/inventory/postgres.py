@@ -40,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the installation
     raise BackendError("the PostgreSQL inventory needs psycopg: pip install 'kvpki[postgres]'") from None
 
-SCHEMA_VERSION = 2  # 2: kvpki_certificates.issuer_generation (kvpki rollover)
+SCHEMA_VERSION = 1
 CONNECT_TIMEOUT_S = 10
 # Key of the advisory lock that serialises first-time schema creation: concurrent
 # CREATE TABLE IF NOT EXISTS can still fail on the catalog's unique indexes.
@@ -51,6 +51,12 @@ SCHEMA_LOCK = 0x6B76706B69  # "kvpki"
 CRL_INDEX = (
     "CREATE INDEX IF NOT EXISTS kvpki_certificates_crl ON kvpki_certificates"
     ' (ca, status, serial COLLATE "C") INCLUDE (not_after, revoked_at, reason)'
+)
+# Not part of the version either: the serial a renewal replaced, added on connection if missing.
+ADD_REPLACES = "ALTER TABLE kvpki_certificates ADD COLUMN IF NOT EXISTS replaces text"
+# Likewise the key generation that signed each row (kvpki rollover): rows from before were signed by key 0.
+ADD_GENERATION = (
+    "ALTER TABLE kvpki_certificates ADD COLUMN IF NOT EXISTS issuer_generation integer NOT NULL DEFAULT 0"
 )
 # CRL partitions (RFC 5280 5.2.5), not part of the version either: added on the next connection.
 PARTITION_SCHEMA = (
@@ -98,12 +104,11 @@ SCHEMA = (
         reason      text,
         issued_at   timestamptz NOT NULL DEFAULT now(),
         id          bigint      GENERATED ALWAYS AS IDENTITY,
+        replaces    text,
         crl_partition integer,
         PRIMARY KEY (ca, serial)
     )
     """,
-    # Schema 1 -> 2: every existing row was signed by the CA's first key (generation 0).
-    "ALTER TABLE kvpki_certificates ADD COLUMN IF NOT EXISTS issuer_generation integer NOT NULL DEFAULT 0",
     "CREATE INDEX IF NOT EXISTS kvpki_certificates_status ON kvpki_certificates (ca, status, not_after)",
     "CREATE TABLE IF NOT EXISTS kvpki_crl_numbers (ca text PRIMARY KEY, last bigint NOT NULL)",
     CRL_INDEX,
@@ -116,7 +121,8 @@ COLUMNS = ", ".join(CertificateRecord._fields)
 COLUMNS_WITHOUT_DER = COLUMNS.replace(" der,", " ''::bytea,")
 INSERT = (
     "INSERT INTO kvpki_certificates (ca, serial, subject, sans, profile, requester, not_before, not_after,"
-    " csr_sha256, der, crl_partition, issuer_generation) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " csr_sha256, der, replaces, crl_partition, issuer_generation)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 # COLLATE "C": byte order, as SQLite sorts text, whatever the database's locale.
 UNEXPIRED_CONDITION = "WHERE ca = %s AND status = 'revoked' AND not_after > %s ORDER BY serial COLLATE \"C\""
@@ -240,7 +246,13 @@ class PostgresInventory(Inventory):
         """Create the tables once; later connections only read the version (no DDL rights needed)."""
         with self._transaction() as cursor:
             version = self._schema_version(cursor)
-            if version == SCHEMA_VERSION and self._has_crl_index(cursor) and self._has_partitions(cursor):
+            if (
+                version == SCHEMA_VERSION
+                and self._has_crl_index(cursor)
+                and self._has_partitions(cursor)
+                and self._has_replaces(cursor)
+                and self._has_column(cursor, "issuer_generation")
+            ):
                 return
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             version = self._schema_version(cursor)  # another process may have won the race
@@ -257,6 +269,8 @@ class PostgresInventory(Inventory):
             else:
                 self._create_crl_index(cursor)
                 self._add_partitions(cursor)
+            self._add_replaces(cursor)
+            cursor.execute(ADD_GENERATION)
 
     @staticmethod
     def _add_partitions(cursor: psycopg.Cursor[Any]) -> None:
@@ -296,6 +310,28 @@ class PostgresInventory(Inventory):
             pass
 
     @staticmethod
+    def _has_replaces(cursor: psycopg.Cursor[Any]) -> bool:
+        row = cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('kvpki_certificates')"
+            " AND attname = 'replaces' AND NOT attisdropped)"
+        ).fetchone()
+        return bool(row and row[0])
+
+    @staticmethod
+    def _has_column(cursor: psycopg.Cursor[Any], column: str) -> bool:
+        row = cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('kvpki_certificates')"
+            " AND attname = %s AND NOT attisdropped)",
+            (column,),
+        ).fetchone()
+        return bool(row and row[0])
+
+    @staticmethod
+    def _add_replaces(cursor: psycopg.Cursor[Any]) -> None:
+        """The renewal link (serial of the replaced certificate), added to databases created before it."""
+        cursor.execute(ADD_REPLACES)
+
+    @staticmethod
     def _has_crl_index(cursor: psycopg.Cursor[Any]) -> bool:
         row = cursor.execute("SELECT to_regclass('kvpki_certificates_crl') IS NOT NULL").fetchone()
         return bool(row and row[0])
@@ -321,6 +357,7 @@ class PostgresInventory(Inventory):
                 utc_seconds(r.not_after),
                 r.csr_sha256,
                 r.der,
+                r.replaces,
                 r.crl_partition,
                 r.issuer_generation,
             )

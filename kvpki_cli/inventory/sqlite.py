@@ -37,8 +37,7 @@ from kvpki_cli.inventory.base import (
 
 # 2: certificates_crl, the covering index a CRL is read from (created on first open of a version-1 file).
 # 3: certificates.crl_partition, its covering index and crl_partitions (added on first open of a 1 or 2).
-# 4: certificates.issuer_generation (kvpki rollover; added on first open of an older file, 0 for every row).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
     ca TEXT NOT NULL,
@@ -55,6 +54,7 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked_at TEXT,
     reason TEXT,
     issued_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    replaces TEXT,
     crl_partition INTEGER,
     issuer_generation INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (ca, serial)
@@ -66,6 +66,11 @@ CREATE TABLE IF NOT EXISTS crl_partitions (
     ca TEXT PRIMARY KEY, last_partition INTEGER NOT NULL, filled INTEGER NOT NULL
 );
 """
+# Columns newer than a file may be: added by _add_missing_columns on open (no version bump needed).
+ADDED_COLUMNS = {
+    "replaces": "TEXT",  # serial of the certificate a renewal replaced
+    "issuer_generation": "INTEGER NOT NULL DEFAULT 0",  # kvpki rollover: rows from before were signed by key 0
+}
 # After the column exists (an older file gains it by ALTER TABLE first): a partition CRL's covering index.
 PARTITION_INDEX = (
     "CREATE INDEX IF NOT EXISTS certificates_partition_crl"
@@ -73,11 +78,9 @@ PARTITION_INDEX = (
 )
 COLUMNS = (
     "ca, serial, subject, sans, profile, requester, not_before, not_after, csr_sha256, der, status, revoked_at, reason,"
-    " crl_partition, issuer_generation"
+    " replaces, crl_partition, issuer_generation"
 )
 COLUMNS_WITHOUT_DER = COLUMNS.replace(" der,", " X'',")
-# Schema 4: every existing row was signed by the CA's first key (generation 0).
-ADD_GENERATION = "ALTER TABLE certificates ADD COLUMN issuer_generation INTEGER NOT NULL DEFAULT 0"
 
 UNEXPIRED_CONDITION = "WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial"
 REVOKED_UNEXPIRED = f"SELECT {COLUMNS} FROM certificates {UNEXPIRED_CONDITION}"
@@ -115,6 +118,7 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         status,
         revoked_at,
         reason,
+        replaces,
         crl_partition,
         issuer_generation,
     ) = row
@@ -132,6 +136,7 @@ def _row_to_record(row: Sequence[object]) -> CertificateRecord:
         status=str(status),
         revoked_at=from_text(str(revoked_at)) if revoked_at else None,
         reason=str(reason) if reason else None,
+        replaces=str(replaces) if replaces else None,
         crl_partition=None if crl_partition is None else int(crl_partition),  # type: ignore[call-overload]
         issuer_generation=int(issuer_generation),  # type: ignore[call-overload]
     )
@@ -162,6 +167,7 @@ class SqliteInventory(Inventory):
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
             if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 self._create_schema(busy_timeout_s)
+            self._add_missing_columns()
             self._db.execute("PRAGMA synchronous=FULL")
         except SQLITE_ERRORS as exc:
             raise BackendError(f"inventory {path} is unusable: {_describe(exc)}") from None
@@ -176,9 +182,20 @@ class SqliteInventory(Inventory):
             if "crl_partition" not in columns:  # a version 1 or 2 file: its certificates stay on the full CRL
                 self._db.execute("ALTER TABLE certificates ADD COLUMN crl_partition INTEGER")
             self._db.execute(PARTITION_INDEX)
-            if "issuer_generation" not in columns:
-                self._db.execute(ADD_GENERATION)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after a schema version, added on open whatever the version says (idempotent:
+        several helpers' columns can land independently, and concurrent openers re-check under the lock)."""
+        if not self._missing_columns():
+            return
+        with self._transaction() as db:
+            for column, definition in self._missing_columns().items():
+                db.execute(f"ALTER TABLE certificates ADD COLUMN {column} {definition}")
+
+    def _missing_columns(self) -> dict[str, str]:
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(certificates)")}
+        return {column: definition for column, definition in ADDED_COLUMNS.items() if column not in present}
 
     def _enable_wal(self, busy_timeout_s: float) -> None:
         """Switch to WAL, retrying: SQLite fails this pragma at once instead of calling the busy
@@ -243,6 +260,7 @@ class SqliteInventory(Inventory):
                 to_text(r.not_after),
                 r.csr_sha256,
                 r.der,
+                r.replaces,
                 r.crl_partition,
                 r.issuer_generation,
             )
@@ -252,8 +270,8 @@ class SqliteInventory(Inventory):
             try:
                 db.executemany(
                     "INSERT INTO certificates (ca, serial, subject, sans, profile, requester, not_before,"
-                    " not_after, csr_sha256, der, crl_partition, issuer_generation)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " not_after, csr_sha256, der, replaces, crl_partition, issuer_generation)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             except sqlite3.IntegrityError as exc:

@@ -90,7 +90,15 @@ class LocalKeyStore(KeyStore):
         self._generation_keys: dict[int, CAPrivateKey] = {}
 
     def exists(self) -> bool:
-        return self.key_path.exists() or self.chain_path.exists()
+        """init-ca asks only when ca.json is absent: files here are what an interrupted init-ca left."""
+        leftovers = [path.name for path in (self.key_path, self.chain_path) if path.exists()]
+        if leftovers:
+            raise AlreadyExists(
+                f"CA {self.ca_name!r} was not completely created: {self.directory} holds {' and '.join(leftovers)} "
+                "but the CA has no ca.json (an earlier init-ca was interrupted; nothing was issued under it): "
+                "move that directory away and run init-ca again"
+            )
+        return False
 
     def create_key(self, key_type: KeyType) -> CAPublicKey:
         return self._create_key_file(self.key_path, key_type)

@@ -18,6 +18,9 @@ _DNS_NAME = re.compile(rf"(\*\.)?({_DNS_LABEL}\.)*{_DNS_LABEL}")
 _HOST_NAME = re.compile(rf"({_DNS_LABEL}\.)*{_DNS_LABEL}")
 _MAILBOX_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+# RFC 3986 2: unreserved, reserved and percent-encoded octets; anything else is not a URI.
+_URI_TEXT = re.compile(r"([A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
+_URI_AUTHORITY = re.compile(r"(?:[^@/?#\[\]]*@)?(?P<host>\[[^\]/?#]*\]|[^:/?#\[\]@]*)(?::(?P<port>[0-9]*))?")
 _SAN_PREFIXES = {"dns": "DNS", "ip": "IP", "uri": "URI", "email": "email"}
 # Second-level labels under which registries sell names (co.uk, com.au, ac.jp, ...): a wildcard
 # directly under "<one of these>.<two-letter country>" would cover other people's domains.
@@ -28,8 +31,9 @@ def parse_subject(text: str) -> x509.Name:
     """An RFC 4514 string such as ``CN=device-1,O=Contoso``."""
     try:
         name = x509.Name.from_rfc4514_string(text)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"invalid subject {text!r}: {exc}") from None
+    except (ValueError, TypeError) as exc:  # an unknown attribute name raises with no message at all
+        detail = str(exc) or "unknown attribute type (use CN, O, ... or a dotted OID)"
+        raise InvalidInput(f"invalid subject {text!r}: {detail}") from None
     if not list(name):
         raise InvalidInput(f"invalid subject {text!r}: it is empty")
     check_name_syntax(name)  # init-ca certifies it as given: the same rules as for CSR subjects
@@ -48,6 +52,8 @@ def parse_san(text: str) -> x509.GeneralName:
         if prefix == "DNS":
             return x509.DNSName(value)
         if prefix == "IP":
+            if "%" in value:  # a zone index (fe80::1%eth0) means nothing off this host and would be dropped
+                raise ValueError(value)
             return x509.IPAddress(ipaddress.ip_address(value))
         if prefix == "URI":
             return x509.UniformResourceIdentifier(value)
@@ -130,7 +136,7 @@ def check_sans(sans: Iterable[x509.GeneralName], profile: Profile) -> None:
                 raise PolicyViolation(f"SAN IP {san.value} is outside the ranges allowed by profile {profile.name!r}")
         elif isinstance(san, x509.UniformResourceIdentifier):
             uri = san.value
-            if not uri.isascii() or not _URI_SCHEME.match(uri) or any(c.isspace() or first_unsafe(c) for c in uri):
+            if not _is_absolute_uri(uri):
                 raise PolicyViolation(f"SAN URI {uri!r} is not an absolute URI")
         elif isinstance(san, x509.RFC822Name):
             local, at, domain = san.value.rpartition("@")
@@ -141,7 +147,47 @@ def check_sans(sans: Iterable[x509.GeneralName], profile: Profile) -> None:
 
 
 def _is_host_name(name: str) -> bool:
-    return len(name) <= 253 and name.isascii() and _HOST_NAME.fullmatch(name) is not None
+    return len(name) <= 253 and name.isascii() and _HOST_NAME.fullmatch(name) is not None and _a_labels_ok(name)
+
+
+def _a_labels_ok(name: str) -> bool:
+    """Every ``xn--`` label must decode as Punycode (RFC 5890): relying parties show the U-label."""
+    for label in name.lower().split("."):
+        if label.startswith("xn--"):
+            try:
+                label.encode("ascii").decode("idna")
+            except UnicodeError:
+                return False
+    return True
+
+
+def _is_absolute_uri(uri: str) -> bool:
+    """RFC 5280 4.2.1.6: a scheme, RFC 3986 characters only, and where there is an authority,
+    a host that is a domain name or an IP address (and a port that is a port)."""
+    scheme = _URI_SCHEME.match(uri)
+    if scheme is None or len(uri) == scheme.end() or _URI_TEXT.fullmatch(uri) is None:
+        return False
+    rest = uri[scheme.end() :]
+    if not rest.startswith("//"):
+        return True
+    authority = re.split(r"[/?#]", rest[2:], maxsplit=1)[0]
+    match = _URI_AUTHORITY.fullmatch(authority)
+    if match is None:
+        return False
+    host, port = match["host"], match["port"]
+    if port and int(port) > 65535:
+        return False
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return _is_host_name(host)
+    return True
 
 
 def wildcard_problem(name: str) -> str | None:
@@ -159,7 +205,7 @@ def wildcard_problem(name: str) -> str | None:
 
 
 def _check_dns(name: str, profile: Profile) -> None:
-    if len(name) > 253 or not name.isascii() or not _DNS_NAME.fullmatch(name):
+    if len(name) > 253 or not name.isascii() or not _DNS_NAME.fullmatch(name) or not _a_labels_ok(name):
         raise PolicyViolation(f"SAN DNS name {name!r} is not a valid host name")
     if name.rpartition(".")[2].isdigit():  # no top-level domain is numeric (RFC 3696 2): an address in disguise
         raise PolicyViolation(f"SAN DNS name {name!r} looks like an IP address (use IP:{name})")

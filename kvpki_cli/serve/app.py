@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.config import Settings
 from kvpki_cli.errors import UsageError
+from kvpki_cli.fileutil import read_regular_file
 from kvpki_cli.rollover import published_certificates
 from kvpki_cli.serve.auth import Authenticator
 from kvpki_cli.serve.config import ServeConfig
@@ -31,6 +32,7 @@ from kvpki_cli.serve.health import Health
 from kvpki_cli.serve.limits import ConnectionLimits, connection_cap, log_summaries, raise_fd_limit
 from kvpki_cli.serve.listener import GatedSite, Timeouts, request_deadline
 from kvpki_cli.serve.logformat import handler_formatter
+from kvpki_cli.serve.logsafe import install_library_filters
 from kvpki_cli.serve.metrics import ServeMetrics
 from kvpki_cli.serve.ocsp import OcspResponder, Responders, load_delegate
 from kvpki_cli.serve.passwd import UserDirectory
@@ -43,14 +45,23 @@ PUBLISHING_THREADS = 2  # at least; as many as signing workers otherwise (OCSP w
 
 def _load_certificates(path: Path) -> list[x509.Certificate]:
     try:
-        certs = x509.load_pem_x509_certificates(path.read_bytes())
+        certs = x509.load_pem_x509_certificates(read_regular_file(path, 4 * 1024 * 1024))
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load certificates from {path}: {exc}") from None
     return certs
 
 
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME (Python's ssl has no name for it but passes verify_flags through).
+VERIFY_NO_CHECK_TIME = 0x200000
+
+
 def tls_context(config: ServeConfig, trusted: list[x509.Certificate]) -> ssl.SSLContext:
-    """TLS 1.2+, our server certificate, and client certificates requested but optional."""
+    """TLS 1.2+, our server certificate, and client certificates requested but optional.
+
+    With ``renew_after_expiry`` on any label, chains are verified without their validity
+    time (an offline device's certificate arrives expired); serve/auth.py then checks time
+    on every path that accepts a client certificate.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -60,6 +71,8 @@ def tls_context(config: ServeConfig, trusted: list[x509.Certificate]) -> ssl.SSL
     context.verify_mode = ssl.CERT_OPTIONAL
     pem = "".join(cert.public_bytes(Encoding.PEM).decode() for cert in trusted)
     context.load_verify_locations(cadata=pem)
+    if any(label.renew_after_expiry is not None for label in config.labels.values()):
+        context.verify_flags |= VERIFY_NO_CHECK_TIME
     return context
 
 
@@ -136,8 +149,10 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
         {name: chains[label.ca][0] for name, label in config.labels.items()},
         client_cas,
         {name: chains[name][0] for label in config.labels.values() for name in label.identity_cas},
-        {name: earlier[label.ca] for name, label in config.labels.items()},
-        {name: earlier[name] for label in config.labels.values() for name in label.identity_cas},
+        {name: label.renew_after_expiry for name, label in config.labels.items() if label.renew_after_expiry},
+        trusted,
+        earlier_ca_certs={name: earlier[label.ca] for name, label in config.labels.items()},
+        earlier_identity_cas={name: earlier[name] for label in config.labels.values() for name in label.identity_cas},
     )
     ca_names = set(settings.ca_names())
     ca_certificates = first
@@ -227,6 +242,7 @@ def run(settings: Settings, config: ServeConfig) -> None:
     handler.setFormatter(handler_formatter(config.log_format))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    install_library_filters()  # a malformed request: one escaped line, never a traceback
     apps = build_app(settings, config)
     try:
         asyncio.run(_serve(apps, config))

@@ -4,6 +4,12 @@ identity certificates acting as enrollment authority.
 TLS already verified any client certificate against the union of all trusted
 CAs (``ssl.CERT_OPTIONAL``); here we decide what it authorises on one label.
 Checks that need the inventory run later, in the worker thread (``est.py``).
+
+When a label has ``renew_after_expiry``, TLS verifies chains without checking
+time (OpenSSL's X509_V_FLAG_NO_CHECK_TIME, see app.py): then every path here
+checks validity time itself, for the client certificate and for the CA
+certificates above it, and only renewal within the label's window accepts an
+expired client certificate.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import binascii
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 from cryptography import x509
@@ -86,6 +93,34 @@ def currently_valid(cert: x509.Certificate) -> bool:
     return cert.not_valid_before_utc <= now < cert.not_valid_after_utc
 
 
+def within_renewal_window(cert: x509.Certificate, window: timedelta | None) -> bool:
+    """Valid now, or (with a window) expired at most ``window`` ago: what may renew itself."""
+    now = datetime.now(UTC)
+    if now < cert.not_valid_before_utc:
+        return False
+    return now < cert.not_valid_after_utc or (window is not None and now - cert.not_valid_after_utc <= window)
+
+
+MAX_CHAIN = 8
+
+
+def issuers_currently_valid(cert: x509.Certificate, trusted: Sequence[x509.Certificate]) -> bool:
+    """Whether ``cert`` chains, through currently valid trusted CA certificates, to a self-signed one.
+
+    The time check OpenSSL skips when renewal after expiry is on: an expired CA certificate
+    (a bootstrap CA, an intermediate, a root) must still make every client certificate fail.
+    """
+    current = cert
+    for _ in range(MAX_CHAIN):
+        issuer = next((ca for ca in trusted if currently_valid(ca) and directly_issued(current, ca)), None)
+        if issuer is None:
+            return False
+        if issuer.subject == issuer.issuer:
+            return True
+        current = issuer
+    return False
+
+
 def describe_subject(cert: x509.Certificate) -> str:
     """The subject for logs and the inventory's requester, escaped: a client certificate's subject
     may hold newlines or terminal escapes (its CA need not be kvpki)."""
@@ -106,6 +141,8 @@ class Authenticator:
         ca_certs: dict[str, x509.Certificate],
         client_cas: dict[str, list[x509.Certificate]],
         identity_cas: dict[str, x509.Certificate] | None = None,
+        windows: dict[str, timedelta] | None = None,
+        trusted: Sequence[x509.Certificate] = (),
         earlier_ca_certs: dict[str, list[x509.Certificate]] | None = None,
         earlier_identity_cas: dict[str, list[x509.Certificate]] | None = None,
     ) -> None:
@@ -116,6 +153,14 @@ class Authenticator:
         self.identity_cas = identity_cas or {}  # CA name -> certificate, for labels' identity_cas
         self.earlier_ca_certs = earlier_ca_certs or {}  # label -> CA certificates of earlier key generations
         self.earlier_identity_cas = earlier_identity_cas or {}  # CA name -> the same, for identity CAs
+        # label -> renew_after_expiry; when any is set, TLS no longer checks time and we check chains here
+        self.windows = {name: window for name, window in (windows or {}).items() if window is not None}
+        self.trusted = tuple(trusted)
+
+    @property
+    def time_relaxed(self) -> bool:
+        """Whether TLS accepts expired client certificates (app.tls_context sets NO_CHECK_TIME)."""
+        return bool(self.windows)
 
     def unauthorised(self, reason: str) -> HttpRefusal:
         return HttpRefusal(401, reason, self.challenge)
@@ -128,13 +173,16 @@ class Authenticator:
 
     async def identify(self, request: web.Request, label: LabelConfig, reenroll: bool) -> Identity:
         cert = peer_certificate(request)
+        if cert is not None and self.time_relaxed and not issuers_currently_valid(cert, self.trusted):
+            raise HttpRefusal(403, "a CA certificate above the client certificate is not currently valid")
         credentials = basic_credentials(request.headers.get("Authorization"))
         renewable = cert is not None and label.renewal and self._issued_here(cert, label)
         if reenroll:
             if cert is None and credentials is None:
                 raise self.unauthorised("authentication required")
             if not renewable:
-                raise HttpRefusal(403, "simplereenroll needs the certificate being renewed as TLS client certificate")
+                reason = "simplereenroll needs the certificate being renewed as TLS client certificate"
+                raise HttpRefusal(403, self._expired_here(cert, label) or reason)
             assert cert is not None
             return Identity(f"est-cert:{describe_subject(cert)}", renewing=cert)
         if credentials is not None and (label.users or cert is None):
@@ -157,15 +205,36 @@ class Authenticator:
                 )
             if currently_valid(cert) and any(directly_issued(cert, ca) for ca in self.client_cas.get(label.name, [])):
                 return Identity(f"est-cert:{describe_subject(cert)}")
-            raise HttpRefusal(403, f"client certificate is not trusted for EST label {label.name!r}")
+            reason = f"client certificate is not trusted for EST label {label.name!r}"
+            raise HttpRefusal(403, self._expired_here(cert, label) or reason)
         raise self.unauthorised("authentication required")
 
     def _issued_here(self, cert: x509.Certificate, label: LabelConfig) -> bool:
+        """A certificate of this label's CA that may renew itself now (est.check_renewal re-checks time)."""
         ca = self.ca_certs.get(label.name)
-        if ca is None or not currently_valid(cert):
+        window = self.windows.get(label.name)
+        if ca is None or not within_renewal_window(cert, window):
             return False
-        # After 'kvpki rollover' a certificate of an earlier key generation renews into the current one.
+        return self._signed_here(cert, label, ca)
+
+    def _signed_here(self, cert: x509.Certificate, label: LabelConfig, ca: x509.Certificate) -> bool:
+        """Signed by the label CA's current key or, after 'kvpki rollover', an earlier one (which renews
+        into the current one)."""
         return any(directly_issued(cert, issuer) for issuer in (ca, *self.earlier_ca_certs.get(label.name, ())))
+
+    def _expired_here(self, cert: x509.Certificate | None, label: LabelConfig) -> str | None:
+        """Why this label's own certificate cannot renew any more (expired beyond the window), if it is that."""
+        from kvpki_cli.authority import check_renewal_time
+        from kvpki_cli.errors import PolicyViolation
+
+        ca = self.ca_certs.get(label.name)
+        if cert is None or ca is None or not label.renewal or not self._signed_here(cert, label, ca):
+            return None
+        try:
+            check_renewal_time(cert, datetime.now(UTC), self.windows.get(label.name))
+        except PolicyViolation as refusal:
+            return f"the client {refusal}"
+        return None
 
     def _identity_ca(self, cert: x509.Certificate, label: LabelConfig) -> str | None:
         """The label's identity CA whose key signed ``cert`` (signature checked, not just the issuer name)."""

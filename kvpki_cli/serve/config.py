@@ -46,6 +46,9 @@ class LabelConfig:
     # Enrollment rate limits (serve/ratelimit.py): per identity on this label, and for the label as a whole.
     rate_limit: Rate | None = None
     label_rate_limit: Rate | None = None
+    # Offline devices: a certificate of this label's CA that expired at most this long ago may still
+    # renew itself (TLS then accepts expired client certificates; serve/auth.py checks time itself).
+    renew_after_expiry: timedelta | None = None
 
     def allows_user(self, user: str) -> bool:
         return user in self.users or "*" in self.users
@@ -160,14 +163,31 @@ def _label(base: Path, name: str, table: Any, line_length: int = 0) -> LabelConf
         renewal=bool(table.get("renewal", True)),
         base64_line_length=_line_length(table, f"[est.{name}]", line_length),
         allow_password_for_ca=allow_password,
+        renew_after_expiry=_window(name, table),
         **_identity_settings(name, table),
         **_rates(name, table),
     )
 
 
-LABEL_OPTIONS = ("base64_line_length", "allow_password_for_ca", "rate_limit", "label_rate_limit")
+LABEL_OPTIONS = (
+    "base64_line_length",
+    "allow_password_for_ca",
+    "rate_limit",
+    "label_rate_limit",
+    "renew_after_expiry",
+)
 RATE_KEYS = ("rate_limit", "label_rate_limit")
 IDENTITY_KEYS = ("identity_cas", "identity_profiles", "identity_cn")
+
+
+def _window(name: str, table: Mapping[str, Any]) -> timedelta | None:
+    """``renew_after_expiry = "180d"``: absent (the default) means expired certificates never renew."""
+    value = table.get("renew_after_expiry")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UsageError(f'serve config: [est.{name}] renew_after_expiry must be a duration such as "180d"')
+    return parse_duration(value, what=f"[est.{name}] renew_after_expiry")
 
 
 def _rates(name: str, table: Mapping[str, Any]) -> dict[str, Any]:
@@ -209,6 +229,24 @@ def _identity_settings(name: str, table: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def _check_tables(document: Mapping[str, Any]) -> None:
+    """Tables where tables belong and no setting nobody reads: a misspelt key is an error, not a default."""
+    import dataclasses
+    import difflib
+
+    for name in ("server", "est", "ocsp"):
+        if not isinstance(document.get(name, {}), Mapping):
+            raise UsageError(f"serve config: [{name}] must be a table")
+    known = {f.name for f in dataclasses.fields(ServeConfig)} - {"labels", "ocsp_signers"}
+    for key in sorted(set(document.get("server", {})) - known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"serve config: [server] has unknown setting {key!r}{hint}")
+    for name, table in document.get("ocsp", {}).items():
+        if not isinstance(table, Mapping) or set(table) - {"cert", "key"}:
+            raise UsageError(f"serve config: [ocsp.{name}] must be a table with cert and key only")
+
+
 def load_serve_config(path: Path) -> ServeConfig:
     """Parse and validate the serve config (CA and profile names are checked by the app)."""
     try:
@@ -222,6 +260,10 @@ def load_serve_config(path: Path) -> ServeConfig:
     unknown = set(document) - {"server", "est", "ocsp"}
     if unknown:
         raise UsageError(f"serve config: unknown table(s) {', '.join(sorted(unknown))}")
+    _check_tables(document)
+    realm = server.get("realm", "kvpki EST")
+    if not isinstance(realm, str) or not realm or not realm.isascii() or not realm.isprintable():
+        raise UsageError("serve config: [server] realm must be printable ASCII text (it is sent in a header)")
     line_length = _line_length(server, "[server]", 0)
     labels = {name: _label(base, name, table, line_length) for name, table in document.get("est", {}).items()}
     signers = {
@@ -236,7 +278,7 @@ def load_serve_config(path: Path) -> ServeConfig:
         tls_key=_path(base, server.get("tls_key"), "[server] tls_key"),
         users_file=_path(base, users_file, "[server] users_file") if users_file else None,
         http_port=_int(server, "http_port", 0, 0, 65535) if "http_port" in server else None,
-        realm=str(server.get("realm", "kvpki EST")).replace('"', "'"),
+        realm=realm.replace('"', "'").replace("\\", "/"),
         base64_line_length=line_length,
         signing_concurrency=_int(server, "signing_concurrency", 4, 1, 256),
         max_body_bytes=_int(server, "max_body_bytes", 64 * 1024, 1024, 16 * 1024 * 1024),

@@ -159,7 +159,8 @@ class Publisher:
         current = self._crl_job(name, partition, generation).result()
         if cached is None:
             # A partition of a CA without partitions (UsageError) or not reached yet (NotFound): 404.
-            missing = (NotFound,) if partition is None else (NotFound, UsageError)
+            # The full CRL of a configured CA always exists: failing to make it is the server's state (503).
+            missing: tuple[type[KvpkiError], ...] = () if partition is None else (NotFound, UsageError)
             response = await self._serve(current, "application/pkix-crl", key, missing)
             if response.status == 404 and (partition is not None or generation):  # no state per made-up number
                 self._crl_jobs.pop(key, None)
@@ -190,7 +191,7 @@ class Publisher:
         job: Awaitable[bytes],
         content_type: str,
         name: str,
-        missing: tuple[type[KvpkiError], ...] = (NotFound,),
+        missing: tuple[type[KvpkiError], ...] = (),
     ) -> web.Response:
         try:
             der = await job

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kvpki_cli.authority import CertificateAuthority, SigningRequest, recorded
+from kvpki_cli.authority import CertificateAuthority, SigningRequest, check_renewal_time, recorded, utcnow
 from kvpki_cli.errors import InvalidInput, KvpkiError, NotFound, PolicyViolation
 from kvpki_cli.inventory.base import CertificateRecord
 from kvpki_cli.pki.csr import decode_csr_bytes, parse_csr
@@ -53,10 +54,19 @@ def good_record(ca: CertificateAuthority, cert: x509.Certificate, what: str) -> 
 
 
 def check_renewal(
-    ca: CertificateAuthority, old: x509.Certificate, csr: x509.CertificateSigningRequest, profile: str
+    ca: CertificateAuthority,
+    old: x509.Certificate,
+    csr: x509.CertificateSigningRequest,
+    profile: str,
+    window: timedelta | None = None,
 ) -> None:
-    """Renewal keeps subject, SANs and profile, and the old certificate must be ours and unrevoked."""
+    """Renewal keeps subject, SANs and profile, and the old certificate must be ours, unrevoked, and
+    valid now or expired by at most the label's ``renew_after_expiry`` ``window``."""
     record = good_record(ca, old, "the client certificate")
+    try:
+        check_renewal_time(old, utcnow(), window)
+    except PolicyViolation as refusal:
+        raise HttpRefusal(403, str(refusal)) from None
     if record.profile != profile:
         raise HttpRefusal(403, f"a {record.profile} certificate cannot renew into profile {profile!r}")
     if csr.subject != old.subject:
@@ -231,7 +241,7 @@ class EstService:
             renewing, authority = identity.renewing, identity.authority
             identity_cn, constraints, renews = None, None, None
             if renewing is not None and (authority is None or renews_own_profile(ca, renewing, profile)):
-                check_renewal(ca, renewing, csr, profile)
+                check_renewal(ca, renewing, csr, profile, label.config.renew_after_expiry)
                 constraints = certificate_name_constraints(renewing)  # a renewed CA keeps its name constraints
                 renews = renewing
             elif authority is not None:

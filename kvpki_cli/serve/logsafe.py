@@ -34,6 +34,40 @@ class EscapingFilter(logging.Filter):
 _TRACEBACKS = logging.Formatter()
 
 
+class ClientErrorFilter(logging.Filter):
+    """aiohttp's own records: a malformed request is the client's error, one escaped line, no traceback.
+
+    aiohttp logs "Error handling request" with a traceback whenever a peer sends a
+    bad request line, an over-long header or drops the connection; a scanner could
+    fill the log with multi-line tracebacks quoting its own bytes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _is_client_error(exc):
+            detail = " ".join(str(getattr(exc, "message", "") or exc).split())
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {detail}"[:500]
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _is_client_error(exc: BaseException) -> bool:
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    return isinstance(exc, (HttpProcessingError, ConnectionError, TimeoutError))
+
+
+def install_library_filters() -> None:
+    """Escape (and shorten client-error records of) the loggers aiohttp writes to."""
+    for name in ("aiohttp.server", "aiohttp.web", "aiohttp.internal", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, EscapingFilter) for f in logger.filters):
+            logger.addFilter(ClientErrorFilter())
+            logger.addFilter(EscapingFilter())
+
+
 def server_log() -> logging.Logger:
     """The ``kvpki.serve`` logger with the escaping filter installed (once)."""
     log = logging.getLogger(LOGGER_NAME)

@@ -23,6 +23,7 @@ import hmac
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ SCRYPT_LOG_N = 14
 SCRYPT_R = 8
 SCRYPT_P = 1
 MAX_USER_LENGTH = 64
+MAX_USERS_BYTES = 4 * 1024 * 1024  # ~20,000 users; a bigger file is a mistake, not a fleet
 USER_NAME = re.compile(rf"[A-Za-z0-9_.@+-]{{1,{MAX_USER_LENGTH}}}")  # used with fullmatch: no "\n" slips by
 _ENTRY = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)")
 _MAXMEM = 256 * 1024 * 1024
@@ -101,11 +103,22 @@ def parse_users(text: str, source: str) -> dict[str, str]:
 def read_users(path: Path) -> dict[str, str]:
     """The users of ``path`` ({} when it does not exist); a malformed file is a ``UsageError``."""
     try:
-        data = path.read_bytes()
+        # O_NONBLOCK: a FIFO in its place must not hang the server's event loop (refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return {}
     except OSError as exc:
         raise UsageError(f"cannot read users file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen: it refuses a directory with an OSError
+        os.close(fd)
+        raise UsageError(f"users file {path} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read(MAX_USERS_BYTES + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read users file {path}: {exc.strerror}") from None
+    if len(data) > MAX_USERS_BYTES:
+        raise UsageError(f"users file {path} is larger than {MAX_USERS_BYTES} bytes")
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:

@@ -46,12 +46,11 @@ class HttpRefusal(Exception):
         if isinstance(error, CLIENT_ERRORS) and 400 <= error.http_status < 500:
             return cls(error.http_status, str(error))
         log.error("%s failed: %s: %r", context, type(error).__name__, str(error))  # repr: one escaped line
-        if isinstance(error, BackendError):
-            wait = error.retry_after
-            seconds = max(1, round(wait)) if wait and 0 < wait < 86400 else retry_after
-            headers = {"Retry-After": str(seconds)}
-            return cls(503, GENERIC_UNAVAILABLE, headers)
-        return cls(500, GENERIC_INTERNAL)
+        # Every other core error is the server's own state (a key store, inventory or CA file missing or
+        # unreachable): the service is unavailable until the operator fixes it, which is 503, not a bug's 500.
+        wait = error.retry_after if isinstance(error, BackendError) else None
+        seconds = max(1, round(wait)) if wait and 0 < wait < 86400 else retry_after
+        return cls(503, GENERIC_UNAVAILABLE, {"Retry-After": str(seconds)})
 
 
 def b64(data: bytes, line_length: int) -> bytes:

@@ -57,6 +57,31 @@ def key_name_for(ca_name: str) -> str:
     return name or "kvpki-ca"
 
 
+def _check_vault_url(vault_url: str) -> None:
+    """``https://HOST[:PORT]`` and nothing else: a bad port or host is a usage error, not a crash
+    or thirty seconds of connection retries."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(vault_url)
+        port = parts.port
+    except ValueError:
+        port, parts = -1, None
+    host = parts.hostname if parts is not None else None
+    if (
+        parts is None
+        or port == -1
+        or port == 0
+        or not host
+        or not re.fullmatch(r"[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45}", host)
+        or parts.username is not None
+        or parts.path
+        or parts.query
+        or parts.fragment
+    ):
+        raise UsageError(f"vault_url {vault_url!r} is not a Key Vault URL (https://NAME.vault.azure.net)")
+
+
 def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
@@ -68,8 +93,8 @@ def _as_seconds(value: Any, what: str) -> float:
         seconds = float(value)
     except (TypeError, ValueError):
         raise UsageError(f"azure store setting {what} must be a number of seconds, got {value!r}") from None
-    if seconds <= 0:
-        raise UsageError(f"azure store setting {what} must be positive, got {value!r}")
+    if not 0 < seconds < 1e6:  # also NaN and inf (float() takes "nan" and "inf" from KVPKI_AZURE_DEADLINE)
+        raise UsageError(f"azure store setting {what} must be a positive number of seconds, got {value!r}")
     return seconds
 
 
@@ -107,6 +132,7 @@ class AzureSettings(NamedTuple):
             )
         if not vault_url.lower().startswith("https://"):
             raise UsageError(f"vault_url must start with https:// (got {vault_url})")
+        _check_vault_url(vault_url)
         key_name = str(settings.get("key_name") or key_name_for(ca_name))
         if not re.fullmatch(r"[0-9a-zA-Z-]{1,127}", key_name):
             raise UsageError(f"key_name {key_name!r} is not a valid Key Vault name ([0-9a-zA-Z-], 1-127 chars)")
