@@ -406,6 +406,7 @@ def test_est_reenroll_old_key_certificate_returns_new_key_certificate(tmp_path_f
         for path, expected in (("/ca/issuing.crt", old_ca), ("/ca/issuing.1.crt", new_ca)):
             assert x509.load_der_x509_certificate(servekit.curl(server, path).body) == expected
         assert servekit.curl(server, "/crl/issuing.7.crl").status == 404
+        assert servekit.curl(server, "/ca/issuing.7.crt").status == 404
     finally:
         _stop(server)
 

@@ -160,7 +160,10 @@ class Publisher:
         if cached is None:
             # A partition of a CA without partitions (UsageError) or not reached yet (NotFound): 404.
             # The full CRL of a configured CA always exists: failing to make it is the server's state (503).
+            # A key generation the CA does not have (NotFound, after 'kvpki rollover'): 404 as well.
             missing: tuple[type[KvpkiError], ...] = () if partition is None else (NotFound, UsageError)
+            if generation:
+                missing = (NotFound,)
             response = await self._serve(current, "application/pkix-crl", key, missing)
             if response.status == 404 and (partition is not None or generation):  # no state per made-up number
                 self._crl_jobs.pop(key, None)
@@ -181,7 +184,7 @@ class Publisher:
         if der is not None:
             return self._response(der, "application/pkix-cert")
         loaded = asyncio.ensure_future(self.workers.run(name, lambda ca: _certificate_der(ca, generation)))
-        response = await self._serve(loaded, "application/pkix-cert", name)
+        response = await self._serve(loaded, "application/pkix-cert", name, (NotFound,) if generation else ())
         if loaded.done() and not loaded.exception():
             self._ca_der[scope] = loaded.result()
         return response
