@@ -492,10 +492,9 @@ def _stop(server) -> None:  # type: ignore[no-untyped-def]
         server.process.kill()
 
 
+@pytest.mark.parametrize("store", ["azure"], indirect=True)
 def test_rollover_on_key_vault_is_refused_with_exit_2(kvpki: Kvpki) -> None:
     """Key Vault CAs have no key generations yet: a clear usage error, nothing created or changed."""
-    if kvpki.store.name != "azure":
-        pytest.skip("the refusal concerns the Azure key store")
     kvpki.init_ca("kvroot", "--subject", "CN=Vault Root")
     before = kvpki.ok("get-ca", "--ca", "kvroot")
     result = kvpki.run("rollover", "--ca", "kvroot")

@@ -52,12 +52,9 @@ CRL_INDEX = (
     "CREATE INDEX IF NOT EXISTS kvpki_certificates_crl ON kvpki_certificates"
     ' (ca, status, serial COLLATE "C") INCLUDE (not_after, revoked_at, reason)'
 )
-# Not part of the version either: the serial a renewal replaced, added on connection if missing.
-ADD_REPLACES = "ALTER TABLE kvpki_certificates ADD COLUMN IF NOT EXISTS replaces text"
-# Likewise the key generation that signed each row (kvpki rollover): rows from before were signed by key 0.
-ADD_GENERATION = (
-    "ALTER TABLE kvpki_certificates ADD COLUMN IF NOT EXISTS issuer_generation integer NOT NULL DEFAULT 0"
-)
+# Columns newer than schema version 1, added on connection when missing (not part of the version):
+# the serial a renewal replaced, and the key generation that signed each row (rows from before: key 0).
+ADDED_COLUMNS = {"replaces": "text", "issuer_generation": "integer NOT NULL DEFAULT 0"}
 # CRL partitions (RFC 5280 5.2.5), not part of the version either: added on the next connection.
 PARTITION_SCHEMA = (
     "ALTER TABLE kvpki_certificates ADD COLUMN IF NOT EXISTS crl_partition integer",
@@ -250,8 +247,7 @@ class PostgresInventory(Inventory):
                 version == SCHEMA_VERSION
                 and self._has_crl_index(cursor)
                 and self._has_partitions(cursor)
-                and self._has_replaces(cursor)
-                and self._has_column(cursor, "issuer_generation")
+                and all(self._has_column(cursor, column) for column in ADDED_COLUMNS)
             ):
                 return
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
@@ -269,8 +265,9 @@ class PostgresInventory(Inventory):
             else:
                 self._create_crl_index(cursor)
                 self._add_partitions(cursor)
-            self._add_replaces(cursor)
-            cursor.execute(ADD_GENERATION)
+            for column, definition in ADDED_COLUMNS.items():
+                if not self._has_column(cursor, column):  # ALTER needs ownership even when nothing changes
+                    cursor.execute(f"ALTER TABLE kvpki_certificates ADD COLUMN IF NOT EXISTS {column} {definition}")
 
     @staticmethod
     def _add_partitions(cursor: psycopg.Cursor[Any]) -> None:
@@ -310,14 +307,6 @@ class PostgresInventory(Inventory):
             pass
 
     @staticmethod
-    def _has_replaces(cursor: psycopg.Cursor[Any]) -> bool:
-        row = cursor.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('kvpki_certificates')"
-            " AND attname = 'replaces' AND NOT attisdropped)"
-        ).fetchone()
-        return bool(row and row[0])
-
-    @staticmethod
     def _has_column(cursor: psycopg.Cursor[Any], column: str) -> bool:
         row = cursor.execute(
             "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('kvpki_certificates')"
@@ -325,11 +314,6 @@ class PostgresInventory(Inventory):
             (column,),
         ).fetchone()
         return bool(row and row[0])
-
-    @staticmethod
-    def _add_replaces(cursor: psycopg.Cursor[Any]) -> None:
-        """The renewal link (serial of the replaced certificate), added to databases created before it."""
-        cursor.execute(ADD_REPLACES)
 
     @staticmethod
     def _has_crl_index(cursor: psycopg.Cursor[Any]) -> bool:
