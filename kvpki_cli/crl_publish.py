@@ -20,7 +20,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from kvpki_cli.authority import CertificateAuthority
 from kvpki_cli.inventory.base import Inventory, StoredCrl, crl_key
@@ -70,13 +69,15 @@ def published_crl(
             return stored
         # Before the snapshot: never newer than the CRL.  Counted over every key generation.
         revocations = inventory.revocation_count(ca.name, partition)
-        crl = ca.crl(validity, partition, number)
+        der = ca.crl_der(validity, partition, number)
+        crl = x509.load_der_x509_crl(der)  # for its number and dates; the DER is kept as signed (a 1M-entry
+        # CRL re-encoded by public_bytes costs more than its entries took to write)
         fresh = StoredCrl(
             number=crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number,
             this_update=crl.last_update_utc,
             next_update=crl.next_update_utc or crl.last_update_utc + validity,
             revocations=revocations,
-            der=crl.public_bytes(Encoding.DER),
+            der=der,
         )
         inventory.store_crl(key, fresh)
         return fresh

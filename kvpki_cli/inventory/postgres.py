@@ -456,6 +456,8 @@ class PostgresInventory(Inventory):
             if cursor.execute("SELECT to_regclass('kvpki_crls') IS NULL").fetchone() == (True,):
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 cursor.execute(CRLS_TABLE)
+                # CRLs are signed DER: compressing megabytes that will not shrink only costs time on every store.
+                cursor.execute("ALTER TABLE kvpki_crls ALTER COLUMN der SET STORAGE EXTERNAL")
         self._crls_ready = True
 
     def crl_lock(self, ca: str) -> AbstractContextManager[None]:
