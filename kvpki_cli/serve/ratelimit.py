@@ -102,7 +102,8 @@ class RateLimiter:
             if first:
                 log.warning(
                     "rate limit %s reached: label=%s %s=%s; refusing its enrollments for %ds (logged once per window)",
-                    rate, label, scope, requester_text(requester) if scope == "identity" else label, math.ceil(end - now),
+                    rate, label, scope, requester_text(requester) if scope == "identity" else label,
+                    math.ceil(end - now),
                 )  # fmt: skip
             if self.on_refusal is not None:
                 self.on_refusal(label, scope)
