@@ -110,6 +110,24 @@ def test_cli_given_a_fifo_exits_2_instead_of_hanging(local_kvpki: Kvpki, tmp_pat
     assert b"pipe" in result.stderr or b"regular file" in result.stderr
 
 
+@pytest.mark.parametrize("fifo_as", ["tls_cert", "tls_key", "ocsp_cert", "ocsp_key"])
+def test_serve_config_files_that_are_fifos_exit_2(local_kvpki: Kvpki, tmp_path: Path, fifo_as: str) -> None:
+    kvpki = local_kvpki
+    (tmp_path / "file.pem").write_bytes(kvpki.init_ca("root", "--subject", "CN=R"))  # parses; never served
+    os.mkfifo(tmp_path / "fifo")
+    names = ("tls_cert", "tls_key", "ocsp_cert", "ocsp_key")
+    files = {name: "fifo" if name == fifo_as else "file.pem" for name in names}
+    (tmp_path / "serve.toml").write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = 1\ntls_cert = "{files["tls_cert"]}"\ntls_key = "{files["tls_key"]}"\n'
+        f'[est.default]\nca = "root"\nprofile = "device"\nclient_cas = []\n'
+        + (f'[ocsp.root]\ncert = "{files["ocsp_cert"]}"\nkey = "{files["ocsp_key"]}"\n' if "ocsp" in fifo_as else "")
+    )
+    result = subprocess.run([*KVPKI, "serve", "--config", str(tmp_path / "serve.toml")], capture_output=True,
+                            env=_kvpki_env(kvpki.home), timeout=60, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert b"Traceback" not in result.stderr and b"regular file" in result.stderr
+
+
 # --------------------------------------------------------------------------- DPS: where the token goes
 
 
@@ -296,6 +314,11 @@ def test_ocsp_nonce_is_echoed_not_taken_from_the_cache(est_server: servekit.EstS
         answer = ocsp.load_der_ocsp_response(body)
         assert status == 200 and answer.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
         assert answer.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == nonce
+    for nonce in (b"", b"\x03" * 33, b"\x04" * 4000):  # outside RFC 8954's 1-32 octets: no error, no 5xx
+        status, body = _get(est_server, "/ocsp/issuing", "POST", _ocsp_request(leaf, issuing, nonce))
+        assert status == 200 and ocsp.load_der_ocsp_response(body).response_status in (
+            ocsp.OCSPResponseStatus.SUCCESSFUL, ocsp.OCSPResponseStatus.MALFORMED_REQUEST,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(
