@@ -350,3 +350,30 @@ def test_metrics_labels_are_bounded_whatever_the_client_sends(est_server: servek
     assert labels <= {"default", "edge-ca", "est-id", "edge-ca-one-ca", "other"}
     outcomes = {line.split('outcome="', 1)[1].split('"', 1)[0] for line in text.splitlines() if 'outcome="' in line}
     assert outcomes and all(o == "issued" or (o.isdigit() and 400 <= int(o) <= 599) for o in outcomes)
+
+
+# --------------------------------------------------------------------------- Key Vault governor: sign_rate
+
+
+@pytest.mark.parametrize("value", [1e-300, 5e-324, 0.001, 0, -1, 1e6, float("inf"), float("nan"), True, "x"])
+def test_absurd_sign_rate_is_a_usage_error_not_an_overflow(value: object) -> None:
+    """sign_rate = 1e-300 was accepted: the second signature slept 1e300 s (OverflowError, exit 1)."""
+    from kvpki_cli.config import _rate
+    from kvpki_cli.keystores.azure.store import _as_rate
+
+    assert _rate(value) is not None
+    if not isinstance(value, bool):
+        with pytest.raises(UsageError, match="sign_rate"):
+            _as_rate(value)
+
+
+def test_slowest_allowed_sign_rate_sleeps_within_range() -> None:
+    from kvpki_cli.config import MIN_SIGN_RATE, _rate
+    from kvpki_cli.keystores.azure.governor import SignBudget, VaultGovernor
+
+    assert _rate(MIN_SIGN_RATE) is None
+    slept: list[float] = []
+    budget = SignBudget(VaultGovernor(clock=lambda: 1000.0, sleep=slept.append), MIN_SIGN_RATE)
+    for _ in range(5):
+        budget.take()
+    assert slept and max(slept) < 1000  # a few hundred seconds at most, within time.sleep's range
