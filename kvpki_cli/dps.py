@@ -227,9 +227,9 @@ class _Client:
 def _error(host: str, response: Any) -> BackendError:
     """One line from DPS's ProvisioningServiceErrorDetails (errorCode, message, trackingId)."""
     body = response.body if isinstance(response.body, dict) else {}
-    code = body.get("errorCode") or response.headers.get("x-ms-error-code") or ""
+    code = str(body.get("errorCode") or response.headers.get("x-ms-error-code") or "")[:100]
     message = " ".join(str(body.get("message") or "").split())[:300]
-    tracking = body.get("trackingId")
+    tracking = str(body.get("trackingId") or "")[:100]  # every field bounded: one line, whatever the server sends
     detail = f"{code}: {message}" if code and message else str(code or message or "no details")
     suffix = f" (trackingId {tracking})" if tracking else ""
     if response.status == 401:

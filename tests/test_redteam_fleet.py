@@ -377,3 +377,19 @@ def test_slowest_allowed_sign_rate_sleeps_within_range() -> None:
     for _ in range(5):
         budget.take()
     assert slept and max(slept) < 1000  # a few hundred seconds at most, within time.sleep's range
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 500])
+def test_dps_error_details_are_bounded(status: int) -> None:
+    """A hostile DPS (or allowed emulator) answers with megabyte-long error fields: still one short line."""
+    from kvpki_cli.dps import _error
+    from kvpki_cli.keystores.azure.http import Response
+
+    huge = "\x1b[2J" + "E" * 1_000_000
+    body = {"errorCode": huge, "message": huge, "trackingId": huge}
+    error = _error("my-dps.azure-devices-provisioning.net", Response(status, {"x-ms-error-code": huge}, body))
+    assert len(str(error)) < 1000
+    from kvpki_cli.messages import error_line
+
+    line = error_line(str(error))
+    assert line.count("\n") == 1 and "\x1b" not in line
