@@ -283,7 +283,7 @@ def test_ocsp_get_with_hostile_paths_is_never_a_5xx(est_server: servekit.EstServ
     assert "Traceback" not in est_server.log()
 
 
-@pytest.mark.parametrize("encoding", ["standard", "urlsafe", "unpadded", "percent"])
+@pytest.mark.parametrize("encoding", ["standard", "urlsafe", "unpadded", "percent", "encoded-ca-name"])
 def test_ocsp_cache_never_answers_one_ca_for_another(est_server: servekit.EstServer, issued, encoding: str) -> None:  # type: ignore[no-untyped-def]
     """A cached good answer for issuing's serial must not be served on /ocsp/root (or vice versa)."""
     leaf, issuing, _root = issued
@@ -293,8 +293,10 @@ def test_ocsp_cache_never_answers_one_ca_for_another(est_server: servekit.EstSer
         "urlsafe": base64.urlsafe_b64encode(der).decode(),
         "unpadded": base64.urlsafe_b64encode(der).decode().rstrip("="),
         "percent": "".join(f"%{b:02X}" for b in base64.b64encode(der)),
+        "encoded-ca-name": base64.b64encode(der).decode(),
     }[encoding]
-    status, body = _get(est_server, f"/ocsp/issuing/{text}")  # fills the cache under issuing
+    ca_segment = "%69ssuing" if encoding == "encoded-ca-name" else "issuing"  # the same CA, percent-encoded
+    status, body = _get(est_server, f"/ocsp/{ca_segment}/{text}")  # fills the cache under issuing
     assert status == 200
     good = ocsp.load_der_ocsp_response(body)
     assert good.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL and good.serial_number == leaf.serial_number

@@ -290,8 +290,9 @@ class OcspResponder:
 
     async def get(self, request: web.Request) -> web.Response:
         """RFC 6960 A.1: the URL-encoded base64 (standard or URL-safe, padding optional) of the DER request."""
-        prefix = f"/ocsp/{request.match_info['ca']}/"
-        encoded = unquote(request.raw_path.split("?", 1)[0].removeprefix(prefix))
+        # the raw path's fourth segment on: the CA name may itself be percent-encoded (%69ssuing)
+        raw = request.raw_path.split("?", 1)[0].split("/", 3)
+        encoded = unquote(raw[3] if len(raw) == 4 else "")
         if len(encoded) > MAX_REQUEST_BYTES * 2:
             return text_response(413, "OCSP request too large")
         try:
