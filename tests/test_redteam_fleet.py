@@ -395,3 +395,145 @@ def test_dps_error_details_are_bounded(status: int) -> None:
 
     line = error_line(str(error))
     assert line.count("\n") == 1 and "\x1b" not in line
+
+
+# --------------------------------------------------------------------------- EST: time checks with TLS's relaxed
+
+
+def _ca(subject: str, not_before_days: float, not_after_days: float):  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    name = x509.Name.from_rfc4514_string(subject)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now + timedelta(days=not_before_days)).not_valid_after(now + timedelta(days=not_after_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return key, cert
+
+
+VALIDITIES = {"valid": (-10, 10), "expired-10d": (-40, -10), "expired-40d": (-70, -40), "not-yet-valid": (1, 30)}
+
+
+def _leaf(ca_key, ca_cert, validity: str) -> x509.Certificate:  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    start, end = VALIDITIES[validity]
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string("CN=dev")).issuer_name(ca_cert.subject)
+        .public_key(ec.generate_private_key(ec.SECP256R1()).public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now + timedelta(days=start)).not_valid_after(now + timedelta(days=end))
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+
+
+class _FakeRequest:
+    """What Authenticator.identify reads: the TLS peer certificate and the headers."""
+
+    def __init__(self, cert: x509.Certificate) -> None:
+        der = cert.public_bytes(servekit_encoding())
+
+        class _Ssl:
+            def getpeercert(self, binary_form: bool = False) -> bytes:
+                return der
+
+        class _Transport:
+            def get_extra_info(self, name: str) -> object:
+                return _Ssl() if name == "ssl_object" else None
+
+        self.transport = _Transport()
+        self.headers: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def relaxed_auth():  # type: ignore[no-untyped-def]
+    """An Authenticator where label "win" has a 30-day window (so TLS checks no time) and "nowin" none."""
+    from datetime import timedelta
+
+    from kvpki_cli.serve.auth import Authenticator
+    from kvpki_cli.serve.config import LabelConfig
+    from kvpki_cli.serve.passwd import UserDirectory
+
+    cas = {name: _ca(f"CN={name}", -100, 100) for name in ("issuing", "bootstrap", "idca")}
+    labels = {
+        name: LabelConfig(name, "issuing", "device", identity_cas=("idca",), renew_after_expiry=window)
+        for name, window in (("win", timedelta(days=30)), ("nowin", None))
+    }
+    auth = Authenticator(
+        UserDirectory(None), "t", {name: cas["issuing"][1] for name in labels},
+        {name: [cas["bootstrap"][1]] for name in labels}, {"idca": cas["idca"][1]},
+        {"win": timedelta(days=30)}, [cert for _key, cert in cas.values()],
+    )  # fmt: skip
+    assert auth.time_relaxed
+    return auth, labels, cas
+
+
+def _accepted(auth, label, cert: x509.Certificate, reenroll: bool) -> bool:  # type: ignore[no-untyped-def]
+    """identify, then the time checks est.py applies to what it returned (renewal window, identity validity)."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from kvpki_cli.authority import check_renewal_time
+    from kvpki_cli.errors import PolicyViolation
+    from kvpki_cli.serve.auth import currently_valid
+    from kvpki_cli.serve.wire import HttpRefusal
+
+    try:
+        identity = asyncio.run(auth.identify(_FakeRequest(cert), label, reenroll))
+    except HttpRefusal:
+        return False
+    if identity.renewing is not None and identity.authority is None:
+        try:
+            check_renewal_time(identity.renewing, datetime.now(UTC), label.renew_after_expiry)
+        except PolicyViolation:
+            return False
+        return True
+    if identity.authority is not None:
+        return currently_valid(identity.authority)
+    return True
+
+
+@pytest.mark.parametrize("validity", list(VALIDITIES))
+@pytest.mark.parametrize("issuer", ["issuing", "bootstrap", "idca"])
+@pytest.mark.parametrize("label_name", ["win", "nowin"])
+@pytest.mark.parametrize("op", ["simpleenroll", "simplereenroll"])
+def test_only_renewal_within_a_window_accepts_a_certificate_out_of_its_validity(
+    relaxed_auth, op: str, label_name: str, issuer: str, validity: str  # type: ignore[no-untyped-def]
+) -> None:
+    auth, labels, cas = relaxed_auth
+    cert = _leaf(*cas[issuer], validity)
+    in_window = issuer == "issuing" and validity == "expired-10d" and label_name == "win"
+    if op == "simplereenroll":
+        expected = issuer == "issuing" and (validity == "valid" or in_window)
+    else:
+        expected = validity == "valid" or in_window
+    assert _accepted(auth, labels[label_name], cert, op == "simplereenroll") == expected
+
+
+@pytest.mark.parametrize("ca_validity", [(-100, -1), (1, 100)])  # expired, not yet valid
+@pytest.mark.parametrize("role", ["bootstrap", "idca", "issuing"])
+def test_no_certificate_under_a_ca_out_of_its_validity_is_accepted(relaxed_auth, role: str, ca_validity) -> None:  # type: ignore[no-untyped-def]
+    from kvpki_cli.serve.auth import Authenticator
+    from kvpki_cli.serve.passwd import UserDirectory
+
+    _auth, labels, cas = relaxed_auth
+    cas = dict(cas)
+    cas[role] = _ca(f"CN={role}", *ca_validity)  # same name, now out of its validity
+    auth = Authenticator(
+        UserDirectory(None), "t", {name: cas["issuing"][1] for name in labels},
+        {name: [cas["bootstrap"][1]] for name in labels}, {"idca": cas["idca"][1]},
+        {"win": labels["win"].renew_after_expiry}, [cert for _key, cert in cas.values()],
+    )  # fmt: skip
+    cert = _leaf(*cas[role], "valid")
+    for label in labels.values():
+        for reenroll in (False, True):
+            assert not _accepted(auth, label, cert, reenroll), (label.name, reenroll)
