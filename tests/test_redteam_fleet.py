@@ -537,3 +537,44 @@ def test_no_certificate_under_a_ca_out_of_its_validity_is_accepted(relaxed_auth,
     for label in labels.values():
         for reenroll in (False, True):
             assert not _accepted(auth, label, cert, reenroll), (label.name, reenroll)
+
+
+# --------------------------------------------------------------------------- new CLI options, absurd values
+
+ABSURD_OPTIONS = [
+    ("sign-csr", "--ca", "root", "--jobs", "0"),
+    ("sign-csr", "--ca", "root", "--jobs", "-1"),
+    ("sign-csr", "--ca", "root", "--jobs", "99999999999999999999"),
+    ("crl", "--ca", "root", "--partition", "-1"),
+    ("crl", "--ca", "root", "--partition", "99999999999999999999999"),
+    ("list", "--ca", "root", "--expiring", "99999999y"),
+    ("list", "--ca", "root", "--expiring", "-1d"),
+    ("list", "--ca", "root", "--expiring", "0d"),
+    ("init-ocsp-responder", "--ca", "root", "--validity", "0d"),
+    ("init-ocsp-responder", "--ca", "root", "--validity", "9999999y"),
+    ("init-ocsp-responder", "--ca", "root", "--validity", "1s"),
+    ("dps-verification", "--ca", "root", "--code", "a\nb"),
+    ("dps-verification", "--ca", "root", "--code", "x" * 65),
+    ("dps-verification", "--ca", "root", "--code", "x", "--validity", "999999y"),
+    ("renew", "--renew-after-expiry", "99999999y", "cert.pem", "--ca", "root"),
+    ("renew", "--renew-after-expiry", "0d", "cert.pem", "--ca", "root"),
+    ("report", "--ca", "nope"),
+]
+
+
+@pytest.fixture(scope="module")
+def absurd_home(tmp_path_factory: pytest.TempPathFactory) -> Kvpki:
+    from tests.conftest import StoreSetup, make_env
+
+    home = tmp_path_factory.mktemp("absurd")
+    kvpki = Kvpki(home, make_env(home), StoreSetup("local"))
+    (home / "cert.pem").write_bytes(kvpki.init_ca("root", "--subject", "CN=R"))
+    return kvpki
+
+
+@pytest.mark.parametrize("argv", ABSURD_OPTIONS, ids=lambda argv: " ".join(argv)[:60])
+def test_new_options_with_absurd_values_exit_2_to_5_in_one_line(absurd_home: Kvpki, argv: tuple[str, ...]) -> None:
+    result = absurd_home.run(*argv, input=b"")
+    assert result.returncode in (2, 3, 4, 5), result.stderr
+    assert result.stdout == b"" and b"Traceback" not in result.stderr
+    assert [line for line in result.stderr.decode().splitlines() if line.startswith("kvpki: error:")]
