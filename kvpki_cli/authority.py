@@ -38,7 +38,7 @@ from kvpki_cli.pki.policy import (
     child_path_length,
     validity_window,
 )
-from kvpki_cli.textsafe import escape
+from kvpki_cli.textsafe import requester_text
 
 ROOT_DEFAULT_VALIDITY = timedelta(days=3650)
 SUB_CA_DEFAULT_VALIDITY = timedelta(days=5 * 365)
@@ -97,7 +97,7 @@ def new_record(
         subject=template.subject.rfc4514_string(),
         sans=tuple(str(getattr(n, "value", n)) for n in template.sans),
         profile=template.profile.name,
-        requester=escape(requester),  # from a client certificate, --requester or $KVPKI_REQUESTER
+        requester=requester_text(requester),  # from a client certificate, --requester or $KVPKI_REQUESTER
         not_before=template.not_before,
         not_after=template.not_after,
         csr_sha256=hashlib.sha256(csr_der).hexdigest() if csr_der is not None else "",

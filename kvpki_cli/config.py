@@ -74,9 +74,13 @@ def _seconds(value: Any) -> str | None:
     return None if ok else "a positive number of seconds"
 
 
+MIN_SIGN_RATE = 0.01
+
+
 def _rate(value: Any) -> str | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6
-    return None if ok else "a positive number of signatures per second"
+    # at least one signature per 100 s: 1e-300 would put the next signature's turn beyond time.sleep's range
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and MIN_SIGN_RATE <= value < 1e6
+    return None if ok else f"a number of signatures per second from {MIN_SIGN_RATE} to 1e6"
 
 
 def _partition_size(value: Any) -> str | None:

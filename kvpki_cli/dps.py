@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from kvpki_cli.errors import BackendError, UsageError
+from kvpki_cli.textsafe import escape
 
 API_VERSION = "2021-10-01"
 SCOPE = "https://azure-devices-provisioning.net/.default"
@@ -36,6 +37,9 @@ ATTEMPTS = 3  # per request, for connection failures, 408, 429 and 5xx
 # ending in an alphanumeric or '-'.  DPS keys enrollments by the lowercase form.
 REGISTRATION_ID = re.compile(r"[a-z0-9._:-]{0,127}[a-z0-9-]", re.ASCII)
 DATA_CONTRIBUTOR = "Device Provisioning Service Data Contributor"
+# a DPS service endpoint: one DNS label (DPS names are 3-64 characters) under Azure's DPS domain
+DPS_HOST = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?\.azure-devices-provisioning\.net", re.ASCII)
+ALLOWED_HOSTS_ENV = "KVPKI_DPS_ALLOWED_HOSTS"
 
 
 class DpsStepFailed(BackendError):
@@ -56,13 +60,37 @@ class DpsTarget(NamedTuple):
 
 
 def check_dps_url(url: str) -> str:
-    """https://host[:port] and nothing else (the enrollment path is appended)."""
-    parts = urlsplit(url.strip())
-    if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise UsageError(f"invalid DPS URL {url!r} (expected https://<name>.azure-devices-provisioning.net)")
-    if parts.username or parts.password:
+    """https://<name>.azure-devices-provisioning.net[:port] and nothing else (the enrollment path is appended).
+
+    The URL receives a bearer token for the DPS audience, valid for every DPS the identity may
+    use: a typo or a planted ``dps_url`` must not hand it to another host.  Other hosts (a DPS
+    emulator, a test server, a private endpoint name) only when listed in ``KVPKI_DPS_ALLOWED_HOSTS``
+    (comma-separated host names).
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    invalid = f"invalid DPS URL {escape(url[:200])!r} (expected https://<name>.azure-devices-provisioning.net)"
+    if parts is None or parts.scheme != "https" or not parts.hostname:
+        raise UsageError(invalid)
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise UsageError(invalid)
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise UsageError("the DPS URL must not carry credentials (kvpki authenticates with DefaultAzureCredential)")
-    return f"https://{parts.netloc}"
+    host = parts.hostname.lower()
+    if not DPS_HOST.fullmatch(host) and host not in allowed_dps_hosts():
+        raise UsageError(
+            f"DPS host {escape(host[:200])!r} is not <name>.azure-devices-provisioning.net; kvpki sends it an"
+            f" Azure token, so list other hosts in {ALLOWED_HOSTS_ENV} to use them"
+        )
+    return f"https://{host}" + (f":{port}" if port is not None else "")
+
+
+def allowed_dps_hosts() -> set[str]:
+    value = os.environ.get(ALLOWED_HOSTS_ENV, "")
+    return {host.strip().lower() for host in value.split(",") if host.strip()}
 
 
 def configured_url(file_config: Mapping[str, Any], ca: str) -> str | None:
@@ -199,9 +227,9 @@ class _Client:
 def _error(host: str, response: Any) -> BackendError:
     """One line from DPS's ProvisioningServiceErrorDetails (errorCode, message, trackingId)."""
     body = response.body if isinstance(response.body, dict) else {}
-    code = body.get("errorCode") or response.headers.get("x-ms-error-code") or ""
+    code = str(body.get("errorCode") or response.headers.get("x-ms-error-code") or "")[:100]
     message = " ".join(str(body.get("message") or "").split())[:300]
-    tracking = body.get("trackingId")
+    tracking = str(body.get("trackingId") or "")[:100]  # every field bounded: one line, whatever the server sends
     detail = f"{code}: {message}" if code and message else str(code or message or "no details")
     suffix = f" (trackingId {tracking})" if tracking else ""
     if response.status == 401:

@@ -22,7 +22,7 @@ from kvpki_cli.errors import PolicyViolation, UsageError
 from kvpki_cli.inventory.base import CertificateRecord
 from kvpki_cli.pki.certificates import authority_key_identifier, new_serial_number, serial_hex
 from kvpki_cli.pki.keys import Encoding, signing_hash
-from kvpki_cli.textsafe import escape
+from kvpki_cli.textsafe import requester_text
 
 PROFILE = "dps-verification"
 DEFAULT_VALIDITY = timedelta(days=1)
@@ -93,7 +93,7 @@ def issue_verification(ca: CertificateAuthority, code: str, validity: timedelta,
                 subject=subject.rfc4514_string(),
                 sans=(),
                 profile=PROFILE,
-                requester=escape(requester),
+                requester=requester_text(requester),
                 not_before=not_before,
                 not_after=not_after,
                 csr_sha256="",

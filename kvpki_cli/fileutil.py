@@ -75,3 +75,51 @@ def read_regular_file(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise OSError(f"{path} is larger than {limit} bytes")
     return data
+
+
+SECRET_PIPE_TIMEOUT_S = 10.0
+
+
+def read_secret_file(path: Path, limit: int, timeout: float | None = None) -> bytes:
+    """A regular file, or a pipe/FIFO read to end of file within ``timeout`` seconds, else ``OSError``.
+
+    A passphrase file may legitimately be a process-substitution pipe (``<(vault read ...)``)
+    or a FIFO fed by a secrets agent; one without a writer must not hang kvpki for ever,
+    and a device (``/dev/zero``, a terminal) or socket is not a file.
+    """
+    import select
+    import stat
+    import time
+
+    timeout = SECRET_PIPE_TIMEOUT_S if timeout is None else timeout
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            with os.fdopen(fd, "rb", closefd=False) as handle:
+                data = handle.read(limit + 1)
+        elif stat.S_ISFIFO(mode):
+            # Linux: poll() on a FIFO nobody has opened for writing yet waits for a writer (no POLLHUP)
+            chunks: list[bytes] = []
+            size = 0
+            deadline = time.monotonic() + timeout
+            while size <= limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                    raise OSError(f"{path} is a pipe that gave no end of file within {timeout:g}s")
+                try:
+                    chunk = os.read(fd, limit + 1 - size)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            data = b"".join(chunks)
+        else:
+            raise OSError(f"{path} is not a regular file or a pipe")
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(f"{path} is larger than {limit} bytes")
+    return data

@@ -33,6 +33,7 @@ from kvpki_cli.pki.certificates import new_serial_number
 from kvpki_cli.pki.keys import Encoding, load_pem_private_key
 from kvpki_cli.pki.ocsp import RESPONDER_PROFILE, Responder, responder_certificate
 from kvpki_cli.safepaths import make_private_dir
+from kvpki_cli.textsafe import requester_text
 
 DIRECTORY = "ocsp-responder"
 DEFAULT_VALIDITY = timedelta(days=7)
@@ -123,7 +124,7 @@ def _store(
                 subject=certificate.subject.rfc4514_string(),
                 sans=(),
                 profile=RESPONDER_PROFILE,
-                requester=requester,
+                requester=requester_text(requester),
                 not_before=certificate.not_valid_before_utc,
                 not_after=certificate.not_valid_after_utc,
                 csr_sha256="",  # no CSR: kvpki made the key (as init-ca records sub-CAs)

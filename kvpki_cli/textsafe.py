@@ -55,3 +55,16 @@ def _escape_char(char: str) -> str:
     if code < 0x10000:
         return f"\\u{code:04x}"
     return f"\\U{code:08x}"
+
+
+MAX_REQUESTER = 256  # characters of an inventory requester (a client certificate's subject can be ~100 kB)
+
+
+def requester_text(requester: object) -> str:
+    """A requester as recorded and logged: escaped, and cut to ``MAX_REQUESTER`` characters with a marker
+    (rate limits key on the full identity, so cutting merges nothing there)."""
+    value = escape(requester)
+    if len(value) <= MAX_REQUESTER:
+        return value
+    marker = f"...[{len(value)} chars]"
+    return value[: MAX_REQUESTER - len(marker)] + marker

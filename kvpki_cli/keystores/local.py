@@ -58,11 +58,12 @@ def _passphrases(settings: Mapping[str, Any]) -> list[bytes]:
         return [value] if value == raw else [value, raw]
     path = os.environ.get(PASSPHRASE_FILE_ENV) or settings.get("passphrase_file")
     if path:
-        try:
-            with Path(path).expanduser().open("rb") as handle:
-                data = handle.read(MAX_PASSPHRASE_FILE + 1)
+        from kvpki_cli.fileutil import read_secret_file
+
+        try:  # a regular file or a pipe (process substitution); a FIFO without writer times out
+            data = read_secret_file(Path(path).expanduser(), MAX_PASSPHRASE_FILE)
         except OSError as exc:
-            raise UsageError(f"cannot read passphrase file {path}: {exc.strerror}") from None
+            raise UsageError(f"cannot read passphrase file {path}: {exc.strerror or exc}") from None
         if len(data) > MAX_PASSPHRASE_FILE:
             raise UsageError(f"passphrase file {path} is larger than {MAX_PASSPHRASE_FILE} bytes")
         return [normalize_passphrase(data, f"passphrase file {path}")]

@@ -7,9 +7,12 @@ bodies, TLS context) is loaded here at start-up; requests never re-read files.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import signal
 import ssl
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +68,9 @@ def tls_context(config: ServeConfig, trusted: list[x509.Certificate]) -> ssl.SSL
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
+        for path in (config.tls_cert, config.tls_key):  # OpenSSL would block for ever on a FIFO
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
         context.load_cert_chain(config.tls_cert, config.tls_key)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load TLS certificate {config.tls_cert} / key {config.tls_key}: {exc}") from None

@@ -16,10 +16,12 @@ from typing import Any
 
 from kvpki_cli.durations import parse_duration
 from kvpki_cli.errors import UsageError
+from kvpki_cli.fileutil import read_regular_file
 from kvpki_cli.serve.ratelimit import Rate, parse_rate
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 DEFAULT_LABEL = "default"
+MAX_SERVE_CONFIG = 1024 * 1024
 IDENTITY_CN_PLACEHOLDER = "{cn}"
 EST_OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll", "csrattrs")
 
@@ -249,10 +251,10 @@ def _check_tables(document: Mapping[str, Any]) -> None:
 
 def load_serve_config(path: Path) -> ServeConfig:
     """Parse and validate the serve config (CA and profile names are checked by the app)."""
-    try:
-        document = tomllib.loads(path.read_text())
+    try:  # a FIFO or device given as --config is refused, not waited on (fileutil)
+        document = tomllib.loads(read_regular_file(path, MAX_SERVE_CONFIG).decode())
     except OSError as exc:
-        raise UsageError(f"cannot read serve config {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot read serve config {path}: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"serve config {path} is not valid TOML: {exc}") from None
     base = path.resolve().parent

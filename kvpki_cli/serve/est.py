@@ -27,6 +27,7 @@ from kvpki_cli.serve.logsafe import server_log
 from kvpki_cli.serve.ratelimit import RateLimited, RateLimiter
 from kvpki_cli.serve.wire import PKCS10, HttpRefusal, certs_only_body, media_type, pkcs7_response, text_response
 from kvpki_cli.serve.workers import CaWorkers
+from kvpki_cli.textsafe import requester_text
 
 if TYPE_CHECKING:
     from kvpki_cli.serve.metrics import ServeMetrics
@@ -208,7 +209,7 @@ class EstService:
         try:
             certificate = await self.workers.run(label.config.ca, lambda ca: self._issue(ca, body, label, identity))
         except HttpRefusal as refusal:
-            refusal.reason = f"{refusal.reason} (requester {identity.requester})"
+            refusal.reason = f"{refusal.reason} (requester {requester_text(identity.requester)})"
             raise
         log.info(
             "issued %s label=%s ca=%s serial=%x subject=%s requester=%s",
@@ -217,11 +218,11 @@ class EstService:
             label.config.ca,
             certificate.serial_number,
             describe_subject(certificate),
-            identity.requester,
+            requester_text(identity.requester),
             extra={"fields": {
                 "event": "issued", "label": label.config.name, "ca": label.config.ca,
                 "serial": f"{certificate.serial_number:x}", "subject": describe_subject(certificate),
-                "requester": identity.requester, "peer": request.remote,
+                "requester": requester_text(identity.requester), "peer": request.remote,
             }},
         )  # fmt: skip
         if self.metrics is not None:

@@ -41,6 +41,7 @@ from cryptography.x509 import ocsp
 
 from kvpki_cli.authority import CertificateAuthority, Generation
 from kvpki_cli.errors import KvpkiError, UsageError
+from kvpki_cli.fileutil import read_regular_file
 from kvpki_cli.pki import ocsp as pki_ocsp
 from kvpki_cli.pki.ocsp import CertStatus, OcspQuery, Responder, parse_request
 from kvpki_cli.pki.ocsp import _key_bits as _key_bits  # the former home of these helpers
@@ -52,6 +53,7 @@ from kvpki_cli.serve.workers import CaWorkers
 OCSP_REQUEST = "application/ocsp-request"
 OCSP_RESPONSE = "application/ocsp-response"
 MAX_REQUEST_BYTES = 8 * 1024
+MAX_SIGNER_FILE = 1024 * 1024
 CACHE_ENTRIES = 100_000
 RESPONDER_CHECK_S = 60.0  # how often serve looks for a new responder and renews an ageing one
 NONCE_MODES = ("echo", "ignore")
@@ -64,8 +66,8 @@ UNAUTHORIZED = pki_ocsp.unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
 def load_delegate(config: OcspSignerConfig, ca_certificate: x509.Certificate) -> Responder:
     """Load and check a configured delegated responder: issued by the CA, with EKU id-kp-OCSPSigning."""
     try:
-        cert = x509.load_pem_x509_certificate(config.cert.read_bytes())
-        key = serialization.load_pem_private_key(config.key.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate(read_regular_file(config.cert, MAX_SIGNER_FILE))  # no FIFO hang
+        key = serialization.load_pem_private_key(read_regular_file(config.key, MAX_SIGNER_FILE), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise UsageError(f"cannot load OCSP signer {config.cert} / {config.key}: {exc}") from None
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
@@ -315,8 +317,9 @@ class OcspResponder:
 
     async def get(self, request: web.Request) -> web.Response:
         """RFC 6960 A.1: the URL-encoded base64 (standard or URL-safe, padding optional) of the DER request."""
-        prefix = f"/ocsp/{request.match_info['ca']}/"
-        encoded = unquote(request.raw_path.split("?", 1)[0].removeprefix(prefix))
+        # the raw path's fourth segment on: the CA name may itself be percent-encoded (%69ssuing)
+        raw = request.raw_path.split("?", 1)[0].split("/", 3)
+        encoded = unquote(raw[3] if len(raw) == 4 else "")
         if len(encoded) > MAX_REQUEST_BYTES * 2:
             return text_response(413, "OCSP request too large")
         try:

@@ -28,6 +28,7 @@ from kvpki_cli.errors import UsageError
 from kvpki_cli.inventory.base import Inventory
 from kvpki_cli.serve.logsafe import server_log
 from kvpki_cli.serve.wire import HttpRefusal
+from kvpki_cli.textsafe import requester_text
 
 log = server_log()
 _RATE = re.compile(r"^\s*(\d{1,9})\s*/\s*(\S+)\s*$")
@@ -101,7 +102,8 @@ class RateLimiter:
             if first:
                 log.warning(
                     "rate limit %s reached: label=%s %s=%s; refusing its enrollments for %ds (logged once per window)",
-                    rate, label, scope, requester if scope == "identity" else label, math.ceil(end - now),
+                    rate, label, scope, requester_text(requester) if scope == "identity" else label,
+                    math.ceil(end - now),
                 )  # fmt: skip
             if self.on_refusal is not None:
                 self.on_refusal(label, scope)

@@ -154,6 +154,7 @@ class DpsTestServer:
             "AZURE_CLIENT_ID": DEFAULT_CLIENT_ID,
             "AZURE_CLIENT_SECRET": DEFAULT_SECRET,
             "KVPKI_AZURE_CA_BUNDLE": str(self.tls.ca_bundle),
+            "KVPKI_DPS_ALLOWED_HOSTS": "127.0.0.1",  # a DPS URL receives an Azure token: other hosts opt in
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
         }

@@ -105,9 +105,9 @@ def _as_rate(value: Any) -> float | None:
         rate = float(value)
     except (TypeError, ValueError):
         rate = 0.0
-    if not 0 < rate < 1e6:
+    if not 0.01 <= rate < 1e6:  # as config.MIN_SIGN_RATE: slower would sleep beyond time.sleep's range
         raise UsageError(
-            f"azure store setting sign_rate must be a positive number of signatures per second, got {value!r}"
+            f"azure store setting sign_rate must be from 0.01 to 1e6 signatures per second, got {value!r}"
         )
     return rate
 
