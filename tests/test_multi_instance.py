@@ -338,16 +338,14 @@ def test_processes_share_one_stored_crl(inventory_url: str, tmp_path: Path, monk
         finally:
             inventory.close()
 
-    real_crl = CertificateAuthority.crl
+    real_crl_der = CertificateAuthority.crl_der
 
-    def counting_crl(
-        self: CertificateAuthority, next_update: timedelta, *generation: int
-    ) -> x509.CertificateRevocationList:
+    def counting_crl_der(self: CertificateAuthority, next_update: timedelta, *scope: int | None) -> bytes:
         nonlocal signatures
         signatures += 1  # under the lock: no race on the counter
-        return real_crl(self, next_update, *generation)
+        return real_crl_der(self, next_update, *scope)
 
-    monkeypatch.setattr(CertificateAuthority, "crl", counting_crl)
+    monkeypatch.setattr(CertificateAuthority, "crl_der", counting_crl_der)
     day = timedelta(days=1)
     for round_number, serial in enumerate([None, *serials[:2]]):
         if serial is not None:
