@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from kvpki_cli.authority import CertificateAuthority, utcnow
 from kvpki_cli.errors import PolicyViolation, UsageError
 from kvpki_cli.inventory.base import CertificateRecord
-from kvpki_cli.pki.certificates import authority_key_identifier, new_serial_number, serial_hex
+from kvpki_cli.pki.certificates import authority_key_identifier, key_usage, new_serial_number, serial_hex
 from kvpki_cli.pki.keys import Encoding, signing_hash
 from kvpki_cli.textsafe import requester_text
 
@@ -39,20 +39,6 @@ def check_code(code: str) -> str:
             f"invalid verification code {shown} (printable ASCII, 1-64 characters, no leading or trailing space)"
         )
     return code
-
-
-def _key_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 def issue_verification(ca: CertificateAuthority, code: str, validity: timedelta, requester: str) -> x509.Certificate:
@@ -80,7 +66,7 @@ def issue_verification(ca: CertificateAuthority, code: str, validity: timedelta,
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(), critical=True)
+        .add_extension(key_usage(frozenset({"digital_signature"})), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(authority_key_identifier(issuer), critical=False)
         .sign(signer, signing_hash(signer))

@@ -30,7 +30,8 @@ def new_serial_number() -> int:
     return int.from_bytes(os.urandom(20), "big") >> 2 | (1 << 158)
 
 
-def _key_usage(names: frozenset[str]) -> x509.KeyUsage:
+def key_usage(names: frozenset[str]) -> x509.KeyUsage:
+    """keyUsage with exactly the named bits set (e.g. ``frozenset({"digital_signature"})``)."""
     flags = {
         flag: flag in names
         for flag in (
@@ -87,7 +88,7 @@ def _base_builder(
         .not_valid_before(template.not_before)
         .not_valid_after(template.not_after)
         .add_extension(x509.BasicConstraints(ca=profile.is_ca, path_length=template.path_length), critical=True)
-        .add_extension(_key_usage(profile.key_usage), critical=True)
+        .add_extension(key_usage(profile.key_usage), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(template.public_key), critical=False)
         .add_extension(aki, critical=False)
     )

@@ -18,7 +18,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvpki_cli.errors import UsageError
-from kvpki_cli.pki.certificates import authority_key_identifier
+from kvpki_cli.pki.certificates import authority_key_identifier, key_usage
 from kvpki_cli.pki.crl import REASONS
 from kvpki_cli.pki.keys import CAPrivateKey, Encoding, PublicFormat, signing_hash
 
@@ -165,20 +165,7 @@ def responder_certificate(
         .not_valid_before(not_before.replace(microsecond=0))
         .not_valid_after(not_after.replace(microsecond=0))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(key_usage(frozenset({"digital_signature"})), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
         .add_extension(x509.OCSPNoCheck(), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
