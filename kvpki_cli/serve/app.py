@@ -37,6 +37,7 @@ from kvpki_cli.serve.listener import GatedSite, Timeouts, request_deadline
 from kvpki_cli.serve.logformat import handler_formatter
 from kvpki_cli.serve.logsafe import install_library_filters
 from kvpki_cli.serve.metrics import ServeMetrics
+from kvpki_cli.serve.noncebudget import NonceBudget
 from kvpki_cli.serve.ocsp import OcspResponder, Responders, load_delegate
 from kvpki_cli.serve.passwd import UserDirectory
 from kvpki_cli.serve.wire import certs_only_body
@@ -167,8 +168,9 @@ def build_app(settings: Settings, config: ServeConfig) -> Apps:
     for name in sorted(ca_names - set(delegates)):  # responders of init-ocsp-responder, renewed if due
         responders.refresh(publishing.authority(name))
     ocsp = OcspResponder(
-        ca_names, publishing, delegates, config.ocsp_validity, config.retry_after, config.ocsp_nonces, responders
-    )
+        ca_names, publishing, delegates, config.ocsp_validity, config.retry_after, config.ocsp_nonces, responders,
+        NonceBudget(config.ocsp_nonce_rate, config.ocsp_nonce_burst),
+    )  # fmt: skip
     metrics = ServeMetrics()
     metrics.attach(workers)
     health = Health(CaWorkers(settings, 1), sorted(ca_names))

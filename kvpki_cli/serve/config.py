@@ -65,6 +65,9 @@ class LabelConfig:
             )
 
 
+OCSP_NONCE_RATE = Rate(5, 1)  # default of [server] ocsp_nonce_rate
+
+
 @dataclass(frozen=True)
 class OcspSignerConfig:
     """A delegated OCSP signing certificate (EKU id-kp-OCSPSigning) and its key file."""
@@ -88,6 +91,9 @@ class ServeConfig:
     crl_validity: timedelta = timedelta(days=1)
     ocsp_validity: timedelta = timedelta(hours=1)
     ocsp_nonces: str = "echo"  # "echo" (signed per request) or "ignore" (RFC 5019: the cached response)
+    # nonce echoes signed by the CA key itself (no delegated responder), per CA: a token bucket
+    ocsp_nonce_rate: Rate = OCSP_NONCE_RATE
+    ocsp_nonce_burst: int = 20
     retry_after: int = 10
     # availability (docs/serve.md "Timeouts and connection limits"): seconds, connection counts
     tls_handshake_timeout: float = 10.0
@@ -287,6 +293,8 @@ def load_serve_config(path: Path) -> ServeConfig:
         crl_validity=parse_duration(str(server.get("crl_validity", "1d")), what="crl_validity"),
         ocsp_validity=parse_duration(str(server.get("ocsp_validity", "1h")), what="ocsp_validity"),
         ocsp_nonces=_choice(server, "ocsp_nonces", ("echo", "ignore")),
+        ocsp_nonce_rate=parse_rate(server.get("ocsp_nonce_rate", "5/1s"), "[server] ocsp_nonce_rate"),
+        ocsp_nonce_burst=_int(server, "ocsp_nonce_burst", 20, 1, 1_000_000),
         retry_after=_int(server, "retry_after", 10, 1, 3600),
         tls_handshake_timeout=_seconds(server, "tls_handshake_timeout", 10.0),
         idle_timeout=_seconds(server, "idle_timeout", 15.0),

@@ -14,7 +14,8 @@ expires), else the CA key.  With a delegated responder no OCSP response costs a
 CA-key (Key Vault) signature.  GET answers carry RFC 5019 caching headers so a
 CDN can answer most traffic.  Nonces: echoed (``ocsp_nonces = "echo"``, a fresh
 signature per such request) or ignored (``"ignore"``, RFC 5019 2.1: the cached
-response, without a nonce).
+response, without a nonce).  Echoes signed by the CA key itself are capped per CA
+(``noncebudget.py``); beyond the cap the nonce is ignored.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from kvpki_cli.pki.ocsp import CertStatus, OcspQuery, Responder, parse_request
 from kvpki_cli.pki.ocsp import _key_bits as _key_bits  # the former home of these helpers
 from kvpki_cli.serve.config import OcspSignerConfig
 from kvpki_cli.serve.fresh import FreshJob, within
+from kvpki_cli.serve.noncebudget import NonceBudget
+from kvpki_cli.serve.ratelimit import Rate
 from kvpki_cli.serve.wire import HttpRefusal, media_type, text_response
 from kvpki_cli.serve.workers import CaWorkers
 
@@ -285,6 +288,7 @@ class OcspResponder:
         retry: int,
         nonces: str = "echo",
         responders: Responders | None = None,
+        nonce_budget: NonceBudget | None = None,
     ) -> None:
         self.ca_names = ca_names
         self.workers = workers
@@ -293,6 +297,9 @@ class OcspResponder:
         self.retry_after = retry
         self.echo_nonce = nonces == "echo"
         self.cache = OcspCache(validity)
+        self.nonce_budget = nonce_budget or NonceBudget(Rate(5, 1), 20)
+        # (CA, hash, issuer name hash, issuer key hash) -> (responder, whether it signed that issuer's answers)
+        self._signers: dict[tuple[str, str, bytes, bytes], tuple[Responder | None, bool]] = {}
         self._counts: dict[str, FreshJob[int]] = {}
 
     def routes(self) -> list[web.RouteDef]:
@@ -338,28 +345,44 @@ class OcspResponder:
         if query is None:
             return web.Response(body=MALFORMED, headers={"Content-Type": OCSP_RESPONSE})
         key = (name, *query.cert_id)
-        fresh_signature = self.echo_nonce and query.nonce is not None
-        cached = None if fresh_signature else self.cache.get(key)
+        issuer = (name, *query.cert_id[:3])
+        responder = self.responders.get(name)
+        echo = self.echo_nonce and query.nonce is not None
+        if echo and not self._delegated(issuer, responder) and not self.nonce_budget.take(name):
+            echo = False  # the CA key would sign: beyond its nonce budget the nonce is ignored (RFC 5019 2.1)
+        cached = None if echo else self.cache.get(key)
         if cached is not None:
             current = await self._current_count(name)
             if current is None or current == cached.answer.revocations:
                 return self._cached_response(cached, get)
-        responder = self.responders.get(name)
         known = cached.answer if cached is not None else None
         job: Callable[[CertificateAuthority], OcspAnswer] = lambda ca: build_answer(  # noqa: E731
-            ca, der, responder, self.validity, echo_nonce=self.echo_nonce, known=known
+            ca, der, responder, self.validity, echo_nonce=echo, known=known
         )
         try:
             answer = await self.workers.run(name, job)
         except KvpkiError as error:
             refusal = HttpRefusal.from_error(error, self.retry_after, f"OCSP for CA {name}")
             return text_response(refusal.status, refusal.reason, refusal.headers)
+        if answer.status is not None:  # a signed answer: now known who signs for this issuer
+            self._signers[issuer] = (responder, answer.delegated)
         if cached is not None and answer.body is cached.answer.body:
             self.cache.confirm(key, cached, answer.revocations)
             return self._cached_response(cached, get)
         if answer.cacheable:
             return self._cached_response(self.cache.put(key, answer), get)
         return web.Response(body=answer.body, headers={"Content-Type": OCSP_RESPONSE, "Cache-Control": "no-cache"})
+
+    def _delegated(self, issuer: tuple[str, str, bytes, bytes], responder: Responder | None) -> bool:
+        """Whether a delegated responder (a local key) is known to sign ``issuer``'s answers.
+
+        Unknown (no answer yet, or the responder changed since) counts as the CA key: an earlier
+        key generation's certificates are answered by that generation's CA key even with a responder.
+        """
+        if responder is None:
+            return False
+        learned = self._signers.get(issuer)
+        return learned is not None and learned[0] is responder and learned[1]
 
     @staticmethod
     def _cached_response(cached: Cached, get: web.Request | None) -> web.Response:
