@@ -426,25 +426,28 @@ def rollover_command(obj: Context, ca_name: str, key_type: str | None, validity:
 @click.pass_obj
 def list_command(obj: Context, ca_name: str, status: str | None, as_json: bool, expiring: str | None) -> None:
     """List the certificates a CA issued (a table on stderr, or JSON on stdout for scripts)."""
-    import json
+    from collections.abc import Iterable
 
     from kvpki_cli.authority import utcnow
+    from kvpki_cli.inventory.base import CertificateRecord
 
     authority = obj.authority(ca_name)
     now = utcnow()
+    records: Iterable[CertificateRecord]
     if expiring is not None:
         from kvpki_cli.report import expiring_records
 
         records = expiring_records(authority, status, expiring, now)
-    else:
-        records = authority.inventory.list_certificates(authority.name, status, now, with_der=False)
-    rows = [record.as_json(now) for record in records]
+    else:  # streamed: 100k+ rows are never all in memory (listing.py)
+        records = authority.inventory.iter_certificates(authority.name, status, now, with_der=False)
     if as_json:
-        _write_stdout((json.dumps(rows, indent=2) + "\n").encode())
+        from kvpki_cli.listing import write_json_array
+
+        write_json_array(record.as_json(now) for record in records)
         return
     from kvpki_cli.tables import print_certificate_table
 
-    print_certificate_table(rows)
+    print_certificate_table([record.as_json(now) for record in records])
 
 
 def run_click(args: Sequence[str]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -208,6 +208,13 @@ class Inventory(ABC):
 
         ``with_der=False`` leaves ``der`` empty: a listing need not read every certificate.
         """
+
+    def iter_certificates(
+        self, ca: str, status: str | None, now: datetime, *, with_der: bool = True
+    ) -> Iterator[CertificateRecord]:
+        """``list_certificates`` row by row (``kvpki list --json`` of 100k+ rows streams instead of
+        holding them all); backends that can read incrementally override this default."""
+        yield from self.list_certificates(ca, status, now, with_der=with_der)
 
     @abstractmethod
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:

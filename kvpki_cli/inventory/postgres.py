@@ -177,6 +177,14 @@ def _url_secrets(url: str) -> set[str]:
     return {variant for secret in found if secret for variant in (secret, unquote(secret), unquote_plus(secret))}
 
 
+
+def _listing(ca: str, status: str | None, now: datetime, with_der: bool) -> tuple[str, list[Any]]:
+    """The SELECT of ``list_certificates`` and its parameters."""
+    condition, binds_now = status_condition(status, "%s")
+    params: list[Any] = [ca, utc_seconds(now)] if binds_now else [ca]
+    columns = COLUMNS if with_der else COLUMNS_WITHOUT_DER
+    return f"SELECT {columns} FROM kvpki_certificates WHERE ca = %s{condition} ORDER BY issued_at, id", params
+
 class PostgresInventory(Inventory):
     """One connection per instance (the EST server keeps one instance per worker thread)."""
 
@@ -379,11 +387,15 @@ class PostgresInventory(Inventory):
     def list_certificates(
         self, ca: str, status: str | None, now: datetime, *, with_der: bool = True
     ) -> list[CertificateRecord]:
-        condition, binds_now = status_condition(status, "%s")
-        params: list[Any] = [ca, utc_seconds(now)] if binds_now else [ca]
-        columns = COLUMNS if with_der else COLUMNS_WITHOUT_DER
-        query = f"SELECT {columns} FROM kvpki_certificates WHERE ca = %s{condition} ORDER BY issued_at, id"
-        return [_row_to_record(row) for row in self._query(query, params)]
+        return [_row_to_record(row) for row in self._query(*_listing(ca, status, now, with_der))]
+
+    def iter_certificates(
+        self, ca: str, status: str | None, now: datetime, *, with_der: bool = True
+    ) -> Iterator[CertificateRecord]:
+        """Rows as the server sends them (psycopg's single-row mode), not one list of all."""
+        with self._errors(), self._connection().cursor() as cursor:
+            for row in cursor.stream(*_listing(ca, status, now, with_der)):
+                yield _row_to_record(row)
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
         return [_row_to_record(row) for row in self._query(REVOKED_UNEXPIRED, (ca, utc_seconds(now)))]

@@ -81,6 +81,15 @@ COLUMNS = (
     " replaces, crl_partition, issuer_generation"
 )
 COLUMNS_WITHOUT_DER = COLUMNS.replace(" der,", " X'',")
+FETCH_ROWS = 1000  # rows per fetch when a listing is streamed
+
+
+def _listing(ca: str, status: str | None, now: datetime, with_der: bool) -> tuple[str, list[object]]:
+    """The SELECT of ``list_certificates`` and its parameters."""
+    condition, binds_now = status_condition(status, "?")
+    params: list[object] = [ca, to_text(now)] if binds_now else [ca]
+    columns = COLUMNS if with_der else COLUMNS_WITHOUT_DER
+    return f"SELECT {columns} FROM certificates WHERE ca=?{condition} ORDER BY issued_at, rowid", params
 
 UNEXPIRED_CONDITION = "WHERE ca=? AND status='revoked' AND not_after>? ORDER BY serial"
 REVOKED_UNEXPIRED = f"SELECT {COLUMNS} FROM certificates {UNEXPIRED_CONDITION}"
@@ -301,10 +310,22 @@ class SqliteInventory(Inventory):
     def list_certificates(
         self, ca: str, status: str | None, now: datetime, *, with_der: bool = True
     ) -> list[CertificateRecord]:
-        condition, binds_now = status_condition(status, "?")
-        params: list[object] = [ca, to_text(now)] if binds_now else [ca]
-        columns = COLUMNS if with_der else COLUMNS_WITHOUT_DER
-        return self._rows(f"SELECT {columns} FROM certificates WHERE ca=?{condition} ORDER BY issued_at, rowid", params)
+        return self._rows(*_listing(ca, status, now, with_der))
+
+    def iter_certificates(
+        self, ca: str, status: str | None, now: datetime, *, with_der: bool = True
+    ) -> Iterator[CertificateRecord]:
+        with self._errors("is unreadable"):
+            cursor = self._db.execute(*_listing(ca, status, now, with_der))
+        try:
+            while True:
+                with self._errors("is unreadable"):
+                    rows = cursor.fetchmany(FETCH_ROWS)
+                if not rows:
+                    return
+                yield from self._decode(rows)
+        finally:
+            cursor.close()
 
     def revoked_unexpired(self, ca: str, now: datetime) -> list[CertificateRecord]:
         return self._rows(REVOKED_UNEXPIRED, (ca, to_text(now)))
