@@ -93,3 +93,20 @@ def test_list_json_to_a_full_disk_is_one_error_line(listed: Kvpki) -> None:
                                 env=listed.env, cwd=listed.home, timeout=60)  # fmt: skip
     assert result.returncode == EXIT_BACKEND
     assert result.stderr.decode().splitlines() == ["kvpki: error: cannot write to stdout: No space left on device"]
+
+
+def test_a_database_failing_mid_listing_leaves_stdout_empty(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """The script contract: nothing on stdout on failure, even after many records were already encoded."""
+    from kvpki_cli.errors import BackendError
+    from kvpki_cli.listing import write_json_array
+
+    def rows() -> object:
+        for index in range(20_000):  # ~ 2 MB of JSON: several chunks before the failure
+            yield {"serial": f"{index:040x}", "subject": "CN=" + "x" * 60}
+        raise BackendError("inventory went away")
+
+    with pytest.raises(BackendError):
+        write_json_array(rows())  # type: ignore[arg-type]
+    assert capsysbinary.readouterr().out == b""
+    write_json_array(iter([{"a": 1}, {"b": 2}]))
+    assert json.loads(capsysbinary.readouterr().out) == [{"a": 1}, {"b": 2}]
