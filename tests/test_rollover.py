@@ -629,6 +629,43 @@ def test_key_vault_rollover_interrupted_at_each_vault_write_resumes_without_dele
     assert not [e for e in kv.log if e.method == "DELETE"]
 
 
+@pytest.mark.parametrize("store", ["azure"], indirect=True)
+def test_key_vault_rollover_merged_but_not_recorded_is_finished_by_the_rerun(
+    kvpki: Kvpki, kv: KeyVaultTestServer, kv_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The vault merged generation 1 but the home could not record it: the rerun records it, makes no new key."""
+    from kvpki_cli.config import Settings
+    from kvpki_cli.errors import BackendError
+    from kvpki_cli.keystores.azure.store import AzureKeyStore
+    from kvpki_cli.rollover import rollover
+
+    kvpki.init_ca("kvroot", "--subject", "CN=Vault Root")
+    real_record = AzureKeyStore._record
+
+    def failing_record(self: AzureKeyStore, recorded: dict[int, dict[str, object]]) -> None:
+        if max(recorded) >= 1:
+            raise OSError(28, "No space left on device")
+        real_record(self, recorded)
+
+    monkeypatch.setenv("KVPKI_HOME", str(kvpki.home))
+    monkeypatch.setattr(AzureKeyStore, "_record", failing_record)
+    with pytest.raises(BackendError, match="merged in the vault"):
+        rollover(Settings.load(kvpki.home), "kvroot")
+    monkeypatch.setattr(AzureKeyStore, "_record", real_record)
+    merged = kv.vault.certs["kvroot"].versions[-1]
+    assert merged.tags.get("kvpki-generation") == "1" and merged.der is not None
+
+    rerun = kvpki.run("rollover", "--ca", "kvroot")
+    assert rerun.returncode != 0 and rerun.stdout == b""
+    assert b"is recorded now and current" in rerun.stderr and rerun.stderr.count(b"\n") == 1
+    current = x509.load_pem_x509_certificate(kvpki.ok("get-ca", "--ca", "kvroot"))
+    assert current.public_bytes(serialization.Encoding.DER) == merged.der
+    assert len(kv.vault.certs["kvroot"].versions) == 4  # no further version
+    kvpki.ok("rollover", "--ca", "kvroot")  # and the next rollover is an ordinary one
+    assert kvpki.ok("get-ca", "--ca", "kvroot", "--generation", "2")
+    assert not [e for e in kv.log if e.method == "DELETE"]
+
+
 # --- generated: random issue / revoke / rollover sequences, checked per key generation
 
 CASES = int(__import__("os").environ.get("KVPKI_FUZZ_CASES", "4"))

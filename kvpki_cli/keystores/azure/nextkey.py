@@ -99,9 +99,8 @@ class NextKey(InitCA):
         if role == "ca" and generation == self.generation:
             raise BackendError(
                 f"{where}: generation {self.generation} of CA {self.ca_name!r} is already merged (version "
-                f"{version}) but this KVPKI_HOME did not record it (the last rollover stopped after the merge); "
-                "nothing was deleted: disable that version (az keyvault certificate set-attributes --enabled false) "
-                "and run 'kvpki rollover' again"
+                f"{version}) but this KVPKI_HOME has no record of it (another installation's rollover, or lost "
+                f"local state: cas/{self.ca_name}/generations.json); nothing was changed"
             )
         raise BackendError(
             f"{where}: its latest version {version} is a {role or 'foreign'} version of generation {generation}, "

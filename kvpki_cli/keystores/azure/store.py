@@ -204,6 +204,7 @@ class AzureKeyStore(KeyStore):
         self._init_lock_fd: int | None = None
         self._next: tuple[int, Ready, NextKey] | None = None  # a rollover's pending generation
         self.generations_path = self.directory / GENERATIONS_FILE
+        self.merging_path = self.directory / "generation-merging.json"
         self._sign_clients: dict[str, VaultSignClient] = {}
         self._budget: SignBudget | None = None
 
@@ -509,6 +510,7 @@ class AzureKeyStore(KeyStore):
             recorded = {0: self._entry(active.cert_version, active.kid, chain)}
             self._record(recorded)
         generation = max(recorded) + 1
+        self._finish_merged(recorded, generation)
         from kvpki_cli.keystores.azure.nextkey import NextKey
 
         steps = NextKey(
@@ -530,8 +532,15 @@ class AzureKeyStore(KeyStore):
         _, ready, steps = self._next
         if not chain or chain[0].public_key().public_bytes(DER, SPKI) != ready.public_key.public_bytes(DER, SPKI):
             raise BackendError(f"CA certificate does not match the new vault key of {self.name}")
+        # What is about to be merged, so a rerun after a merge whose recording failed can finish it.
+        marker = {"generation": generation, "chain": [c.public_bytes(PEM).decode() for c in chain]}
+        write_file_atomic(self.merging_path, json.dumps(marker).encode(), mode=0o644, overwrite=True)
         version, kid = steps.merge(chain)
         steps.disable_temporary()
+        self._record_merged(generation, version, kid, chain)
+        self._next = None
+
+    def _record_merged(self, generation: int, version: str, kid: str, chain: Sequence[x509.Certificate]) -> None:
         recorded = self._recorded()
         recorded[generation] = self._entry(version, kid, chain)
         try:
@@ -539,10 +548,35 @@ class AzureKeyStore(KeyStore):
         except (OSError, KvpkiError) as exc:
             raise BackendError(
                 f"cannot write {self.generations_path} ({exc}): generation {generation} of CA {self.ca_name!r} "
-                f"is merged in the vault as version {version} but not recorded here"
+                f"is merged in the vault as version {version} but not recorded here; nothing was deleted: run "
+                "the same 'kvpki rollover' again to record it"
             ) from None
+        self.merging_path.unlink(missing_ok=True)
         self._stale_key()
-        self._next = None
+
+    def _finish_merged(self, recorded: dict[int, dict[str, Any]], generation: int) -> None:
+        """A rollover whose merge succeeded but whose recording did not: record it now, and say so."""
+        try:
+            marker = json.loads(self.merging_path.read_bytes())
+            chain = [x509.load_pem_x509_certificate(pem.encode()) for pem in marker["chain"]]
+            pending = int(marker["generation"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError):
+            raise BackendError(f"{self.merging_path} is corrupt") from None
+        if pending != generation:
+            self.merging_path.unlink(missing_ok=True)  # stale: that generation is recorded
+            return
+        cert = self._certs().get(self.name)
+        version = _version(cert) if cert is not None else None
+        if cert is None or not version or not cert.key_id or bytes(cert.cer or b"") != chain[0].public_bytes(DER):
+            self.merging_path.unlink(missing_ok=True)  # the merge was not applied: the rollover continues
+            return
+        self._record_merged(generation, version, cert.key_id, chain)
+        raise AlreadyExists(
+            f"the interrupted rollover of CA {self.ca_name!r} had merged generation {generation} in the vault "
+            f"(version {version}); it is recorded now and current (get-ca --ca {self.ca_name}); no new key was made"
+        )
 
     def discard_generation(self, generation: int) -> None:
         """Forget the pending generation locally; the vault keeps it for the next rollover to continue."""
