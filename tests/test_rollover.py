@@ -514,8 +514,9 @@ def test_key_vault_rollover_of_root_and_sub_ca_keeps_each_key_version_signing(
     assert verify(tmp_path, new_leaf, root0, chain0).returncode != 0
 
     # a root: the new certificate is self-signed by the new key version; a sub-CA rolled after it chains to it
-    root1_pem = kvpki.ok("rollover", "--ca", "kvroot")
+    root1_pem = kvpki.ok("rollover", "--ca", "kvroot", "--key-type", "ec-p384")
     root1 = certs(root1_pem)[0]
+    assert root1.public_key().curve.name == "secp384r1"  # type: ignore[union-attr]
     assert root1.subject == certs(root0)[0].subject and ski(root1) != ski(certs(root0)[0])
     assert verify(tmp_path, root1_pem, root1_pem, b"").returncode == 0
     kvpki.ok("rollover", "--ca", "kvsub")

@@ -300,7 +300,7 @@ class AzureKeyStore(KeyStore):
         self._lock_init()
         return self._initca().check_absent_or_resumable()
 
-    def _lock_init(self) -> None:
+    def _lock_init(self, command: str = "init-ca") -> None:
         """One init-ca per CA name and home at a time: a second one would resume the first one's state.
 
         The lock is held until the process exits (an flock dies with its process, even on SIGKILL).
@@ -317,7 +317,7 @@ class AzureKeyStore(KeyStore):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise AlreadyExists(f"another init-ca for CA {self.ca_name!r} is running in {self.home}") from None
+            raise AlreadyExists(f"another {command} for CA {self.ca_name!r} is running in {self.home}") from None
         self._init_lock_fd = fd
 
     def create_key(self, key_type: KeyType) -> CAPublicKey:
@@ -502,11 +502,26 @@ class AzureKeyStore(KeyStore):
 
     def create_next_key(self, key_type: KeyType) -> tuple[int, CAPublicKey]:
         """Pin the current generation, then make the next one's key in the vault (resuming a stopped rollover)."""
+        self._lock_init("rollover")
+        try:
+            return self._create_next_key(key_type)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _create_next_key(self, key_type: KeyType) -> tuple[int, CAPublicKey]:
         recorded = self._recorded()
         if not recorded:
-            self._stale_key()  # generation 0 as the vault holds it now, not as a cache remembers it
             active = self._cached_ca()
             chain = [x509.load_pem_x509_certificate(pem.encode()) for pem in active.chain_pem]
+            latest = self._certs().get(self.name)
+            if latest is None or bytes(latest.cer or b"") != chain[0].public_bytes(DER) or _version(latest) is None:
+                raise BackendError(
+                    f"the latest version of certificate {self.name!r} in {self.settings.vault_url} is not the CA "
+                    f"certificate CA {self.ca_name!r} uses (get-ca): a version this home did not make; nothing was "
+                    "changed"
+                )
+            active = active._replace(cert_version=str(_version(latest)), kid=latest.key_id or active.kid)
             recorded = {0: self._entry(active.cert_version, active.kid, chain)}
             self._record(recorded)
         generation = max(recorded) + 1
@@ -539,6 +554,7 @@ class AzureKeyStore(KeyStore):
         steps.disable_temporary()
         self._record_merged(generation, version, kid, chain)
         self._next = None
+        self._unlock()
 
     def _record_merged(self, generation: int, version: str, kid: str, chain: Sequence[x509.Certificate]) -> None:
         recorded = self._recorded()
@@ -581,6 +597,12 @@ class AzureKeyStore(KeyStore):
     def discard_generation(self, generation: int) -> None:
         """Forget the pending generation locally; the vault keeps it for the next rollover to continue."""
         self._next = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._init_lock_fd is not None:
+            os.close(self._init_lock_fd)  # closing the only descriptor releases the flock
+            self._init_lock_fd = None
 
     def discard(self) -> None:
         """Forget local state only: the half-built CA stays in the vault for the same init-ca to continue."""
