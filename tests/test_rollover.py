@@ -24,6 +24,8 @@ from cryptography.x509 import ocsp
 
 from tests.conftest import DeviceKey, Kvpki
 from tests.helpers import openssl, pkilint_findings, write
+from tests.kvserver.fixtures import azure_init_args
+from tests.kvserver.server import KeyVaultTestServer
 
 PEM = serialization.Encoding.PEM
 
@@ -493,14 +495,176 @@ def _stop(server) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("store", ["azure"], indirect=True)
-def test_rollover_on_key_vault_is_refused_with_exit_2(kvpki: Kvpki) -> None:
-    """Key Vault CAs have no key generations yet: a clear usage error, nothing created or changed."""
+def test_key_vault_rollover_of_root_and_sub_ca_keeps_each_key_version_signing(
+    kvpki: Kvpki, kv: KeyVaultTestServer, kv_env: dict[str, str], make_csr: Callable[..., DeviceKey], tmp_path: Path
+) -> None:
+    """Key Vault: each generation is a new key version of the same certificate; old ones keep signing."""
     kvpki.init_ca("kvroot", "--subject", "CN=Vault Root")
-    before = kvpki.ok("get-ca", "--ca", "kvroot")
-    result = kvpki.run("rollover", "--ca", "kvroot")
-    assert result.returncode == 2 and result.stdout == b""
-    assert b"kvpki: error: 'kvpki rollover' is not supported" in result.stderr
-    assert kvpki.ok("get-ca", "--ca", "kvroot", "--chain") == before
+    kvpki.ok("init-ca", "--name", "kvsub", "--parent", "kvroot", *azure_init_args(kv), "--subject", "CN=Vault Sub")
+    root0 = kvpki.ok("get-ca", "--ca", "kvroot")
+    chain0 = kvpki.ok("get-ca", "--ca", "kvsub", "--chain")
+    old_leaf = kvpki.ok("sign-csr", "--ca", "kvsub", "-", input=make_csr("/CN=old").csr_pem)
+
+    sub1 = certs(kvpki.ok("rollover", "--ca", "kvsub"))[0]
+    assert sub1.subject == certs(chain0)[0].subject and ski(sub1) != ski(certs(chain0)[0])
+    chain1 = kvpki.ok("get-ca", "--ca", "kvsub", "--generation", "1", "--chain")
+    new_leaf = kvpki.ok("sign-csr", "--ca", "kvsub", "-", input=make_csr("/CN=new").csr_pem)
+    assert verify(tmp_path, old_leaf, root0, chain0).returncode == 0
+    assert verify(tmp_path, new_leaf, root0, chain1).returncode == 0
+    assert verify(tmp_path, new_leaf, root0, chain0).returncode != 0
+
+    # a root: the new certificate is self-signed by the new key version; a sub-CA rolled after it chains to it
+    root1_pem = kvpki.ok("rollover", "--ca", "kvroot", "--key-type", "ec-p384")
+    root1 = certs(root1_pem)[0]
+    assert root1.public_key().curve.name == "secp384r1"  # type: ignore[union-attr]
+    assert root1.subject == certs(root0)[0].subject and ski(root1) != ski(certs(root0)[0])
+    assert verify(tmp_path, root1_pem, root1_pem, b"").returncode == 0
+    kvpki.ok("rollover", "--ca", "kvsub")
+    chain2 = kvpki.ok("get-ca", "--ca", "kvsub", "--generation", "2", "--chain")
+    newest = kvpki.ok("sign-csr", "--ca", "kvsub", "-", input=make_csr("/CN=newest").csr_pem)
+    assert verify(tmp_path, newest, root1.public_bytes(PEM), chain2).returncode == 0
+    assert verify(tmp_path, old_leaf, root0, chain0).returncode == 0  # the old chain still verifies its leaves
+
+    # the vault: one certificate per CA, a key version per generation (+ temporaries), all CA versions enabled
+    for name, count in (("kvroot", 2), ("kvsub", 3)):
+        recorded = json.loads((kvpki.home / "cas" / name / "generations.json").read_text())
+        assert sorted(recorded) == [str(n) for n in range(count)]
+        versions = [entry["kid"].rsplit("/", 1)[1] for entry in recorded.values()]
+        assert len(set(versions)) == count and all(f"/keys/{name}/" in entry["kid"] for entry in recorded.values())
+
+    # CRLs of generations 0 and 1 of the sub-CA, each signed by its own key version
+    kvpki.ok("revoke", "--ca", "kvsub", serial_of(old_leaf))
+    kvpki.ok("revoke", "--ca", "kvsub", serial_of(new_leaf))
+    for generation, chain, revoked in ((0, chain0, old_leaf), (1, chain1, new_leaf)):
+        crl = kvpki.ok("crl", "--ca", "kvsub", "--generation", str(generation))
+        issuer = certs(chain)[0].public_bytes(PEM)
+        crl_file, ca_file = write(tmp_path / "c.pem", crl), write(tmp_path / "i.pem", issuer)
+        assert b"verify OK" in openssl("crl", "-in", str(crl_file), "-CAfile", str(ca_file), "-noout").stderr
+        assert {r.serial_number for r in x509.load_pem_x509_crl(crl)} == {int(serial_of(revoked), 16)}
+    assert not [entry for entry in kv.log if entry.method == "DELETE"]
+
+    # OCSP for an old-generation certificate: signed by the old key version (counted at the vault)
+    import os
+
+    from kvpki_cli.authority import CertificateAuthority
+    from kvpki_cli.config import Settings
+    from kvpki_cli.serve.ocsp import build_answer
+
+    recorded = json.loads((kvpki.home / "cas" / "kvsub" / "generations.json").read_text())
+    version_of = {int(n): entry["kid"].rsplit("/", 1)[1] for n, entry in recorded.items()}
+    old_env = os.environ.get("KVPKI_HOME")
+    os.environ["KVPKI_HOME"] = str(kvpki.home)
+    try:
+        ca = CertificateAuthority.open(Settings.load(kvpki.home), "kvsub")
+        for leaf, chain, generation in ((old_leaf, chain0, 0), (newest, chain2, 2)):
+            kv.clear_log()
+            issuer = certs(chain)[0]
+            request = ocsp.OCSPRequestBuilder().add_certificate(
+                x509.load_pem_x509_certificate(leaf), issuer, hashes.SHA1()
+            ).build()
+            answer = build_answer(ca, request.public_bytes(serialization.Encoding.DER), None, timedelta(hours=1))
+            response = ocsp.load_der_ocsp_response(answer.body)
+            assert response.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+            issuer.public_key().verify(  # type: ignore[call-arg]
+                response.signature, response.tbs_response_bytes, *_verify_args(issuer, response)
+            )
+            signs = [e.path for e in kv.log if e.path.endswith("/sign") and e.status == 200]
+            assert signs and all(f"/keys/kvsub/{version_of[generation]}/sign" in path for path in signs)
+        ca.inventory.close()
+    finally:
+        if old_env is None:
+            os.environ.pop("KVPKI_HOME", None)
+        else:
+            os.environ["KVPKI_HOME"] = old_env
+    assert not [entry for entry in kv.log if entry.method == "DELETE"]
+
+
+@pytest.mark.parametrize(
+    ("path", "skip", "kind"),
+    [
+        ("/create", 0, "status"),
+        ("/create", 1, "status"),
+        ("/pending/merge", 0, "status"),
+        ("/create", 0, "apply-then-drop"),
+        ("/create", 1, "apply-then-drop"),
+        ("/pending/merge", 0, "apply-then-drop"),
+    ],
+)
+@pytest.mark.parametrize("store", ["azure"], indirect=True)
+def test_key_vault_rollover_interrupted_at_each_vault_write_resumes_without_deleting(
+    kvpki: Kvpki, kv: KeyVaultTestServer, make_csr: Callable[..., DeviceKey], tmp_path: Path,
+    path: str, skip: int, kind: str,
+) -> None:  # fmt: skip
+    """A failure at any vault write leaves the old generation current; the rerun continues, never repeats a key."""
+    from tests.kvserver.server import FaultRule
+
+    kvpki.init_ca("kvroot", "--subject", "CN=Vault Root")
+    root0 = kvpki.ok("get-ca", "--ca", "kvroot")
+    kv.clear_log()
+    kv.set_faults(rules=[FaultRule(kind=kind, status=403, path_contains=path, method="POST", skip=skip)])
+    first = kvpki.run("rollover", "--ca", "kvroot")
+    kv.set_faults()
+    if first.returncode != 0:
+        assert first.stdout == b"" and first.stderr.count(b"kvpki: error:") == 1, first.stderr
+        assert b"Traceback" not in first.stderr
+        # still generation 0: issues and verifies with the old root
+        leaf = kvpki.ok("sign-csr", "--ca", "kvroot", "-", input=make_csr("/CN=meanwhile").csr_pem)
+        assert verify(tmp_path, leaf, root0, b"").returncode == 0
+        assert kvpki.ok("get-ca", "--ca", "kvroot") == root0
+        second = kvpki.run("rollover", "--ca", "kvroot")
+        assert second.returncode == 0, second.stderr
+    root1 = kvpki.ok("get-ca", "--ca", "kvroot")
+    assert root1 != root0
+    assert verify(tmp_path, root1, root1, b"").returncode == 0
+    leaf = kvpki.ok("sign-csr", "--ca", "kvroot", "-", input=make_csr("/CN=after").csr_pem)
+    assert verify(tmp_path, leaf, root1, b"").returncode == 0
+    crl = write(tmp_path / "c.pem", kvpki.ok("crl", "--ca", "kvroot", "--generation", "0"))
+    assert b"verify OK" in openssl("crl", "-in", str(crl), "-CAfile", str(write(tmp_path / "r.pem", root0)),
+                                   "-noout").stderr  # fmt: skip
+    # exactly two versions made (new key, then its pending CA version), nothing repeated: init-ca's two + two;
+    # the temporary version is disabled, the CA versions of both generations stay enabled
+    versions = kv.vault.certs["kvroot"].versions
+    assert [(v.tags.get("kvpki-role"), v.tags.get("kvpki-generation", "0"), v.enabled) for v in versions] == [
+        ("temporary", "0", False), ("ca", "0", True), ("temporary", "1", False), ("ca", "1", True)
+    ]
+    assert not [e for e in kv.log if e.method == "DELETE"]
+
+
+@pytest.mark.parametrize("store", ["azure"], indirect=True)
+def test_key_vault_rollover_merged_but_not_recorded_is_finished_by_the_rerun(
+    kvpki: Kvpki, kv: KeyVaultTestServer, kv_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The vault merged generation 1 but the home could not record it: the rerun records it, makes no new key."""
+    from kvpki_cli.config import Settings
+    from kvpki_cli.errors import BackendError
+    from kvpki_cli.keystores.azure.store import AzureKeyStore
+    from kvpki_cli.rollover import rollover
+
+    kvpki.init_ca("kvroot", "--subject", "CN=Vault Root")
+    real_record = AzureKeyStore._record
+
+    def failing_record(self: AzureKeyStore, recorded: dict[int, dict[str, object]]) -> None:
+        if max(recorded) >= 1:
+            raise OSError(28, "No space left on device")
+        real_record(self, recorded)
+
+    monkeypatch.setenv("KVPKI_HOME", str(kvpki.home))
+    monkeypatch.setattr(AzureKeyStore, "_record", failing_record)
+    with pytest.raises(BackendError, match="merged in the vault"):
+        rollover(Settings.load(kvpki.home), "kvroot")
+    monkeypatch.setattr(AzureKeyStore, "_record", real_record)
+    merged = kv.vault.certs["kvroot"].versions[-1]
+    assert merged.tags.get("kvpki-generation") == "1" and merged.der is not None
+
+    rerun = kvpki.run("rollover", "--ca", "kvroot")
+    assert rerun.returncode != 0 and rerun.stdout == b""
+    assert b"is recorded now and current" in rerun.stderr and rerun.stderr.count(b"\n") == 1
+    current = x509.load_pem_x509_certificate(kvpki.ok("get-ca", "--ca", "kvroot"))
+    assert current.public_bytes(serialization.Encoding.DER) == merged.der
+    assert len(kv.vault.certs["kvroot"].versions) == 4  # no further version
+    kvpki.ok("rollover", "--ca", "kvroot")  # and the next rollover is an ordinary one
+    assert kvpki.ok("get-ca", "--ca", "kvroot", "--generation", "2")
+    assert not [e for e in kv.log if e.method == "DELETE"]
 
 
 # --- generated: random issue / revoke / rollover sequences, checked per key generation

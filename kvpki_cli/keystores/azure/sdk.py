@@ -161,13 +161,14 @@ class VaultCertificates:
 
     # ------------------------------------------------------------ writes
     @staticmethod
-    def policy(issuer: str, subject: str, key_type: KeyType, hsm: bool) -> CertificatePolicy:
-        """A non-exportable CA key policy; ``reuse_key`` keeps one key across the temporary and final versions."""
+    def policy(issuer: str, subject: str, key_type: KeyType, hsm: bool, reuse_key: bool = True) -> CertificatePolicy:
+        """A non-exportable CA key policy; ``reuse_key`` keeps one key across the temporary and final versions
+        (a rollover's first version sets it false: a new key)."""
         common: dict[str, Any] = {
             "issuer_name": issuer,
             "subject": subject,
             "exportable": False,
-            "reuse_key": True,
+            "reuse_key": reuse_key,
             "key_usage": [KeyUsageType.key_cert_sign, KeyUsageType.crl_sign, KeyUsageType.digital_signature],
             "validity_in_months": 1,
             "content_type": CertificateContentType.pem,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import time
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from kvpki_cli.errors import AlreadyExists, BackendError, NotFound, UsageError
+from kvpki_cli.errors import AlreadyExists, BackendError, KvpkiError, NotFound, UsageError
 from kvpki_cli.fileutil import write_file_atomic
 from kvpki_cli.keystores.azure.auth import DEFAULT_SCOPE, CachingCredential
 from kvpki_cli.keystores.azure.cache import CachedCA, ChainCache, TokenCache, install_id, spki_b64
@@ -41,11 +42,13 @@ from kvpki_cli.pki.lean import Encoding, PublicFormat
 if TYPE_CHECKING:
     from azure.keyvault.certificates import KeyVaultCertificate
 
-    from kvpki_cli.keystores.azure.initca import InitCA
+    from kvpki_cli.keystores.azure.initca import InitCA, Ready
+    from kvpki_cli.keystores.azure.nextkey import NextKey
     from kvpki_cli.keystores.azure.sdk import VaultCertificates
 
 CA_BUNDLE_ENV = "KVPKI_AZURE_CA_BUNDLE"
 DEADLINE_ENV = "KVPKI_AZURE_DEADLINE"
+GENERATIONS_FILE = "generations.json"  # key generation -> certificate version, key id, chain (after a rollover)
 SPKI = PublicFormat.SubjectPublicKeyInfo
 DER = Encoding.DER
 PEM = Encoding.PEM
@@ -172,6 +175,14 @@ class _PendingCA(NamedTuple):
     public_key: CAPublicKey
 
 
+class _Pinned(NamedTuple):
+    """One generation's key version and the token scope that signs with it."""
+
+    kid: str
+    scope: str | None
+    tenant: str | None
+
+
 class AzureKeyStore(KeyStore):
     """One CA in one vault: certificate object ``key_name`` and its key."""
 
@@ -191,6 +202,9 @@ class AzureKeyStore(KeyStore):
         self._active: CachedCA | None = None
         self._init: InitCA | None = None
         self._init_lock_fd: int | None = None
+        self._next: tuple[int, Ready, NextKey] | None = None  # a rollover's pending generation
+        self.generations_path = self.directory / GENERATIONS_FILE
+        self.merging_path = self.directory / "generation-merging.json"
         self._sign_clients: dict[str, VaultSignClient] = {}
         self._budget: SignBudget | None = None
 
@@ -286,7 +300,7 @@ class AzureKeyStore(KeyStore):
         self._lock_init()
         return self._initca().check_absent_or_resumable()
 
-    def _lock_init(self) -> None:
+    def _lock_init(self, command: str = "init-ca") -> None:
         """One init-ca per CA name and home at a time: a second one would resume the first one's state.
 
         The lock is held until the process exits (an flock dies with its process, even on SIGKILL).
@@ -303,7 +317,7 @@ class AzureKeyStore(KeyStore):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise AlreadyExists(f"another init-ca for CA {self.ca_name!r} is running in {self.home}") from None
+            raise AlreadyExists(f"another {command} for CA {self.ca_name!r} is running in {self.home}") from None
         self._init_lock_fd = fd
 
     def create_key(self, key_type: KeyType) -> CAPublicKey:
@@ -315,14 +329,25 @@ class AzureKeyStore(KeyStore):
         if self._pending is not None:
             public: CAPublicKey = self._pending.public_key
         else:
+            recorded = self._recorded()
+            if recorded:  # after a rollover: the current generation's pinned key version
+                return self.signer_for(max(recorded))
             found = x509.load_pem_x509_certificate(self._cached_ca().chain_pem[0].encode()).public_key()
             if not isinstance(found, CAPublicKey):
                 raise BackendError(f"CA {self.ca_name!r} has an unsupported key type")
             public = found
+        return self._vault_signer(public, None)
+
+    def _vault_signer(self, public: CAPublicKey, pinned: _Pinned | None) -> CAPrivateKey:
+        """A signer for ``public``: with the pinned key version, or (None) the version current at each call."""
         self._budget = SignBudget(
             governor_for(self.settings.vault_url), self.settings.sign_rate or default_rate(public, self.settings.hsm)
         )
-        return vault_private_key(public, self._sign, on_mismatch=self._stale_key)
+
+        def sign(alg: str, digest: bytes) -> bytes:
+            return self._sign(alg, digest, pinned)
+
+        return vault_private_key(public, sign, on_mismatch=self._stale_key)
 
     def signing_jobs(self) -> int:
         """Enough signatures in flight to use this process's share of the vault budget."""
@@ -331,9 +356,12 @@ class AzureKeyStore(KeyStore):
         assert self._budget is not None
         return default_jobs(self._budget.rate)
 
-    def _sign(self, alg: str, digest: bytes) -> bytes:
-        """Sign with the key version that is current now (it changes when init-ca merges)."""
-        if self._pending is not None:
+    def _sign(self, alg: str, digest: bytes, pinned: _Pinned | None = None) -> bytes:
+        """Sign with ``pinned`` (one generation's key version) or the key version that is current now
+        (it changes when init-ca merges)."""
+        if pinned is not None:
+            kid, scope, tenant = pinned
+        elif self._pending is not None:
             kid, scope, tenant = self._pending.kid, self.credential.last_scope, self.credential.last_tenant
         else:
             active = self._cached_ca()
@@ -392,7 +420,189 @@ class AzureKeyStore(KeyStore):
     def load_chain(self) -> list[x509.Certificate]:
         if self._pending is not None:
             raise NotFound(f"CA {self.ca_name!r} has no certificate yet (init-ca in progress)")
+        recorded = self._recorded()
+        if recorded:
+            return self.chain_for(max(recorded))
         return [x509.load_pem_x509_certificate(pem.encode()) for pem in self._cached_ca().chain_pem]
+
+    # ---------------------------------------------------- key generations (``kvpki rollover``)
+    # generations.json (next to chain.pem) pins each generation to its certificate version and key id,
+    # with its chain.  It is written when the first rollover starts (generation 0 = the merged init-ca
+    # version, pinned before the vault gets a newer latest version) and again, as the switch, after the
+    # next generation's certificate is merged.  Without it the CA has generation 0 only (as before).
+
+    def _recorded(self) -> dict[int, dict[str, Any]]:
+        try:
+            raw = self.generations_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise BackendError(f"cannot read {self.generations_path}: {exc.strerror}") from None
+        try:
+            data = json.loads(raw)
+            found = {int(number): entry for number, entry in data.items()}
+            for entry in found.values():
+                if not (isinstance(entry.get("kid"), str) and isinstance(entry.get("chain"), list)):
+                    raise ValueError(entry)
+        except (ValueError, TypeError, AttributeError):
+            raise BackendError(f"{self.generations_path} is corrupt") from None
+        return found
+
+    def _record(self, recorded: dict[int, dict[str, Any]]) -> None:
+        data = {str(number): entry for number, entry in sorted(recorded.items())}
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_file_atomic(self.generations_path, json.dumps(data, indent=1).encode(), mode=0o644, overwrite=True)
+
+    def generations(self) -> list[int]:
+        recorded = self._recorded()
+        found = [0]
+        while found[-1] + 1 in recorded:
+            found.append(found[-1] + 1)
+        return found
+
+    def current_generation(self) -> int:
+        return self.generations()[-1]
+
+    def chain_for(self, generation: int) -> list[x509.Certificate]:
+        recorded = self._recorded()
+        if not recorded and generation == 0:
+            return self.load_chain()
+        if self._next is not None and generation == self._next[0]:
+            raise NotFound(f"CA {self.ca_name!r} generation {generation} has no certificate yet (rollover running)")
+        entry = recorded.get(generation)
+        if entry is None:
+            raise NotFound(f"CA {self.ca_name!r} has no key generation {generation}")
+        return [x509.load_pem_x509_certificate(pem.encode()) for pem in entry["chain"]]
+
+    def signer_for(self, generation: int) -> CAPrivateKey:
+        """The key version of ``generation``, named explicitly in every sign request."""
+        if self._next is not None and generation == self._next[0]:
+            ready = self._next[1]
+            pinned = _Pinned(ready.kid, self.credential.last_scope, self.credential.last_tenant)
+            return self._vault_signer(ready.public_key, pinned)
+        recorded = self._recorded()
+        if not recorded and generation == 0:
+            return self.signer()
+        entry = recorded.get(generation)
+        if entry is None:
+            raise NotFound(f"CA {self.ca_name!r} has no key generation {generation}")
+        public = self.chain_for(generation)[0].public_key()
+        if not isinstance(public, CAPublicKey):
+            raise BackendError(f"CA {self.ca_name!r} has an unsupported key type")
+        return self._vault_signer(public, _Pinned(entry["kid"], entry.get("scope"), entry.get("tenant")))
+
+    def _entry(self, version: str, kid: str, chain: Sequence[x509.Certificate]) -> dict[str, Any]:
+        return {
+            "version": version,
+            "kid": kid,
+            "chain": [c.public_bytes(PEM).decode() for c in chain],
+            "scope": self.credential.last_scope or DEFAULT_SCOPE,
+            "tenant": self.credential.last_tenant,
+        }
+
+    def create_next_key(self, key_type: KeyType) -> tuple[int, CAPublicKey]:
+        """Pin the current generation, then make the next one's key in the vault (resuming a stopped rollover)."""
+        self._lock_init("rollover")
+        try:
+            return self._create_next_key(key_type)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _create_next_key(self, key_type: KeyType) -> tuple[int, CAPublicKey]:
+        recorded = self._recorded()
+        if not recorded:
+            active = self._cached_ca()
+            chain = [x509.load_pem_x509_certificate(pem.encode()) for pem in active.chain_pem]
+            latest = self._certs().get(self.name)
+            if latest is None or bytes(latest.cer or b"") != chain[0].public_bytes(DER) or _version(latest) is None:
+                raise BackendError(
+                    f"the latest version of certificate {self.name!r} in {self.settings.vault_url} is not the CA "
+                    f"certificate CA {self.ca_name!r} uses (get-ca): a version this home did not make; nothing was "
+                    "changed"
+                )
+            active = active._replace(cert_version=str(_version(latest)), kid=latest.key_id or active.kid)
+            recorded = {0: self._entry(active.cert_version, active.kid, chain)}
+            self._record(recorded)
+        generation = max(recorded) + 1
+        self._finish_merged(recorded, generation)
+        from kvpki_cli.keystores.azure.nextkey import NextKey
+
+        steps = NextKey(
+            self._certs(),
+            self.ca_name,
+            self.name,
+            self.settings.deadline,
+            self.settings.create_timeout,
+            home_id=install_id(self.home),
+        )
+        ready = steps.start(generation, key_type, self.settings.hsm)
+        self._next = (generation, ready, steps)
+        return generation, ready.public_key
+
+    def store_generation_chain(self, generation: int, chain: Sequence[x509.Certificate]) -> None:
+        """Merge the new CA certificate into its pending version, then record it: the switch."""
+        if self._next is None or self._next[0] != generation:
+            raise BackendError(f"no pending vault key for generation {generation} of CA {self.ca_name!r}")
+        _, ready, steps = self._next
+        if not chain or chain[0].public_key().public_bytes(DER, SPKI) != ready.public_key.public_bytes(DER, SPKI):
+            raise BackendError(f"CA certificate does not match the new vault key of {self.name}")
+        # What is about to be merged, so a rerun after a merge whose recording failed can finish it.
+        marker = {"generation": generation, "chain": [c.public_bytes(PEM).decode() for c in chain]}
+        write_file_atomic(self.merging_path, json.dumps(marker).encode(), mode=0o644, overwrite=True)
+        version, kid = steps.merge(chain)
+        steps.disable_temporary()
+        self._record_merged(generation, version, kid, chain)
+        self._next = None
+        self._unlock()
+
+    def _record_merged(self, generation: int, version: str, kid: str, chain: Sequence[x509.Certificate]) -> None:
+        recorded = self._recorded()
+        recorded[generation] = self._entry(version, kid, chain)
+        try:
+            self._record(recorded)
+        except (OSError, KvpkiError) as exc:
+            raise BackendError(
+                f"cannot write {self.generations_path} ({exc}): generation {generation} of CA {self.ca_name!r} "
+                f"is merged in the vault as version {version} but not recorded here; nothing was deleted: run "
+                "the same 'kvpki rollover' again to record it"
+            ) from None
+        self.merging_path.unlink(missing_ok=True)
+        self._stale_key()
+
+    def _finish_merged(self, recorded: dict[int, dict[str, Any]], generation: int) -> None:
+        """A rollover whose merge succeeded but whose recording did not: record it now, and say so."""
+        try:
+            marker = json.loads(self.merging_path.read_bytes())
+            chain = [x509.load_pem_x509_certificate(pem.encode()) for pem in marker["chain"]]
+            pending = int(marker["generation"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError):
+            raise BackendError(f"{self.merging_path} is corrupt") from None
+        if pending != generation:
+            self.merging_path.unlink(missing_ok=True)  # stale: that generation is recorded
+            return
+        cert = self._certs().get(self.name)
+        version = _version(cert) if cert is not None else None
+        if cert is None or not version or not cert.key_id or bytes(cert.cer or b"") != chain[0].public_bytes(DER):
+            self.merging_path.unlink(missing_ok=True)  # the merge was not applied: the rollover continues
+            return
+        self._record_merged(generation, version, cert.key_id, chain)
+        raise AlreadyExists(
+            f"the interrupted rollover of CA {self.ca_name!r} had merged generation {generation} in the vault "
+            f"(version {version}); it is recorded now and current (get-ca --ca {self.ca_name}); no new key was made"
+        )
+
+    def discard_generation(self, generation: int) -> None:
+        """Forget the pending generation locally; the vault keeps it for the next rollover to continue."""
+        self._next = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._init_lock_fd is not None:
+            os.close(self._init_lock_fd)  # closing the only descriptor releases the flock
+            self._init_lock_fd = None
 
     def discard(self) -> None:
         """Forget local state only: the half-built CA stays in the vault for the same init-ca to continue."""
