@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, NamedTuple
 
 from kvpki_cli.durations import parse_duration
 from kvpki_cli.errors import NotFound, UsageError
-from kvpki_cli.fileutil import write_file_atomic
+from kvpki_cli.fileutil import read_error, read_regular_file, write_file_atomic
 from kvpki_cli.pki.certificates import PublicationUrls
 from kvpki_cli.pki.keys import KeyType
 from kvpki_cli.pki.profiles import Profile
@@ -214,28 +213,17 @@ def validate_file_config(document: Mapping[str, Any], source: str) -> None:
 
 def read_config_file(path: Path, *, required: bool) -> Mapping[str, Any]:
     """Parse and validate one trusted config file ({} when an optional one is absent)."""
-    try:
-        # O_NONBLOCK: a FIFO planted as the config file must not hang kvpki (it is refused below)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:  # a FIFO planted as the config file is refused, never waited on; ownership checked on the open file
+        data = read_regular_file(
+            path, MAX_CONFIG_BYTES, check=lambda status: check_trusted(path, status, "config file")
+        )
     except FileNotFoundError:
         if required:
             raise UsageError(f"config file {path} (KVPKI_CONFIG) does not exist") from None
         return {}
     except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise UsageError(f"config file {path} is not a regular file")
-    with os.fdopen(fd, "rb") as handle:
-        check_trusted(path, st, "config file")
-        check_trusted_path(path.parent, "config directory", allow_sticky=True)
-        try:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-        except OSError as exc:
-            raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise UsageError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+        raise UsageError(read_error("config file", path, exc)) from None
+    check_trusted_path(path.parent, "config directory", allow_sticky=True)
     import tomllib  # only when there is a file: not on the start-up path of a config-less sign-csr
 
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from kvpki_cli.errors import AlreadyExists, BackendError
@@ -56,25 +57,40 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def read_regular_file(path: Path, limit: int) -> bytes:
+class NotReadable(OSError):
+    """A path that exists but is not a small regular file; ``str()`` completes "<what> <path> ..."."""
+
+
+def read_regular_file(path: Path, limit: int, check: Callable[[os.stat_result], None] | None = None) -> bytes:
     """The bytes of ``path`` when it is a regular file of at most ``limit`` bytes, else ``OSError``.
 
     A FIFO or a device (``/dev/zero``) named in a config file would otherwise hang or
-    exhaust memory instead of being refused in one line.
+    exhaust memory instead of being refused in one line.  ``check`` sees the opened
+    file's status (e.g. its owner and mode) before anything is read from it.
     """
     import stat
 
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise NotReadable("is not a regular file")
+        if check is not None:
+            check(status)
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(limit + 1)
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise OSError(f"{path} is larger than {limit} bytes")
+        raise NotReadable(f"is larger than {limit} bytes")
     return data
+
+
+def read_error(what: str, path: Path, exc: OSError) -> str:
+    """One line for a failed ``read_regular_file``: "users file P is not a regular file", "cannot read ..."."""
+    if isinstance(exc, NotReadable):
+        return f"{what} {path} {exc}"
+    return f"cannot read {what} {path}: {exc.strerror or exc}"
 
 
 SECRET_PIPE_TIMEOUT_S = 10.0

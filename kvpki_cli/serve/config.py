@@ -16,7 +16,7 @@ from typing import Any
 
 from kvpki_cli.durations import parse_duration
 from kvpki_cli.errors import UsageError
-from kvpki_cli.fileutil import read_regular_file
+from kvpki_cli.fileutil import read_error, read_regular_file
 from kvpki_cli.serve.ratelimit import Rate, parse_rate
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -260,7 +260,7 @@ def load_serve_config(path: Path) -> ServeConfig:
     try:  # a FIFO or device given as --config is refused, not waited on (fileutil)
         document = tomllib.loads(read_regular_file(path, MAX_SERVE_CONFIG).decode())
     except OSError as exc:
-        raise UsageError(f"cannot read serve config {path}: {exc.strerror or exc}") from None
+        raise UsageError(read_error("serve config", path, exc)) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"serve config {path} is not valid TOML: {exc}") from None
     base = path.resolve().parent

@@ -23,14 +23,13 @@ import hmac
 import logging
 import os
 import re
-import stat
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from kvpki_cli.errors import UsageError
-from kvpki_cli.fileutil import write_file_atomic
+from kvpki_cli.fileutil import read_error, read_regular_file, write_file_atomic
 
 SCRYPT_LOG_N = 14
 SCRYPT_R = 8
@@ -102,23 +101,12 @@ def parse_users(text: str, source: str) -> dict[str, str]:
 
 def read_users(path: Path) -> dict[str, str]:
     """The users of ``path`` ({} when it does not exist); a malformed file is a ``UsageError``."""
-    try:
-        # O_NONBLOCK: a FIFO in its place must not hang the server's event loop (refused below)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:  # a FIFO or device in its place is refused, never waited on (it would hang the event loop)
+        data = read_regular_file(path, MAX_USERS_BYTES)
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise UsageError(f"cannot read users file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen: it refuses a directory with an OSError
-        os.close(fd)
-        raise UsageError(f"users file {path} is not a regular file")
-    with os.fdopen(fd, "rb") as handle:
-        try:
-            data = handle.read(MAX_USERS_BYTES + 1)
-        except OSError as exc:
-            raise UsageError(f"cannot read users file {path}: {exc.strerror}") from None
-    if len(data) > MAX_USERS_BYTES:
-        raise UsageError(f"users file {path} is larger than {MAX_USERS_BYTES} bytes")
+        raise UsageError(read_error("users file", path, exc)) from None
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
