@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,11 +152,23 @@ def est_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
     env.update({"KVPKI_HOME": str(home), "PYTHONPATH": str(REPO), "NO_PROXY": "*", "no_proxy": "*"})
     port, http_port = free_port(), free_port()
     _prepare(home, env, port, http_port)
+    server = start_serve(home, env, port, http_port)
+    try:
+        yield server
+    finally:
+        stop_serve(server)
+
+
+def start_serve(
+    home: Path, env: dict[str, str], port: int, http_port: int, preexec_fn: Callable[[], None] | None = None
+) -> EstServer:
+    """Start `kvpki serve --config home/serve.toml` and wait (20 s at most) until it listens."""
     log_path = home / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [*KVPKI, "serve", "--config", str(home / "serve.toml")], stdout=log, stderr=log, env=env, cwd=home
-        )
+            [*KVPKI, "serve", "--config", str(home / "serve.toml")], stdout=log, stderr=log, env=env, cwd=home,
+            preexec_fn=preexec_fn,
+        )  # fmt: skip
     server = EstServer(home, env, port, http_port, process, log_path)
     deadline = time.monotonic() + 20
     while "listening on https" not in server.log():
@@ -164,14 +176,15 @@ def est_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
             process.kill()
             raise AssertionError(f"kvpki serve did not start: {server.log()}")
         time.sleep(0.05)
+    return server
+
+
+def stop_serve(server: EstServer) -> None:
+    server.process.terminate()
     try:
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        server.process.wait(10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
 
 
 @dataclass

@@ -221,10 +221,8 @@ def offline_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     """tests/servekit's server plus [est.offline] with a 30-day window (so TLS skips its time check),
     and a bootstrap CA that has expired (its leaf is still within its own validity)."""
     import os
-    import subprocess
-    import time
 
-    from tests.servekit import KVPKI, REPO, EstServer, _prepare, free_port
+    from tests.servekit import REPO, _prepare, free_port, start_serve, stop_serve
 
     home = tmp_path_factory.mktemp("offline")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KVPKI_", "AZURE_"))}
@@ -242,23 +240,11 @@ def offline_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     (home / "expired-ca.pem").write_bytes(expired_ca.public_bytes(Encoding.PEM))
     leaf_key, leaf = leaf_of(expired_ca_key, expired_ca, "CN=boot-under-expired-ca")
     write_pair(home, "under-expired-ca", leaf_key, leaf)
-    log_path = home / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*KVPKI, "serve", "--config", str(home / "serve.toml")], stdout=log, stderr=log, env=env, cwd=home
-        )
-    server = EstServer(home, env, port, http_port, process, log_path)
-    deadline = time.monotonic() + 20
-    while "listening on https" not in server.log():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"kvpki serve did not start: {server.log()}")
-        time.sleep(0.05)
+    server = start_serve(home, env, port, http_port)
     try:
         yield server
     finally:
-        process.terminate()
-        process.wait(10)
+        stop_serve(server)
 
 
 def self_signed_ca(subject: str, expired_ago: timedelta):  # type: ignore[no-untyped-def]

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
-from tests.servekit import KVPKI, PASSWORDS, REPO, EstServer, _prepare, free_port
+from tests.servekit import KVPKI, PASSWORDS, REPO, EstServer, _prepare, free_port, start_serve, stop_serve
 
 FD_LIMIT = 1024
 HANDSHAKE_S, IDLE_S, REQUEST_S = 2.0, 2.0, 3.0
@@ -60,30 +60,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
     config = home / "serve.toml"
     text = config.read_text()
     config.write_text(text.replace("max_body_bytes = 65536\n", "max_body_bytes = 65536\n" + AVAILABILITY_CONFIG))
-    log_path = home / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*KVPKI, "serve", "--config", str(config)], stdout=log, stderr=log, env=env, cwd=home,
-            preexec_fn=_pin_fd_limit,
-        )  # fmt: skip
-    server = EstServer(home, env, port, http_port, process, log_path)
-    deadline = time.monotonic() + 20
-    while "listening on https" not in server.log():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"kvpki serve did not start: {server.log()}")
-        time.sleep(0.05)
+    server = start_serve(home, env, port, http_port, preexec_fn=_pin_fd_limit)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the attackers need more than 1024 sockets
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         yield server
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_serve(server)
 
 
 # --- a legitimate client ---------------------------------------------------------------------
